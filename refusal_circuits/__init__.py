@@ -1,0 +1,45 @@
+"""refusal_circuits: find, remove and explain the refusal direction of chat LLMs, per head, position and language.
+
+The public API is small; everything else lives in the submodules (``refusal_circuits.chat``,
+``refusal_circuits.hooks``, ...). Heavy imports (torch, transformers, TransformerLens) happen on first use.
+
+>>> import refusal_circuits as rc
+>>> prompts = rc.load_prompts("bundled", langs=["en", "de"])
+>>> len(prompts), prompts.langs
+(768, ('en', 'de'))
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from refusal_circuits._version import __version__
+
+_EXPORTS = {
+    "load_model": "refusal_circuits.models",
+    "DEFAULT_MODEL": "refusal_circuits.models",
+    "HookedModel": "refusal_circuits.models",
+    "load_prompts": "refusal_circuits.data",
+    "PromptSet": "refusal_circuits.data",
+    "PromptRecord": "refusal_circuits.data",
+    "chat_format": "refusal_circuits.chat",
+    "tokenize_chat": "refusal_circuits.chat",
+    "generate": "refusal_circuits.evaluation",
+    "evaluate_refusal": "refusal_circuits.evaluation",
+    "PhraseJudge": "refusal_circuits.judges",
+    "add_hooks": "refusal_circuits.hooks",
+    "InputError": "refusal_circuits.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'refusal_circuits' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,80 @@
+"""The command line: help, bad input (exit 2, one line, nothing written), and a real run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from refusal_circuits.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.unit
+def test_help_explains_itself(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model" in out and "packaged:qwen2.5-coder-0.5b-instruct" in out and "--max-prompts" in out
+
+
+BAD = [
+    (["run", "--model", "packaged:nope"], "unknown packaged model"),
+    (["run", "--model", "./nowhere"], "no such model directory"),
+    (["run", "--prompts", "missing.jsonl"], "missing.jsonl: no such file"),
+    (["run", "--langs", "xx"], "not in the bundled set"),
+    (["run", "--max-prompts", "0"], "expected a positive whole number"),
+    (["run", "--langs", ","], "at least one language"),
+    (["frobnicate"], "invalid choice"),
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("argv", "message"), BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_exits_2_with_one_line(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code, _, err = _run(capsys, *argv, *(["--out", "o"] if argv[0] == "run" else []))
+    except SystemExit as e:  # argparse usage errors
+        code, err = e.code, capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.unit
+def test_bad_prompt_file_line_is_named_through_the_cli(tmp_path, capsys):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"id": "1", "lang": "en", "label": "harmful", "instruction": "x"}\n{"id": 2}\n')
+    code, _, err = _run(capsys, "run", "--prompts", str(p), "--out", str(tmp_path / "o"))
+    assert code == 2 and f"{p}:2: missing key(s) lang, label, instruction" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.packaged
+def test_run_on_the_packaged_model_writes_report_and_results(tmp_path):
+    """The real entry point, as a user runs it, on a small slice of the bundled set."""
+    out = tmp_path / "rep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "refusal_circuits.cli", "-q", "run", "--langs", "en,yo", "--max-prompts", "3",
+         "--max-new-tokens", "12", "--out", str(out)],
+        capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    base = results["baseline"]
+    assert base["model"] == "packaged:qwen2.5-coder-0.5b-instruct"
+    assert set(base["results"]) == {"en", "yo"}
+    assert base["results"]["en"]["harmful"]["n"] == 3
+    assert len(base["completions"]) == 12 and all(c["completion"] for c in base["completions"])
+    html = (out / "report.html").read_text()
+    assert "<script" not in html and "Refusal rates" in html
+    assert not list(out.glob(".*tmp")), "no temporary files left behind"
