@@ -4,32 +4,26 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
-from refusal_circuits.chat import ChatFormat, chat_format, tokenize_chat
+from refusal_circuits.chat import ChatFormat
 from refusal_circuits.data import LABELS, PromptSet
+from refusal_circuits.forward import batches
 from refusal_circuits.judges import Judge, PhraseJudge
 from refusal_circuits.models import hf_model_of, model_id
 
-
-def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first), so padding costs little."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def context_length(model: Any) -> int | None:
-    n_ctx = getattr(model.cfg, "n_ctx", None)
-    return int(n_ctx) if n_ctx else None
+if TYPE_CHECKING:
+    from refusal_circuits.scores import RefusalTokens
 
 
 @torch.inference_mode()
-def generate(
+def generate_ids(
     model: Any,
     instructions: Sequence[str],
     *,
@@ -39,37 +33,53 @@ def generate(
     adv_suffix: str | None = None,
     progress: bool = True,
     desc: str = "generate",
-) -> list[str]:
-    """Greedy completions for chat-formatted ``instructions``, in input order.
+) -> list[list[int]]:
+    """Greedy new token ids for chat-formatted ``instructions``, in input order (padding after EOS removed).
 
     Any hooks registered on ``model`` (for example an intervention) act during generation: for a
     TransformerBridge the Hugging Face ``generate`` runs through the bridge's hook points, with its KV cache.
     Models without a Hugging Face twin fall back to a plain greedy loop without a cache.
     """
     tokenizer = model.tokenizer
-    fmt = fmt or chat_format(tokenizer)
-    lengths = [len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in instructions]
-    out: list[str] = [""] * len(instructions)
+    out: list[list[int]] = [[] for _ in instructions]
     hf = hf_model_of(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batches = length_buckets(lengths, batch_size)
-    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        batch = tokenize_chat(tokenizer, [instructions[i] for i in idx], fmt=fmt, adv_suffix=adv_suffix,
-                              max_length=context_length(model))
-        ids, mask = batch.input_ids.to(_device(model)), batch.attention_mask.to(_device(model))
+    eos = _eos_ids(model)
+    n_batches = -(-len(instructions) // batch_size)
+    for idx, batch in tqdm(batches(model, instructions, batch_size, fmt=fmt, adv_suffix=adv_suffix),
+                           total=n_batches, desc=desc, disable=not progress, leave=False):
+        ids, mask = batch.input_ids, batch.attention_mask
         if hf is not None:
             gen = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                               pad_token_id=pad_id, top_p=None, top_k=None, temperature=None)
         else:
             gen = _greedy_loop(model, ids, mask, max_new_tokens, tokenizer.eos_token_id)
-        new = gen[:, ids.shape[1] :]
         for row, i in enumerate(idx):
-            out[i] = tokenizer.decode(new[row], skip_special_tokens=True)
+            new = gen[row, ids.shape[1] :].tolist()
+            cut = next((j for j, t in enumerate(new) if t in eos), None)
+            out[i] = new if cut is None else new[: cut + 1]
     return out
 
 
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
+def _eos_ids(model: Any) -> set[int]:
+    eos: set[int] = set()
+    hf = hf_model_of(model)
+    gen_eos = getattr(getattr(hf, "generation_config", None), "eos_token_id", None)
+    for value in (model.tokenizer.eos_token_id, gen_eos):
+        if isinstance(value, int):
+            eos.add(value)
+        elif isinstance(value, (list, tuple)):
+            eos.update(int(v) for v in value)
+    return eos
+
+
+def generate(model: Any, instructions: Sequence[str], *, max_new_tokens: int = 32, batch_size: int = 16,
+             fmt: ChatFormat | None = None, adv_suffix: str | None = None, progress: bool = True,
+             desc: str = "generate") -> list[str]:
+    """Greedy completions (text) for chat-formatted ``instructions``, in input order; see :func:`generate_ids`."""
+    ids = generate_ids(model, instructions, max_new_tokens=max_new_tokens, batch_size=batch_size, fmt=fmt,
+                       adv_suffix=adv_suffix, progress=progress, desc=desc)
+    return [model.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
 
 
 def _greedy_loop(model: Any, ids: torch.Tensor, mask: torch.Tensor, n: int, eos: int | None) -> torch.Tensor:
@@ -104,6 +114,7 @@ class GroupRate:
 
     n: int
     refused: int
+    refusal_score: float | None = None
 
     @property
     def refusal_rate(self) -> float:
@@ -115,7 +126,10 @@ class GroupRate:
 
     def to_dict(self) -> dict[str, Any]:
         lo, hi = self.ci
-        return {"n": self.n, "refusal_rate": self.refusal_rate, "ci_low": lo, "ci_high": hi}
+        out = {"n": self.n, "refusal_rate": self.refusal_rate, "ci_low": lo, "ci_high": hi}
+        if self.refusal_score is not None:
+            out["refusal_score"] = self.refusal_score
+        return out
 
 
 @dataclass(frozen=True)
@@ -178,25 +192,80 @@ def evaluate_refusal(
     max_new_tokens: int = 32,
     batch_size: int = 16,
     intervention: str = "none",
+    refusal_tokens: RefusalTokens | None = None,
     progress: bool = True,
 ) -> RefusalEvaluation:
     """Generate greedily for every prompt and judge refusal; rates per (language, label).
 
     Hooks already registered on the model (an intervention's context manager) apply; ``intervention`` only
-    names them in the record.
+    names them in the record. With ``refusal_tokens`` each group also gets its mean first-token refusal score
+    (log-odds, see :mod:`refusal_circuits.scores`).
     """
+    from refusal_circuits.scores import first_token_logits, refusal_score
+
     judge = judge or PhraseJudge()
     records = list(prompts)
     texts = generate(model, [r.instruction for r in records], max_new_tokens=max_new_tokens,
                      batch_size=batch_size, progress=progress, desc=f"generate ({intervention})")
     verdicts = judge.judge(texts, [r.lang for r in records])
-    counts: dict[str, dict[str, list[int]]] = {}
+    scores: list[float] = []
+    if refusal_tokens is not None:
+        logits = first_token_logits(model, [r.instruction for r in records], batch_size=batch_size)
+        scores = [float(refusal_score(logits[i : i + 1], refusal_tokens.for_lang(r.lang))[0])
+                  for i, r in enumerate(records)]
+    counts: dict[str, dict[str, list[float]]] = {}
     completions = []
-    for r, text, refused in zip(records, texts, verdicts, strict=True):
-        c = counts.setdefault(r.lang, {}).setdefault(r.label, [0, 0])
+    for i, (r, text, refused) in enumerate(zip(records, texts, verdicts, strict=True)):
+        c = counts.setdefault(r.lang, {}).setdefault(r.label, [0, 0, 0.0])
         c[0] += 1
         c[1] += int(refused)
+        c[2] += scores[i] if scores else 0.0
         completions.append(Completion(r.id, r.lang, r.label, text, bool(refused)))
-    results = {lang: {lab: GroupRate(n, k) for lab, (n, k) in groups.items()} for lang, groups in counts.items()}
+    results = {lang: {lab: GroupRate(int(n), int(k), sc / n if scores else None)
+                      for lab, (n, k, sc) in groups.items()} for lang, groups in counts.items()}
     return RefusalEvaluation(model_id(model), intervention, judge.name, results, tuple(completions),
                              prompts.sha256, max_new_tokens)
+
+
+@torch.inference_mode()
+def capability_cost(model: Any, instructions: Sequence[str],
+                    intervention: Callable[[], AbstractContextManager[Any]], *, max_new_tokens: int = 32,
+                    batch_size: int = 32, progress: bool = True) -> dict[str, float]:
+    """What an intervention costs on harmless prompts: next-token KL and completion cross-entropy.
+
+    ``intervention`` makes a fresh context manager each call (e.g. ``lambda: ablate(model, r)``). The
+    cross-entropy is teacher-forced on the *unintervened* model's own greedy completions, with and without the
+    intervention, so both numbers score the same tokens.
+    """
+    from refusal_circuits.scores import completion_cross_entropy, first_token_logits, kl_divergence
+
+    base_logits = first_token_logits(model, instructions, batch_size=batch_size)
+    completions = generate_ids(model, instructions, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               progress=progress, desc="generate (capability baseline)")
+    ce_base = completion_cross_entropy(model, instructions, completions, batch_size=batch_size)
+    with intervention():
+        new_logits = first_token_logits(model, instructions, batch_size=batch_size)
+        ce_new = completion_cross_entropy(model, instructions, completions, batch_size=batch_size)
+    return {"kl_harmless": float(kl_divergence(base_logits, new_logits).mean()),
+            "ce_harmless_base": ce_base, "ce_harmless_intervened": ce_new, "n_harmless": len(instructions)}
+
+
+def evaluate_with_scores(model: Any, prompts: PromptSet, refusal_tokens: RefusalTokens, *,
+                         intervention: Callable[[], AbstractContextManager[Any]] | None = None,
+                         intervention_name: str = "none", judge: Judge | None = None, max_new_tokens: int = 32,
+                         batch_size: int = 32, progress: bool = True) -> dict[str, Any]:
+    """The ``evaluate`` command's JSON: refusal rates and scores per language x label under an intervention,
+    every completion, and (under an intervention) its capability cost on the harmless prompts."""
+    import contextlib
+
+    make = intervention or contextlib.nullcontext
+    with make():
+        ev = evaluate_refusal(model, prompts, judge=judge, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              intervention=intervention_name, refusal_tokens=refusal_tokens, progress=progress)
+    out = ev.to_dict()
+    out["refusal_tokens"] = refusal_tokens.to_json()
+    harmless = prompts.filter(label="harmless").instructions
+    if intervention is not None and harmless:
+        out["capability"] = capability_cost(model, harmless, make, max_new_tokens=max_new_tokens,
+                                            batch_size=batch_size, progress=progress)
+    return out

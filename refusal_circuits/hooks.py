@@ -20,6 +20,7 @@ from refusal_circuits.errors import InputError
 HookFn = Callable[[Tensor, str], Tensor | None]
 
 EMBED = "hook_embed"
+POS_EMBED = "hook_pos_embed"
 
 
 def resid_pre(layer: int) -> str:

@@ -319,6 +319,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
     bridge.eval()
     # Provenance travels with the model: every record it produces names this spec.
     bridge.refusal_circuits_spec = str(parsed)
+    bridge.refusal_circuits_source = source
     log.info("loaded %s in %.1f s", parsed, time.perf_counter() - t0)
     return bridge
 

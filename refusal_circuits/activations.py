@@ -1,0 +1,100 @@
+"""Streaming means of the residual stream at the post-instruction positions.
+
+Arditi et al. extract the refusal direction from the mean of ``resid_pre`` over prompts, at every layer and at
+each of the chat template's post-instruction positions. We never hold the activations: each batch adds its
+float64 sum into a ``[n_post, n_layers, d_model]`` accumulator, and the forward pass stops after the last layer
+needed, so the cost is at most one forward pass without the unembedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from refusal_circuits import hooks
+from refusal_circuits.chat import ChatFormat, chat_format
+from refusal_circuits.errors import InputError
+from refusal_circuits.forward import batches, run_until
+
+#: Means at the post-instruction positions: ``[n_post, n_layers, d_model]``, position ``i`` is ``i - n_post``.
+PostMeans = Float[Tensor, "pos layer d_model"]
+
+
+@dataclass(frozen=True)
+class MeanActivations:
+    """Mean ``resid_pre`` of one group of prompts at every layer and post-instruction position.
+
+    Attributes:
+        mean: float64 ``[n_post, n_layers, d_model]``; index 0 is position ``-n_post``, the last is ``-1``.
+        n: how many prompts the mean is over.
+        layers: the layers of axis 1 (all of them unless asked otherwise).
+    """
+
+    mean: PostMeans
+    n: int
+    layers: tuple[int, ...]
+
+    @property
+    def positions(self) -> tuple[int, ...]:
+        """The negative indices of axis 0 into the post-instruction tokens."""
+        n_post = self.mean.shape[0]
+        return tuple(range(-n_post, 0))
+
+
+@torch.inference_mode()
+def mean_resid_pre(
+    model: Any,
+    instructions: Sequence[str],
+    *,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 32,
+    fmt: ChatFormat | None = None,
+    progress: bool = True,
+    desc: str = "activations",
+) -> MeanActivations:
+    """Mean residual stream before each of ``layers`` at every post-instruction position.
+
+    Args:
+        model: a :class:`~refusal_circuits.models.HookedModel`.
+        instructions: the user instructions (chat-formatted here).
+        layers: which layers (default: all).
+        batch_size: prompts per forward pass; batches group prompts of similar length.
+        fmt: the chat format (derived from the tokenizer when None).
+
+    Returns:
+        The :class:`MeanActivations`, float64, checked free of NaN and inf.
+    """
+    if not instructions:
+        raise InputError("no instructions to average over")
+    n_layers = int(model.cfg.n_layers)
+    layer_list = tuple(range(n_layers)) if layers is None else tuple(int(layer) for layer in layers)
+    bad = [layer for layer in layer_list if not 0 <= layer < n_layers]
+    if bad:
+        raise InputError(f"layer(s) {bad} out of range; the model has {n_layers} layers")
+    fmt = fmt or chat_format(model.tokenizer)
+    n_post = fmt.n_post
+    total = torch.zeros(n_post, len(layer_list), int(model.cfg.d_model), dtype=torch.float64)
+
+    def accumulate(slot: int):
+        def fn(x: Tensor, _name: str) -> None:
+            # Prompts are left-padded, so the post-instruction tokens are the last n_post of every row.
+            total[:, slot] += x[:, -n_post:].to(torch.float64).sum(0).cpu()
+
+        return fn
+
+    grabs = [(hooks.resid_pre(layer), accumulate(slot)) for slot, layer in enumerate(layer_list)]
+    stop_at = hooks.resid_pre(max(layer_list))
+    n_batches = -(-len(instructions) // batch_size)
+    for _, batch in tqdm(batches(model, instructions, batch_size, fmt=fmt), total=n_batches, desc=desc,
+                         disable=not progress, leave=False):
+        run_until(model, batch, stop_at, grabs)
+    mean = total / len(instructions)
+    if not torch.isfinite(mean).all():
+        raise FloatingPointError("non-finite mean activation: the model produced NaN or inf")
+    return MeanActivations(mean, len(instructions), layer_list)

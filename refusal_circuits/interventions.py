@@ -1,0 +1,255 @@
+"""Interventions on the refusal direction: directional ablation, activation addition, weight orthogonalisation.
+
+* :func:`ablate` removes r̂ from every write into the residual stream (the embedding and every attention and
+  MLP output, at every layer and position, generated tokens included): ``x <- x - (x . r̂) r̂``. Since the
+  stream is a sum of those writes, r̂ never appears in it.
+* :func:`add` adds ``alpha * r̂`` to ``resid_pre[layer]`` at every position (Arditi et al.'s activation
+  addition; ``alpha`` defaults to the norm of the unnormalised difference in means).
+* :func:`orthogonalize` makes the ablation permanent: it projects r̂ out of every weight and bias that writes
+  into the residual stream and returns a new model; :func:`export_hf` writes it as a plain Hugging Face
+  directory that transformers and :func:`~refusal_circuits.models.load_model` load.
+
+The first two are :class:`~refusal_circuits.hooks.HookHandle` objects: use them as context managers (they nest,
+and their hooks are removed when an exception flies) or call ``remove()``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from refusal_circuits import hooks
+from refusal_circuits.directions import Direction, DirectionVector
+from refusal_circuits.errors import InputError
+from refusal_circuits.models import hf_model_of
+
+
+def _unit(direction: Direction | Tensor, model: Any) -> DirectionVector:
+    vec = direction.vector if isinstance(direction, Direction) else direction
+    if vec.ndim != 1 or vec.shape[0] != int(model.cfg.d_model):
+        raise InputError(f"the direction has shape {tuple(vec.shape)}; the model needs ({int(model.cfg.d_model)},)")
+    vec = vec.detach().to(torch.float32)
+    norm = vec.norm()
+    if not torch.isfinite(norm) or float(norm) == 0.0:
+        raise InputError("the direction is zero or not finite")
+    return vec / norm
+
+
+def residual_write_hooks(model: Any) -> list[str]:
+    """Hook points of every write into the residual stream: the embeddings, then each attention and MLP output."""
+    names = hooks.residual_writers(int(model.cfg.n_layers))
+    # Learned absolute position embeddings (GPT-2 style) are a write too; rotary ones are not.
+    if getattr(model.cfg, "positional_embedding_type", None) == "standard" and hooks.POS_EMBED in model.hook_dict:
+        names.insert(1, hooks.POS_EMBED)
+    return names
+
+
+def project_out(x: Tensor, unit: Tensor) -> Tensor:
+    """``x - (x . r̂) r̂`` along the last axis, in ``x``'s dtype."""
+    r = unit.to(device=x.device, dtype=x.dtype)
+    return x - (x @ r)[..., None] * r
+
+
+def ablate(model: Any, direction: Direction | Tensor) -> hooks.HookHandle:
+    """Directional ablation of r̂ from every residual-stream write, at every layer and position.
+
+    >>> with ablate(model, direction):            # doctest: +SKIP
+    ...     completions = generate(model, prompts)
+    """
+    unit = _unit(direction, model)
+
+    def fn(x: Tensor, _name: str) -> Tensor:
+        return project_out(x, unit)
+
+    return hooks.add_hooks(model, [(name, fn) for name in residual_write_hooks(model)])
+
+
+def add(model: Any, direction: Direction | Tensor, *, layer: int | None = None, alpha: float | None = None
+        ) -> hooks.HookHandle:
+    """Activation addition: ``resid_pre[layer] += alpha * r̂`` at every position.
+
+    Args:
+        direction: a :class:`Direction` (whose ``layer`` and ``norm`` are the defaults) or a vector.
+        layer: where to add; defaults to the direction's layer.
+        alpha: the coefficient; defaults to the direction's ``norm`` (Arditi et al. add the unnormalised
+            difference in means). Negative values subtract.
+    """
+    unit = _unit(direction, model)
+    if layer is None:
+        if not isinstance(direction, Direction):
+            raise InputError("activation addition of a bare vector needs layer=")
+        layer = direction.layer
+    if alpha is None:
+        if not isinstance(direction, Direction):
+            raise InputError("activation addition of a bare vector needs alpha=")
+        alpha = direction.norm
+    n_layers = int(model.cfg.n_layers)
+    if not 0 <= layer < n_layers:
+        raise InputError(f"layer {layer} out of range; the model has {n_layers} layers")
+    coef = float(alpha)
+
+    def fn(x: Tensor, _name: str) -> Tensor:
+        return x + coef * unit.to(device=x.device, dtype=x.dtype)
+
+    return hooks.add_hooks(model, [(hooks.resid_pre(layer), fn)])
+
+
+# --- weight orthogonalisation ---------------------------------------------------------------------------------
+
+_WRAPPER = "._original_component"
+
+
+def clean_state_dict(model: Any) -> dict[str, Tensor]:
+    """The Hugging Face state dict of a bridge (or a plain HF model) under the architecture's own key names.
+
+    The bridge wraps each Hugging Face module, which adds ``_original_component`` to the keys and aliases some
+    parameters under extra names; both are undone here by keeping exactly the keys a fresh model expects.
+    """
+    hf = hf_model_of(model) or model
+    expected = _expected_keys(hf.config)
+    out: dict[str, Tensor] = {}
+    for key, value in hf.state_dict().items():
+        clean = key.replace(_WRAPPER, "")
+        if clean in expected and clean not in out:
+            out[clean] = value
+    missing = expected - set(out)
+    if missing:
+        raise RuntimeError(f"could not recover Hugging Face weights for {sorted(missing)[:5]}")
+    return out
+
+
+def _expected_keys(config: Any) -> set[str]:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(config)
+    return set(fresh.state_dict())
+
+
+def _writer_parameters(model: Any) -> dict[str, str]:
+    """Clean parameter names of everything that writes into the residual stream, with what they are.
+
+    Found through the bridge's own component mapping (``embed``, ``blocks[l].attn.o``, ``blocks[l].mlp.out``),
+    so any architecture TransformerLens supports is covered, biases included.
+    """
+    hf = hf_model_of(model)
+    if hf is None:
+        raise InputError("orthogonalize needs a TransformerBridge (it edits the Hugging Face weights)")
+    expected = _expected_keys(hf.config)
+    names: dict[int, str] = {}
+    for n, p in hf.named_parameters(remove_duplicate=False):
+        clean = n.replace(_WRAPPER, "")
+        if clean in expected:  # the bridge also lists each parameter under alias paths
+            names.setdefault(id(p), clean)
+    found: dict[str, str] = {}
+
+    def take(component: Any, kind: str) -> None:
+        module = getattr(component, "original_component", component)
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in names:
+                found[names[id(p)]] = f"{kind}.{pname}"
+
+    take(model.embed, "embed")
+    if getattr(model.cfg, "positional_embedding_type", None) == "standard" and hasattr(model, "pos_embed"):
+        take(model.pos_embed, "pos_embed")
+    for block in model.blocks:
+        take(block.attn.o, "attn_out")
+        take(block.mlp.out, "mlp_out")
+    return found
+
+
+def orthogonalized_state_dict(model: Any, direction: Direction | Tensor) -> tuple[dict[str, Tensor], bool]:
+    """Raw HF weights with r̂ projected out of every residual-stream write; returns ``(state, untied)``.
+
+    Weights are edited in float64 and cast back. If the input and output embeddings were tied, the output
+    embedding keeps the original weights and ``untied`` is True (the config must then be untied).
+    """
+    unit = _unit(direction, model).to(torch.float64)
+    state = clean_state_dict(model)
+    writers = _writer_parameters(model)
+    tied = bool(getattr((hf_model_of(model) or model).config, "tie_word_embeddings", False))
+    out = dict(state)
+    for name, kind in writers.items():
+        w = state[name].to(torch.float64)
+        if kind.startswith(("embed", "pos_embed")):
+            edited = w - (w @ unit)[:, None] * unit[None, :]  # rows are residual vectors
+        elif w.ndim == 2:
+            edited = w - unit[:, None] * (unit @ w)[None, :]  # nn.Linear: out = W x, out in the residual
+        else:
+            edited = w - (w @ unit) * unit  # a bias
+        out[name] = edited.to(state[name].dtype).contiguous()
+    # The embedding is edited; an output embedding that shares its storage (tied weights) must keep the
+    # original, so the new model gets its own copy and an untied config.
+    hf = hf_model_of(model) or model
+    embed_name = next(n for n, k in writers.items() if k == "embed.weight")
+    embed_ptr = state[embed_name].data_ptr()
+    for n, p in hf.named_parameters(remove_duplicate=False):
+        clean = n.replace(_WRAPPER, "")
+        if clean != embed_name and clean in out and p.data_ptr() == embed_ptr:
+            out[clean] = state[embed_name].detach().clone()
+    untied = tied
+    return out, untied
+
+
+def orthogonalize(model: Any, direction: Direction | Tensor) -> Any:
+    """A new model (a TransformerBridge in raw weights) whose weights never write r̂ into the residual stream.
+
+    Its logits equal those of ``model`` under :func:`ablate` up to float32 rounding. The input model is not
+    changed; the new one holds a second copy of the weights.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM
+
+    hf = hf_model_of(model)
+    if hf is None:
+        raise InputError("orthogonalize needs a TransformerBridge (it edits the Hugging Face weights)")
+    state, untied = orthogonalized_state_dict(model, direction)
+    config = copy.deepcopy(hf.config)
+    if untied:
+        config.tie_word_embeddings = False
+    new = AutoModelForCausalLM.from_config(config, torch_dtype=next(hf.parameters()).dtype,
+                                           attn_implementation="eager")
+    new.load_state_dict(state, strict=True)
+    new.to(next(hf.parameters()).device)
+    new.eval()
+    new.requires_grad_(False)
+    source = getattr(model, "refusal_circuits_source", None) or hf.config.name_or_path
+    bridge = TransformerBridge.boot_transformers(source, hf_model=new, tokenizer=model.tokenizer,
+                                                 device=next(hf.parameters()).device,
+                                                 dtype=next(hf.parameters()).dtype)
+    bridge.eval()
+    spec = getattr(model, "refusal_circuits_spec", None) or source
+    bridge.refusal_circuits_spec = f"{spec}+orthogonalized"
+    bridge.refusal_circuits_source = source
+    return bridge
+
+
+def export_hf(model: Any, out_dir: str | os.PathLike[str], *, extra_meta: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (a bridge or HF model) as a Hugging Face directory, atomically.
+
+    The directory holds ``model.safetensors``, ``config.json``, the generation config and the tokenizer, and
+    loads with ``AutoModelForCausalLM.from_pretrained`` and with ``refusal_circuits.load_model``.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    from refusal_circuits.io import atomic_dir
+
+    hf = hf_model_of(model) or model
+    state = {k: v.detach().contiguous().clone() for k, v in clean_state_dict(model).items()}
+    target = Path(out_dir)
+    with atomic_dir(target) as tmp:
+        hf.config.save_pretrained(tmp)
+        if getattr(hf, "generation_config", None) is not None:
+            hf.generation_config.save_pretrained(tmp)
+        model.tokenizer.save_pretrained(tmp)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if extra_meta:
+            (tmp / "refusal_circuits.json").write_text(json.dumps(extra_meta, indent=2, ensure_ascii=False))
+    return target

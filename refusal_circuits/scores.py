@@ -1,0 +1,216 @@
+"""Cheap scores that stand in for generation: first-token refusal log-odds, KL, and completion cross-entropy.
+
+Refusal score (Arditi et al.): the log-odds that the first generated token is a refusal token,
+``log p(T) - log(1 - p(T))`` with ``T`` the set of refusal tokens. Which tokens those are is not hard-coded:
+:func:`discover_refusal_tokens` reads them off the model's own refusals in each language (the first token of
+completions the judge calls refusals, kept if it rarely starts a compliant answer).
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from refusal_circuits.chat import chat_format, tokenize_chat
+from refusal_circuits.data import PromptSet
+from refusal_circuits.errors import InputError
+from refusal_circuits.forward import batches, device_of, last_logits
+from refusal_circuits.judges import Judge, PhraseJudge
+
+
+@dataclass(frozen=True)
+class RefusalTokens:
+    """The token ids whose probability at the first generated position measures refusal.
+
+    Attributes:
+        by_lang: discovered ids per language (empty where the model never refused).
+        strings: id -> token text, for reports.
+        counts: per language, id -> (times it began a refusal, times it began a compliant answer).
+        source: ``discovered`` or ``given``.
+    """
+
+    by_lang: dict[str, tuple[int, ...]]
+    strings: dict[int, str] = field(default_factory=dict)
+    counts: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict, repr=False)
+    source: str = "discovered"
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        """Every language's tokens together, in order of first appearance."""
+        return tuple(dict.fromkeys(t for ids in self.by_lang.values() for t in ids))
+
+    def for_lang(self, lang: str) -> tuple[int, ...]:
+        """The tokens of ``lang``; the union over languages where none were found for it."""
+        own = self.by_lang.get(lang, ())
+        if own:
+            return own
+        if not self.ids:
+            raise InputError("no refusal tokens: the model refused none of the discovery prompts; pass them "
+                             "explicitly (refusal_tokens_from_strings)")
+        return self.ids
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source,
+                "by_lang": {lang: [self.strings.get(t, str(t)) for t in ids] for lang, ids in self.by_lang.items()},
+                "ids": {lang: list(ids) for lang, ids in self.by_lang.items()}}
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><td>{html.escape(lang)}</td><td>{html.escape(', '.join(repr(self.strings.get(t, t)) for t in ids)) or '–'}</td></tr>"
+                       for lang, ids in self.by_lang.items())
+        return f"<b>Refusal tokens</b> ({self.source})<table><tr><th>lang</th><th>tokens</th></tr>{rows}</table>"
+
+
+def refusal_tokens_from_strings(tokenizer: Any, strings: Iterable[str], langs: Iterable[str] = ("*",)) -> RefusalTokens:
+    """Refusal tokens given by hand: each string's first token (``"I"`` -> the id of ``I``)."""
+    ids: list[int] = []
+    names: dict[int, str] = {}
+    for s in strings:
+        enc = tokenizer(s, add_special_tokens=False)["input_ids"]
+        if not enc:
+            raise InputError(f"refusal token {s!r} encodes to nothing")
+        ids.append(int(enc[0]))
+        names[int(enc[0])] = tokenizer.decode([enc[0]])
+    uniq = tuple(dict.fromkeys(ids))
+    return RefusalTokens({lang: uniq for lang in langs}, names, {}, "given")
+
+
+def discover_refusal_tokens(
+    model: Any,
+    prompts: PromptSet,
+    *,
+    judge: Judge | None = None,
+    max_new_tokens: int = 12,
+    min_precision: float = 0.8,
+    min_refusals: int = 2,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> RefusalTokens:
+    """Find each language's refusal tokens from the model's own greedy completions.
+
+    For every language in ``prompts`` (harmful and harmless prompts; use the train split), generate a short
+    completion, judge it, and count each first token among refusals and among compliant answers. A token is a
+    refusal token of that language if it began at least ``min_refusals`` refusals and at least
+    ``min_precision`` of the completions it began were refusals.
+    """
+    from refusal_circuits.evaluation import generate_ids
+
+    judge = judge or PhraseJudge()
+    records = list(prompts)
+    if not records:
+        raise InputError("no prompts to discover refusal tokens from")
+    ids = generate_ids(model, [r.instruction for r in records], max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, progress=progress, desc="discover refusal tokens")
+    tok = model.tokenizer
+    texts = [tok.decode(row, skip_special_tokens=True) for row in ids]
+    verdicts = judge.judge(texts, [r.lang for r in records])
+    counts: dict[str, dict[int, list[int]]] = {}
+    for r, row, refused in zip(records, ids, verdicts, strict=True):
+        if not row:
+            continue
+        c = counts.setdefault(r.lang, {}).setdefault(int(row[0]), [0, 0])
+        c[0 if refused else 1] += 1
+    by_lang: dict[str, tuple[int, ...]] = {}
+    for lang in prompts.langs:
+        table = counts.get(lang, {})
+        keep = [t for t, (ref, comp) in table.items() if ref >= min_refusals and ref / (ref + comp) >= min_precision]
+        by_lang[lang] = tuple(sorted(keep, key=lambda t: -table[t][0]))
+    strings = {t: tok.decode([t]) for ids_ in by_lang.values() for t in ids_}
+    frozen = {lang: {t: (v[0], v[1]) for t, v in table.items()} for lang, table in counts.items()}
+    return RefusalTokens(by_lang, strings, frozen, "discovered")
+
+
+def refusal_score(logits: Float[Tensor, "batch vocab"], token_ids: Sequence[int]) -> Float[Tensor, " batch"]:
+    """Log-odds that the next token is one of ``token_ids``: ``log p(T) - log(1 - p(T))``, computed stably."""
+    if not token_ids:
+        raise InputError("refusal_score needs at least one refusal token")
+    logits = logits.float()
+    idx = torch.tensor(list(token_ids), device=logits.device)
+    mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    mask[idx] = True
+    refuse = torch.logsumexp(logits[:, mask], dim=-1)
+    other = torch.logsumexp(logits[:, ~mask], dim=-1)
+    return refuse - other
+
+
+def kl_divergence(base_logits: Float[Tensor, "batch vocab"], new_logits: Float[Tensor, "batch vocab"]
+                  ) -> Float[Tensor, " batch"]:
+    """KL(base || new) of the next-token distributions, per row."""
+    p = torch.log_softmax(base_logits.double(), -1)
+    q = torch.log_softmax(new_logits.double(), -1)
+    return (p.exp() * (p - q)).sum(-1).float()
+
+
+@torch.inference_mode()
+def first_token_logits(model: Any, instructions: Sequence[str], *, batch_size: int = 32,
+                       progress: bool = False, desc: str = "first-token logits") -> Float[Tensor, "n vocab"]:
+    """Last-position logits of every chat-formatted instruction, in input order (hooks on the model apply)."""
+    out: list[Tensor | None] = [None] * len(instructions)
+    n_batches = -(-len(instructions) // batch_size)
+    for idx, batch in tqdm(batches(model, instructions, batch_size), total=n_batches, desc=desc,
+                           disable=not progress, leave=False):
+        logits = last_logits(model, batch).float().cpu()
+        for row, i in enumerate(idx):
+            out[i] = logits[row]
+    return torch.stack([t for t in out if t is not None])
+
+
+@torch.inference_mode()
+def completion_cross_entropy(model: Any, instructions: Sequence[str], completions: Sequence[Sequence[int]], *,
+                             batch_size: int = 16) -> float:
+    """Mean per-token cross-entropy of ``completions`` (token ids) given their chat-formatted instructions.
+
+    Teacher-forced; hooks on the model apply, so ``with ablate(...)`` measures the capability cost of an
+    intervention on the same completions (Arditi et al. use the unablated model's own completions).
+    """
+    from refusal_circuits.forward import token_logprobs
+
+    if len(instructions) != len(completions):
+        raise InputError(f"{len(instructions)} instructions but {len(completions)} completions")
+    tok = model.tokenizer
+    fmt = chat_format(tok)
+    total, count = 0.0, 0
+    device = device_of(model)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    for start in range(0, len(instructions), batch_size):
+        chunk = range(start, min(start + batch_size, len(instructions)))
+        prompt = tokenize_chat(tok, [instructions[i] for i in chunk], fmt=fmt)
+        rows = []
+        for r, i in enumerate(chunk):
+            ids = prompt.input_ids[r][prompt.attention_mask[r].bool()].tolist()
+            rows.append((ids, list(completions[i])))
+        seq = max(len(a) + len(b) for a, b in rows)
+        input_ids = torch.full((len(rows), seq), int(pad), dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        target = torch.zeros_like(input_ids, dtype=torch.bool)
+        for r, (a, b) in enumerate(rows):
+            n = len(a) + len(b)
+            input_ids[r, seq - n :] = torch.tensor(a + b)
+            mask[r, seq - n :] = 1
+            target[r, seq - len(b) :] = True
+        logp = token_logprobs(model, input_ids.to(device), mask.to(device)).cpu()
+        # The token at position t is predicted at position t - 1.
+        pred = logp[:, :-1].gather(-1, input_ids[:, 1:, None])[..., 0]
+        sel = target[:, 1:]
+        total += float(-pred[sel].double().sum())
+        count += int(sel.sum())
+    if count == 0:
+        raise InputError("the completions are empty")
+    return total / count
+
+
+def token_counts_table(tokens: RefusalTokens) -> list[tuple[str, str, int, int]]:
+    """(lang, token, refusals begun, compliant answers begun) for every kept token, for reports."""
+    rows = []
+    for lang, ids in tokens.by_lang.items():
+        for t in ids:
+            ref, comp = tokens.counts.get(lang, {}).get(t, (0, 0))
+            rows.append((lang, tokens.strings.get(t, str(t)), ref, comp))
+    return rows
+

@@ -1,0 +1,226 @@
+"""Choosing the refusal direction among the (position, layer) candidates, as Arditi et al. do.
+
+For every candidate r̂ (one per post-instruction position and layer below ``max_layer_frac * n_layers``):
+
+* **bypass** = mean refusal score on harmful validation prompts with r̂ ablated everywhere (lower is better);
+* **induce** = mean refusal score on harmless validation prompts with r̂ added at its layer;
+* **kl** = mean KL(clean || ablated) of the next-token distribution on harmless validation prompts.
+
+Arditi et al. keep candidates with induce > 0 and KL < 0.1 and choose the lowest bypass score; PolyRefuse
+(Wang et al.) uses KL < 0.2 and no induce filter. Both are presets of :class:`SelectionConfig`. Every
+candidate's scores are kept in the :class:`Selection` record.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from refusal_circuits import interventions
+from refusal_circuits.directions import Direction, DirectionCandidates
+from refusal_circuits.errors import InputError
+from refusal_circuits.scores import RefusalTokens, first_token_logits, kl_divergence, refusal_score
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Filters of the selection. ``None`` switches a filter off."""
+
+    name: str = "arditi"
+    kl_max: float | None = 0.1
+    induce_min: float | None = 0.0
+    max_layer_frac: float = 0.8
+
+    def max_layer(self, n_layers: int) -> int:
+        """Candidates at layers strictly below this are eligible."""
+        return math.ceil(self.max_layer_frac * n_layers)
+
+
+ARDITI = SelectionConfig("arditi", kl_max=0.1, induce_min=0.0, max_layer_frac=0.8)
+POLYREFUSE = SelectionConfig("polyrefuse", kl_max=0.2, induce_min=None, max_layer_frac=0.8)
+PRESETS = {"arditi": ARDITI, "polyrefuse": POLYREFUSE}
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    position: int
+    layer: int
+    bypass: float
+    induce: float
+    kl: float
+
+    def failures(self, config: SelectionConfig) -> list[str]:
+        """Why ``config`` rejects this candidate (empty if it passes)."""
+        out = []
+        if not math.isfinite(self.bypass):
+            out.append("bypass not finite")
+        if config.kl_max is not None and not self.kl < config.kl_max:
+            out.append(f"kl {self.kl:.3f} >= {config.kl_max}")
+        if config.induce_min is not None and not self.induce > config.induce_min:
+            out.append(f"induce {self.induce:.2f} <= {config.induce_min}")
+        return out
+
+    def describe(self) -> str:
+        return (f"pos {self.position} layer {self.layer}: bypass {self.bypass:.2f}, induce {self.induce:.2f}, "
+                f"kl {self.kl:.3f}")
+
+
+class SelectionError(InputError):
+    """No candidate passes the filters; the message lists the best candidates."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The chosen direction and every candidate's scores.
+
+    Attributes:
+        direction: the chosen :class:`Direction` (its ``meta`` carries the scores and the filter used).
+        scores: every scored candidate.
+        config: the filter that chose it; ``fallback_from`` names a stricter one that rejected every candidate.
+        baseline_harmful / baseline_harmless: mean refusal scores without intervention.
+    """
+
+    direction: Direction
+    scores: tuple[CandidateScore, ...]
+    config: SelectionConfig
+    baseline_harmful: float
+    baseline_harmless: float
+    refusal_tokens: RefusalTokens
+    n_val_harmful: int
+    n_val_harmless: int
+    fallback_from: str | None = None
+    max_layer: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def top(self, k: int = 10) -> list[CandidateScore]:
+        """The ``k`` candidates passing the filter with the lowest bypass score."""
+        passing = [s for s in self.scores if not s.failures(self.config)]
+        return sorted(passing, key=lambda s: s.bypass)[:k]
+
+    def to_json(self, top_k: int = 10) -> dict[str, Any]:
+        return {
+            "filter": asdict(self.config), "fallback_from": self.fallback_from,
+            "chosen": {"position": self.direction.position, "layer": self.direction.layer},
+            "baseline_refusal_score": {"harmful": self.baseline_harmful, "harmless": self.baseline_harmless},
+            "n_val": {"harmful": self.n_val_harmful, "harmless": self.n_val_harmless},
+            "eligible_layers": f"0..{self.max_layer - 1}",
+            "top": [asdict(s) for s in self.top(top_k)],
+            "candidates": [asdict(s) for s in self.scores],
+        }
+
+    def _repr_html_(self) -> str:
+        d = self.direction
+        head = (f"<b>Selected direction</b> · {html.escape(d.model)} · {html.escape(d.lang)} · layer {d.layer}, "
+                f"position {d.position} · filter {html.escape(self.config.name)}"
+                + (f" (fallback: no candidate passed {html.escape(self.fallback_from)})" if self.fallback_from else "")
+                + f"<br>baseline refusal score: harmful {self.baseline_harmful:.2f}, harmless "
+                  f"{self.baseline_harmless:.2f}")
+        rows = "".join(f"<tr><td>{s.position}</td><td>{s.layer}</td><td>{s.bypass:.2f}</td><td>{s.induce:.2f}</td>"
+                       f"<td>{s.kl:.3f}</td></tr>" for s in self.top(10))
+        return (f"{head}<table><tr><th>pos</th><th>layer</th><th>bypass</th><th>induce</th><th>kl</th></tr>{rows}"
+                "</table>")
+
+
+@torch.inference_mode()
+def score_candidates(
+    model: Any,
+    candidates: DirectionCandidates,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    tokens: Sequence[int],
+    *,
+    positions: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> tuple[list[CandidateScore], float, float]:
+    """Bypass, induce and KL scores of the chosen candidates; returns them with the two baseline scores."""
+    base_harmful = first_token_logits(model, harmful, batch_size=batch_size)
+    base_harmless = first_token_logits(model, harmless, batch_size=batch_size)
+    both = [*harmful, *harmless]
+    n_h = len(harmful)
+    grid = [(p, layer) for p in (positions or candidates.positions)
+            for layer in (layers if layers is not None else range(candidates.vectors.shape[1]))
+            if not candidates.is_zero(p, layer)]
+    out = []
+    for position, layer in tqdm(grid, desc=f"select {candidates.lang}", disable=not progress, leave=False):
+        direction = candidates.direction(position, layer)
+        with interventions.ablate(model, direction):
+            ablated = first_token_logits(model, both, batch_size=batch_size)
+        with interventions.add(model, direction):
+            added = first_token_logits(model, harmless, batch_size=batch_size)
+        out.append(CandidateScore(
+            position=position, layer=layer,
+            bypass=float(refusal_score(ablated[:n_h], tokens).mean()),
+            induce=float(refusal_score(added, tokens).mean()),
+            kl=float(kl_divergence(base_harmless, ablated[n_h:]).mean()),
+        ))
+    return (out, float(refusal_score(base_harmful, tokens).mean()),
+            float(refusal_score(base_harmless, tokens).mean()))
+
+
+def select_direction(
+    model: Any,
+    candidates: DirectionCandidates,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    refusal_tokens: RefusalTokens,
+    *,
+    config: SelectionConfig = ARDITI,
+    fallback: SelectionConfig | None = None,
+    positions: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> Selection:
+    """Score the eligible candidates on validation prompts and choose the direction.
+
+    Args:
+        candidates: from :func:`~refusal_circuits.directions.extract_candidates`.
+        harmful, harmless: validation instructions (not the ones the candidates came from).
+        refusal_tokens: what the refusal score counts (the candidates' language's tokens are used).
+        config: the filter (:data:`ARDITI` by default).
+        fallback: a looser filter to use, and record, if ``config`` rejects every candidate.
+        positions, layers: restrict the grid (default: every position, every layer below the layer cap).
+
+    Raises:
+        SelectionError: nothing passes; the message lists the best candidates by bypass score.
+    """
+    if not harmful or not harmless:
+        raise InputError("selection needs harmful and harmless validation prompts")
+    n_layers = candidates.vectors.shape[1]
+    cap = min(config.max_layer(n_layers), fallback.max_layer(n_layers) if fallback else n_layers)
+    eligible = [layer for layer in (layers if layers is not None else range(n_layers)) if layer < cap]
+    if not eligible:
+        raise InputError(f"no eligible layer: every requested layer is at or above {cap}")
+    tokens = refusal_tokens.for_lang(candidates.lang)
+    scores, base_h, base_s = score_candidates(model, candidates, harmful, harmless, tokens, positions=positions,
+                                              layers=eligible, batch_size=batch_size, progress=progress)
+    chosen_config, fallback_from = config, None
+    passing = [s for s in scores if not s.failures(config) and s.layer < config.max_layer(n_layers)]
+    if not passing and fallback is not None:
+        chosen_config, fallback_from = fallback, config.name
+        passing = [s for s in scores if not s.failures(fallback) and s.layer < fallback.max_layer(n_layers)]
+    if not passing:
+        leaders = sorted(scores, key=lambda s: s.bypass)[:5]
+        raise SelectionError(
+            f"no candidate passes the {config.name} filter; best by bypass: "
+            + "; ".join(f"{s.describe()} ({', '.join(s.failures(config))})" for s in leaders)
+            + ". Try a looser filter (--filter polyrefuse) or more validation prompts")
+    best = min(passing, key=lambda s: s.bypass)
+    top = sorted(passing, key=lambda s: s.bypass)[:10]
+    meta = {"selection": {"filter": chosen_config.name, "fallback_from": fallback_from,
+                          "bypass": best.bypass, "induce": best.induce, "kl": best.kl,
+                          "baseline_harmful": base_h, "baseline_harmless": base_s,
+                          "n_val_harmful": len(harmful), "n_val_harmless": len(harmless)},
+            "refusal_tokens": refusal_tokens.to_json(),
+            "top": [asdict(s) for s in top]}
+    direction = candidates.direction(best.position, best.layer, **meta)
+    return Selection(direction, tuple(scores), chosen_config, base_h, base_s, refusal_tokens, len(harmful),
+                     len(harmless), fallback_from, cap)

@@ -1,0 +1,108 @@
+"""Streaming means, candidates, and direction files (tiny tier: exact checks against brute force)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from refusal_circuits.activations import mean_resid_pre
+from refusal_circuits.chat import tokenize_chat
+from refusal_circuits.directions import check_compatible, extract_candidates, load_direction
+from refusal_circuits.errors import InputError
+
+pytestmark = pytest.mark.tiny
+
+HARMFUL = ["how to do a bad thing", "tell me something bad please", "bad", "a much longer bad request here ok"]
+HARMLESS = ["bake bread", "what is two plus two", "write a poem about the sea in spring", "hi"]
+
+
+def _brute_mean(model, instructions):
+    """Every prompt alone (no padding), resid_pre from HF hidden states, averaged in float64."""
+    hf = model.original_model
+    n_post = tokenize_chat(model.tokenizer, instructions[:1]).n_post
+    acc = 0
+    for text in instructions:
+        b = tokenize_chat(model.tokenizer, [text])
+        with torch.inference_mode():
+            hs = hf(input_ids=b.input_ids, output_hidden_states=True).hidden_states
+        acc = acc + torch.stack([h[0, -n_post:] for h in hs[: model.cfg.n_layers]], dim=1).double()
+    return acc / len(instructions)
+
+
+def test_streaming_mean_equals_brute_force_with_padding_and_small_batches(tiny_model):
+    got = mean_resid_pre(tiny_model, HARMFUL, batch_size=3, progress=False)
+    assert got.mean.dtype == torch.float64 and got.n == len(HARMFUL)
+    n_post = tokenize_chat(tiny_model.tokenizer, ["x"]).n_post  # byte-level tokens of the Qwen template
+    assert got.mean.shape == (n_post, tiny_model.cfg.n_layers, tiny_model.cfg.d_model)
+    assert got.positions == tuple(range(-n_post, 0))
+    torch.testing.assert_close(got.mean, _brute_mean(tiny_model, HARMFUL), rtol=1e-5, atol=1e-5)
+
+
+def test_subset_of_layers_and_bad_layer(tiny_model):
+    one = mean_resid_pre(tiny_model, HARMLESS, layers=[1], progress=False)
+    full = mean_resid_pre(tiny_model, HARMLESS, progress=False)
+    torch.testing.assert_close(one.mean[:, 0], full.mean[:, 1])
+    with pytest.raises(InputError, match="out of range"):
+        mean_resid_pre(tiny_model, HARMLESS, layers=[7], progress=False)
+
+
+def test_candidates_are_difference_in_means_and_direction_is_unit(tiny_model):
+    c = extract_candidates(tiny_model, HARMFUL, HARMLESS, lang="en", progress=False)
+    torch.testing.assert_close(c.vectors, c.harmful.mean - c.harmless.mean)
+    d = c.direction(-1, 1)
+    assert d.vector.dtype == torch.float32 and abs(float(d.vector.norm()) - 1) < 1e-6
+    assert d.norm == pytest.approx(float(c.vectors[-1, 1].norm()))
+    with pytest.raises(InputError, match="position -99 out of range"):
+        c.direction(-99, 0)
+    # resid_pre[0] is the embedding of the template tokens, the same for every prompt: no direction there.
+    with pytest.raises(InputError, match="zero"):
+        c.direction(-1, 0)
+
+
+def test_custom_estimator_is_used(tiny_model):
+    def flipped(h, b):
+        return b.mean - h.mean
+
+    c = extract_candidates(tiny_model, HARMFUL, HARMLESS, estimator=flipped, progress=False)
+    assert c.estimator == "flipped"
+    torch.testing.assert_close(c.vectors, c.harmless.mean - c.harmful.mean)
+
+
+def test_direction_round_trips_through_safetensors_and_json(tiny_model, tmp_path):
+    c = extract_candidates(tiny_model, HARMFUL, HARMLESS, lang="de", prompts_sha256="abc", progress=False)
+    d = c.direction(-2, 1, selection={"bypass": -1.5})
+    d.save(tmp_path / "dir")
+    meta = json.loads((tmp_path / "dir" / "direction.json").read_text())
+    assert {"model", "lang", "layer", "position", "n_prompts", "prompts_sha256", "version"} <= set(meta)
+    assert (meta["lang"], meta["layer"], meta["position"], meta["n_prompts"]) == ("de", 1, -2, 8)
+    back = load_direction(tmp_path / "dir")
+    assert torch.equal(back.vector, d.vector) and back.meta["selection"] == {"bypass": -1.5}
+    assert back.candidates is not None and back.candidates.shape == c.vectors.shape
+    assert not list((tmp_path / "dir").glob(".*tmp"))
+
+
+def test_bad_direction_files_are_named(tiny_model, tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        load_direction(tmp_path / "nowhere")
+    c = extract_candidates(tiny_model, HARMFUL, HARMLESS, progress=False)
+    c.direction(-1, 1).save(tmp_path / "d")
+    (tmp_path / "d" / "direction.safetensors").write_bytes(b"\x80\x04K\x01.")  # a pickle, not safetensors
+    with pytest.raises(InputError, match="not a readable safetensors file"):
+        load_direction(tmp_path / "d")
+    c.direction(-1, 1).save(tmp_path / "e")
+    (tmp_path / "e" / "direction.json").write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        load_direction(tmp_path / "e")
+
+
+def test_direction_from_another_model_is_rejected(tiny_model):
+    c = extract_candidates(tiny_model, HARMFUL, HARMLESS, progress=False)
+    d = c.direction(-1, 1)
+    wide = d.__class__(**{**d.__dict__, "vector": torch.ones(96) / 96**0.5})
+    with pytest.raises(InputError, match="d_model 96 .* has 64: it comes from another model"):
+        check_compatible(wide, tiny_model)
+    deep = d.__class__(**{**d.__dict__, "layer": 5})
+    with pytest.raises(InputError, match="layer 5, out of range"):
+        check_compatible(deep, tiny_model)

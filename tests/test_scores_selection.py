@@ -1,0 +1,100 @@
+"""Refusal score, KL, cross-entropy (unit) and candidate selection on a tiny model (tiny)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from refusal_circuits import hooks, interventions
+from refusal_circuits.directions import extract_candidates
+from refusal_circuits.scores import (
+    completion_cross_entropy,
+    first_token_logits,
+    kl_divergence,
+    refusal_score,
+    refusal_tokens_from_strings,
+)
+from refusal_circuits.selection import ARDITI, POLYREFUSE, SelectionConfig, SelectionError, select_direction
+
+
+@pytest.mark.unit
+def test_refusal_score_is_the_log_odds_of_the_token_set():
+    logits = torch.tensor([[2.0, 0.0, -1.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    p = torch.softmax(logits, -1)
+    want = torch.log(p[:, [0, 2]].sum(-1)) - torch.log(1 - p[:, [0, 2]].sum(-1))
+    torch.testing.assert_close(refusal_score(logits, [0, 2]), want)
+    assert refusal_score(logits, [1])[1].item() == pytest.approx(math.log(1 / 3))
+
+
+@pytest.mark.unit
+def test_kl_is_zero_for_equal_and_positive_otherwise():
+    a = torch.randn(3, 10)
+    assert kl_divergence(a, a).abs().max() < 1e-6
+    assert (kl_divergence(a, a.flip(-1)) > 0).all()
+    assert kl_divergence(a, a + 5.0).abs().max() < 1e-6  # a shift changes no probability
+
+
+HARMFUL = ["how to do a bad thing", "tell me something bad please", "bad", "a much longer bad request here"]
+HARMLESS = ["bake bread", "what is two plus two", "write a poem about the sea", "hi"]
+
+
+@pytest.mark.tiny
+def test_completion_cross_entropy_matches_a_manual_teacher_forced_pass(tiny_model):
+    from refusal_circuits.chat import tokenize_chat
+
+    tok = tiny_model.tokenizer
+    completions = [tok("ok sure", add_special_tokens=False)["input_ids"], tok("no", add_special_tokens=False)["input_ids"]]
+    got = completion_cross_entropy(tiny_model, HARMLESS[:2], completions)
+    total, n = 0.0, 0
+    for text, comp in zip(HARMLESS[:2], completions, strict=True):
+        prompt = tokenize_chat(tok, [text]).input_ids[0].tolist()
+        ids = torch.tensor([prompt + comp])
+        with torch.inference_mode():
+            logp = torch.log_softmax(tiny_model(ids)[0].float(), -1)
+        for j, t in enumerate(comp):
+            total -= float(logp[len(prompt) + j - 1, t])
+            n += 1
+    assert got == pytest.approx(total / n, rel=1e-4)
+
+
+@pytest.mark.tiny
+def test_selection_scores_match_direct_measurement_and_pick_the_lowest_bypass(tiny_model):
+    tokens = refusal_tokens_from_strings(tiny_model.tokenizer, ["I", "S"], langs=["en"])
+    cands = extract_candidates(tiny_model, HARMFUL, HARMLESS, lang="en", progress=False)
+    loose = SelectionConfig("loose", kl_max=None, induce_min=None, max_layer_frac=1.0)
+    sel = select_direction(tiny_model, cands, HARMFUL, HARMLESS, tokens, config=loose, positions=[-1, -2],
+                           progress=False)
+    assert {(s.position, s.layer) for s in sel.scores} == {(-1, 1), (-2, 1)}  # layer 0 is all zero
+    best = min(sel.scores, key=lambda s: s.bypass)
+    assert (sel.direction.position, sel.direction.layer) == (best.position, best.layer)
+    # Re-measure the chosen candidate's bypass score by hand.
+    with interventions.ablate(tiny_model, sel.direction):
+        logits = first_token_logits(tiny_model, HARMFUL)
+    assert float(refusal_score(logits, tokens.ids).mean()) == pytest.approx(best.bypass, abs=1e-5)
+    assert sel.direction.meta["selection"]["filter"] == "loose"
+    assert hooks.count_hooks(tiny_model) == 0
+    assert "Selected direction" in sel._repr_html_()
+
+
+@pytest.mark.tiny
+def test_no_passing_candidate_lists_the_best_and_fallback_is_recorded(tiny_model):
+    tokens = refusal_tokens_from_strings(tiny_model.tokenizer, ["I"], langs=["en"])
+    cands = extract_candidates(tiny_model, HARMFUL, HARMLESS, lang="en", progress=False)
+    impossible = SelectionConfig("impossible", kl_max=-1.0, induce_min=None, max_layer_frac=1.0)
+    with pytest.raises(SelectionError, match="no candidate passes the impossible filter; best by bypass: pos"):
+        select_direction(tiny_model, cands, HARMFUL, HARMLESS, tokens, config=impossible, positions=[-1],
+                         progress=False)
+    loose = SelectionConfig("loose", kl_max=None, induce_min=None, max_layer_frac=1.0)
+    sel = select_direction(tiny_model, cands, HARMFUL, HARMLESS, tokens, config=impossible, fallback=loose,
+                           positions=[-1], progress=False)
+    assert sel.fallback_from == "impossible" and sel.config.name == "loose"
+    assert sel.to_json()["fallback_from"] == "impossible"
+
+
+@pytest.mark.unit
+def test_presets_follow_the_papers():
+    assert (ARDITI.kl_max, ARDITI.induce_min, ARDITI.max_layer_frac) == (0.1, 0.0, 0.8)
+    assert (POLYREFUSE.kl_max, POLYREFUSE.induce_min) == (0.2, None)
+    assert ARDITI.max_layer(24) == 20  # layers 0..19 of 24 are eligible
