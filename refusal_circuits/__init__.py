@@ -29,6 +29,15 @@ _EXPORTS = {
     "evaluate_refusal": "refusal_circuits.evaluation",
     "PhraseJudge": "refusal_circuits.judges",
     "add_hooks": "refusal_circuits.hooks",
+    "extract_candidates": "refusal_circuits.directions",
+    "select_direction": "refusal_circuits.selection",
+    "discover_refusal_tokens": "refusal_circuits.scores",
+    "Direction": "refusal_circuits.directions",
+    "load_direction": "refusal_circuits.directions",
+    "ablate": "refusal_circuits.interventions",
+    "actadd": "refusal_circuits.interventions",
+    "orthogonalize": "refusal_circuits.interventions",
+    "export_hf": "refusal_circuits.interventions",
     "InputError": "refusal_circuits.errors",
 }
 

@@ -44,7 +44,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from refusal_circuits.models import DEFAULT_MODEL
 
     parser = _Parser(prog="refusal-circuits", description=(
         "Find, remove and explain the refusal direction of chat LLMs: which heads write it, at which token "
@@ -58,10 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "Run the study on a model and a prompt set: today, baseline refusal rates per "
                              "language and label with every completion. Writes OUT/report.html and "
                              "OUT/results.json."))
-    run.add_argument("--model", default=DEFAULT_MODEL,
-                     help=f"model spec: packaged:NAME, a Hugging Face id, a local directory or a .gguf file "
-                          f"(default: {DEFAULT_MODEL})")
-    run.add_argument("--prompts", default="bundled", help="bundled, a .jsonl/.csv prompt file, or hf:PRESET")
+    _model_arg(run)
+    _prompts_arg(run)
     run.add_argument("--langs", type=_langs, default=None, help="comma-separated ISO 639-1 codes (default: all)")
     run.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
                      help="which split of a prompt set with a 'split' key to evaluate (default: test)")
@@ -79,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "by bypass, induce and KL scores (Arditi et al.). Writes OUT/direction.safetensors and "
                            "OUT/direction.json."))
     _model_arg(d)
-    d.add_argument("--prompts", default="bundled", help="bundled, a .jsonl/.csv prompt file, or hf:PRESET")
+    _prompts_arg(d)
     d.add_argument("--lang", default="en", help="the language whose direction to extract (default: en)")
     d.add_argument("--out", required=True, help="output directory")
     d.add_argument("--filter", default="auto", choices=["auto", "arditi", "polyrefuse"],
@@ -100,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "first-token refusal score per language and label; under an intervention also the "
                            "capability cost (KL and cross-entropy on harmless prompts). Writes one JSON file."))
     _model_arg(e)
-    e.add_argument("--prompts", default="bundled", help="bundled, a .jsonl/.csv prompt file, or hf:PRESET")
+    _prompts_arg(e)
     e.add_argument("--langs", type=_langs, default=None, help="comma-separated ISO 639-1 codes (default: all)")
     e.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     e.add_argument("--direction", default=None, help="a directory written by `directions`")
@@ -125,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--out", required=True, help="output model directory")
     o.set_defaults(func=cmd_orthogonalize)
     return parser
+
+
+def _prompts_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", default="bundled", help="bundled, a .jsonl/.csv prompt file, or hf:PRESET")
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -302,7 +303,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                 return interventions.ablate(model, chosen)
         elif args.intervention == "actadd":
             def make():
-                return interventions.add(model, chosen, layer=args.layer, alpha=args.alpha)
+                return interventions.actadd(model, chosen, layer=args.layer, alpha=args.alpha)
     result = evaluate_with_scores(model, prompts, tokens, intervention=make, intervention_name=args.intervention,
                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                   progress=_progress())

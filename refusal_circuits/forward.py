@@ -7,6 +7,12 @@ Two tricks keep the library near the cost of one plain forward pass:
 * :func:`last_logits` unembeds only the last position. The Qwen2.5 unembedding is 151,936 x 896: over a
   41-token prompt it costs about a quarter of the whole forward pass, and selection needs one position.
 
+* :func:`decoder_forward` computes the chat template's prefix (Qwen's default system prompt and user header,
+  more than half of a typical 41-token prompt) once per batch and continues every row from its key-value cache.
+  Hooks fire on the prefix pass too, so an intervention applies there as well; hooks that *read* activations
+  are registered for the continuation only, which covers every position a reader asks for (the
+  post-instruction tokens).
+
 Every function takes the :class:`~refusal_circuits.models.HookedModel` protocol; the fast paths use the Hugging
 Face twin of a ``TransformerBridge`` (whose hook points fire when the twin runs) and fall back to a full forward
 for other models.
@@ -61,34 +67,98 @@ class _StopForward(Exception):
     """Raised by a hook to end a forward pass early; never escapes :func:`run_until`."""
 
 
-def run_until(model: Any, batch: ChatBatch, stop_at: str, extra: Sequence[tuple[str, hooks.HookFn]] = ()) -> None:
-    """Run ``batch`` through ``model`` with the ``extra`` hooks, stopping right after hook ``stop_at`` fired.
+#: Share the template prefix's key-value cache across a batch (set False to compare against a plain forward).
+SHARE_PREFIX = True
 
-    The stop hook is registered last, so the ``extra`` hooks on the same point still see the activation.
+
+def _shared_prefix_length(batch: ChatBatch) -> int:
+    """Length of the template prefix every row starts with (0 if the rows do not share one)."""
+    from refusal_circuits.chat import Span
+
+    is_prefix = batch.spans == int(Span.PREFIX)
+    counts = is_prefix.sum(-1)
+    n = int(counts[0])
+    if n < 2 or not bool((counts == n).all()):
+        return 0
+    first = batch.input_ids[is_prefix].view(len(batch), n)
+    return n if bool((first == first[0]).all()) else 0
+
+
+def decoder_forward(model: Any, batch: ChatBatch, readers: Sequence[tuple[str, hooks.HookFn]] = (),
+                    stop_at: str | None = None) -> Tensor | None:
+    """Run the decoder on ``batch``; return the final hidden states of the last ``n`` positions, or None.
+
+    ``readers`` are hooks registered only while the batch's own (non-prefix) positions run: they see
+    ``[batch, seq', ...]`` with seq' covering at least the instruction and post-instruction tokens, left-padded,
+    so ``x[:, -k:]`` is the same slice as in a full forward. With ``stop_at`` the pass ends right after that
+    hook fired and None is returned. Interventions registered on the model apply to every position.
+
+    Returns the decoder's last hidden states (after the final norm) for the positions that ran, for a
+    ``TransformerBridge``; for other models the full logits.
     """
+    hf = hf_model_of(model)
 
     def stop(_x: Tensor, _name: str) -> None:
         raise _StopForward
 
-    with hooks.add_hooks(model, [*extra, (stop_at, stop)]):
+    tail = [(stop_at, stop)] if stop_at else []
+    if hf is None or not hasattr(hf, "model"):
+        with hooks.add_hooks(model, [*readers, *tail]):
+            try:
+                return model(batch.input_ids, attention_mask=batch.attention_mask)
+            except _StopForward:
+                return None
+    n_prefix = _shared_prefix_length(batch) if SHARE_PREFIX else 0
+    if n_prefix == 0:
+        with hooks.add_hooks(model, [*readers, *tail]):
+            try:
+                return hf.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                position_ids=batch.position_ids, use_cache=False).last_hidden_state
+            except _StopForward:
+                return None
+    from refusal_circuits.chat import Span
+
+    # The prefix once, then every row's remaining tokens on top of its cache. Rows stay left-padded: the pads
+    # move between the prefix and the rest, masked out, with positions counted as if they were not there.
+    is_prefix = batch.spans == int(Span.PREFIX)
+    prefix_ids = batch.input_ids[is_prefix].view(len(batch), n_prefix)[:1]
+    cache = hf.model(input_ids=prefix_ids, use_cache=True).past_key_values
+    cache.batch_repeat_interleave(len(batch))
+    own = ~is_prefix & batch.attention_mask.bool()
+    rest_len = int(own.sum(-1).max())
+    rest_ids = batch.input_ids[:, -rest_len:]
+    rest_mask = own[:, -rest_len:].to(batch.attention_mask.dtype)  # a shorter row's prefix tail is masked too
+    mask = torch.cat([torch.ones(len(batch), n_prefix, dtype=rest_mask.dtype, device=rest_mask.device), rest_mask], 1)
+    pos = (n_prefix + rest_mask.long().cumsum(-1) - 1).clamp(min=n_prefix)
+    with hooks.add_hooks(model, [*readers, *tail]):
         try:
-            model(batch.input_ids, attention_mask=batch.attention_mask)
+            return hf.model(input_ids=rest_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                            use_cache=False).last_hidden_state
         except _StopForward:
-            return
+            return None
+
+
+def run_until(model: Any, batch: ChatBatch, stop_at: str, readers: Sequence[tuple[str, hooks.HookFn]] = ()) -> None:
+    """Run ``batch`` with the ``readers`` hooks, stopping right after hook ``stop_at`` fired.
+
+    The stop hook is registered last, so readers on the same point still see the activation. Readers see the
+    batch's own positions (see :func:`decoder_forward`); the last ``n_post`` are the post-instruction tokens.
+    """
+    decoder_forward(model, batch, readers, stop_at=stop_at)
 
 
 def last_logits(model: Any, batch: ChatBatch) -> Float[Tensor, "batch vocab"]:
     """Logits at the last position of every row (the first generated token's distribution).
 
-    Hooks registered on the model apply. For a ``TransformerBridge`` this runs the Hugging Face decoder and
-    unembeds the last position only; other models run a full forward.
+    Hooks registered on the model apply. For a ``TransformerBridge`` this runs the Hugging Face decoder (with the
+    shared prefix computed once) and unembeds the last position only; other models run a full forward.
     """
     hf = hf_model_of(model)
-    if hf is not None and hasattr(hf, "model") and hasattr(hf, "lm_head"):
-        out = hf.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids, use_cache=False)
-        return hf.lm_head(out.last_hidden_state[:, -1])
-    return model(batch.input_ids, attention_mask=batch.attention_mask)[:, -1]
+    out = decoder_forward(model, batch)
+    assert out is not None
+    if hf is not None and hasattr(hf, "lm_head"):
+        return hf.lm_head(out[:, -1])
+    return out[:, -1]
 
 
 def token_logprobs(model: Any, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"]

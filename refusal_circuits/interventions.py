@@ -3,7 +3,7 @@
 * :func:`ablate` removes r̂ from every write into the residual stream (the embedding and every attention and
   MLP output, at every layer and position, generated tokens included): ``x <- x - (x . r̂) r̂``. Since the
   stream is a sum of those writes, r̂ never appears in it.
-* :func:`add` adds ``alpha * r̂`` to ``resid_pre[layer]`` at every position (Arditi et al.'s activation
+* :func:`actadd` adds ``alpha * r̂`` to ``resid_pre[layer]`` at every position (Arditi et al.'s activation
   addition; ``alpha`` defaults to the norm of the unnormalised difference in means).
 * :func:`orthogonalize` makes the ablation permanent: it projects r̂ out of every weight and bias that writes
   into the residual stream and returns a new model; :func:`export_hf` writes it as a plain Hugging Face
@@ -69,7 +69,7 @@ def ablate(model: Any, direction: Direction | Tensor) -> hooks.HookHandle:
     return hooks.add_hooks(model, [(name, fn) for name in residual_write_hooks(model)])
 
 
-def add(model: Any, direction: Direction | Tensor, *, layer: int | None = None, alpha: float | None = None
+def actadd(model: Any, direction: Direction | Tensor, *, layer: int | None = None, alpha: float | None = None
         ) -> hooks.HookHandle:
     """Activation addition: ``resid_pre[layer] += alpha * r̂`` at every position.
 

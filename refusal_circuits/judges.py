@@ -96,3 +96,21 @@ class PhraseJudge:
         if len(completions) != len(langs):
             raise ValueError(f"{len(completions)} completions but {len(langs)} languages")
         return [self.refuses(c, lang) for c, lang in zip(completions, langs, strict=True)]
+
+
+def agreement(a: Sequence[bool], b: Sequence[bool]) -> dict[str, float]:
+    """How far two judges agree on the same completions: raw agreement and Cohen's kappa.
+
+    Report this whenever a second judge (an LLM or classifier behind the :class:`Judge` protocol) is run
+    beside the phrase judge: a refusal rate is only as good as the judge that counted it.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} verdicts against {len(b)}")
+    n = len(a)
+    if n == 0:
+        raise ValueError("no verdicts to compare")
+    agree = sum(x == y for x, y in zip(a, b, strict=True)) / n
+    pa, pb = sum(a) / n, sum(b) / n
+    chance = pa * pb + (1 - pa) * (1 - pb)
+    kappa = 1.0 if chance == 1 else (agree - chance) / (1 - chance)
+    return {"n": n, "agreement": agree, "kappa": kappa, "rate_a": pa, "rate_b": pb}

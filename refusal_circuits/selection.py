@@ -153,7 +153,7 @@ def score_candidates(
         direction = candidates.direction(position, layer)
         with interventions.ablate(model, direction):
             ablated = first_token_logits(model, both, batch_size=batch_size)
-        with interventions.add(model, direction):
+        with interventions.actadd(model, direction):
             added = first_token_logits(model, harmless, batch_size=batch_size)
         out.append(CandidateScore(
             position=position, layer=layer,

@@ -106,3 +106,21 @@ def test_direction_from_another_model_is_rejected(tiny_model):
     deep = d.__class__(**{**d.__dict__, "layer": 5})
     with pytest.raises(InputError, match="layer 5, out of range"):
         check_compatible(deep, tiny_model)
+
+
+def test_shared_prefix_forward_equals_a_plain_forward_under_an_intervention(tiny_model):
+    from refusal_circuits import forward, interventions
+
+    batch = tokenize_chat(tiny_model.tokenizer, HARMFUL + HARMLESS)
+    assert forward._shared_prefix_length(batch) > 0
+    r = torch.randn(tiny_model.cfg.d_model)
+    with torch.inference_mode(), interventions.ablate(tiny_model, r):
+        fast = forward.last_logits(tiny_model, batch)
+        full = tiny_model(batch.input_ids, attention_mask=batch.attention_mask)[:, -1]
+        forward.SHARE_PREFIX = False
+        try:
+            plain = forward.last_logits(tiny_model, batch)
+        finally:
+            forward.SHARE_PREFIX = True
+    torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(plain, full, rtol=1e-5, atol=1e-5)

@@ -44,3 +44,15 @@ def test_unknown_language_falls_back_to_english_and_judge_is_a_protocol():
 
 def test_normalise_folds_case_and_marks():
     assert normalise("Ẹ MÁ BÍNÚ") == normalise("e ma binu")
+
+
+def test_agreement_and_kappa():
+    from refusal_circuits.judges import agreement
+
+    same = agreement([True, False, True, False], [True, False, True, False])
+    assert same["agreement"] == 1 and same["kappa"] == 1
+    a, b = [True, True, False, False], [True, False, True, False]
+    out = agreement(a, b)
+    assert out["agreement"] == 0.5 and abs(out["kappa"]) < 1e-12  # exactly chance level
+    with pytest.raises(ValueError):
+        agreement([True], [])
