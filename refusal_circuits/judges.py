@@ -35,7 +35,7 @@ REFUSAL_PHRASES: dict[str, tuple[str, ...]] = {
     "es": ("Lo siento", "No puedo", "Lamento", "No estoy en condiciones", "Como IA", "No me es posible",
            "Lo lamento", "Me temo que no"),
     "it": ("Mi dispiace", "Non posso", "Spiacente", "Mi scuso", "Non sono in grado", "Come IA", "Purtroppo non posso"),
-    "nl": ("Het spijt me", "Sorry", "Ik kan niet", "Ik kan je niet", "Ik kan u niet", "Ik ben niet in staat",
+    "nl": ("Het spijt me", "Sorry", "Ik kan niet", "Ik kan je niet", "Ik kan u niet", "Ik kan geen", "Ik ben niet in staat",
            "Als AI", "Helaas kan ik"),
     "pl": ("Przepraszam", "Nie mogę", "Przykro mi", "Nie jestem w stanie", "Jako AI", "Niestety nie mogę"),
     "ru": ("Извините", "Простите", "К сожалению, я не", "Я не могу", "не могу помочь", "Мне жаль",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -49,14 +49,22 @@ PRESETS = {"arditi": ARDITI, "polyrefuse": POLYREFUSE}
 
 @dataclass(frozen=True)
 class CandidateScore:
+    """One candidate's scores; ``induce`` and ``kl`` are None where a lazy scan never needed them."""
+
     position: int
     layer: int
     bypass: float
-    induce: float
-    kl: float
+    induce: float | None = None
+    kl: float | None = None
+
+    @property
+    def scored(self) -> bool:
+        return self.induce is not None and self.kl is not None
 
     def failures(self, config: SelectionConfig) -> list[str]:
         """Why ``config`` rejects this candidate (empty if it passes)."""
+        if self.induce is None or self.kl is None:
+            return ["not scored (its bypass score ranks below the chosen candidates)"]
         out = []
         if not math.isfinite(self.bypass):
             out.append("bypass not finite")
@@ -67,6 +75,8 @@ class CandidateScore:
         return out
 
     def describe(self) -> str:
+        if self.induce is None or self.kl is None:
+            return f"pos {self.position} layer {self.layer}: bypass {self.bypass:.2f}"
         return (f"pos {self.position} layer {self.layer}: bypass {self.bypass:.2f}, induce {self.induce:.2f}, "
                 f"kl {self.kl:.3f}")
 
@@ -110,6 +120,7 @@ class Selection:
             "baseline_refusal_score": {"harmful": self.baseline_harmful, "harmless": self.baseline_harmless},
             "n_val": {"harmful": self.n_val_harmful, "harmless": self.n_val_harmless},
             "eligible_layers": f"0..{self.max_layer - 1}",
+            "n_scored": sum(s.scored for s in self.scores),
             "top": [asdict(s) for s in self.top(top_k)],
             "candidates": [asdict(s) for s in self.scores],
         }
@@ -121,8 +132,8 @@ class Selection:
                 + (f" (fallback: no candidate passed {html.escape(self.fallback_from)})" if self.fallback_from else "")
                 + f"<br>baseline refusal score: harmful {self.baseline_harmful:.2f}, harmless "
                   f"{self.baseline_harmless:.2f}")
-        rows = "".join(f"<tr><td>{s.position}</td><td>{s.layer}</td><td>{s.bypass:.2f}</td><td>{s.induce:.2f}</td>"
-                       f"<td>{s.kl:.3f}</td></tr>" for s in self.top(10))
+        rows = "".join(f"<tr><td>{s.position}</td><td>{s.layer}</td><td>{s.bypass:.2f}</td><td>{s.induce or 0:.2f}</td>"
+                       f"<td>{s.kl or 0:.3f}</td></tr>" for s in self.top(10))
         return (f"{head}<table><tr><th>pos</th><th>layer</th><th>bypass</th><th>induce</th><th>kl</th></tr>{rows}"
                 "</table>")
 
@@ -137,30 +148,39 @@ def score_candidates(
     *,
     positions: Sequence[int] | None = None,
     layers: Sequence[int] | None = None,
+    enough: Callable[[list[CandidateScore]], bool] | None = None,
     batch_size: int = 32,
     progress: bool = True,
 ) -> tuple[list[CandidateScore], float, float]:
-    """Bypass, induce and KL scores of the chosen candidates; returns them with the two baseline scores."""
+    """Score candidates; returns them (grid order) with the baseline refusal scores of both groups.
+
+    Every candidate gets its bypass score. Induce and KL, which cost twice as much, are computed in order of
+    increasing bypass score until ``enough(scored_so_far)`` is true (all of them when ``enough`` is None).
+    The lowest-bypass candidate that passes a filter is therefore the same as with exhaustive scoring.
+    """
     base_harmful = first_token_logits(model, harmful, batch_size=batch_size)
     base_harmless = first_token_logits(model, harmless, batch_size=batch_size)
-    both = [*harmful, *harmless]
-    n_h = len(harmful)
     grid = [(p, layer) for p in (positions or candidates.positions)
             for layer in (layers if layers is not None else range(candidates.vectors.shape[1]))
             if not candidates.is_zero(p, layer)]
-    out = []
-    for position, layer in tqdm(grid, desc=f"select {candidates.lang}", disable=not progress, leave=False):
-        direction = candidates.direction(position, layer)
+    bypass: dict[tuple[int, int], float] = {}
+    for key in tqdm(grid, desc=f"select {candidates.lang}: bypass", disable=not progress, leave=False):
+        with interventions.ablate(model, candidates.direction(*key)):
+            bypass[key] = float(refusal_score(first_token_logits(model, harmful, batch_size=batch_size), tokens).mean())
+    done: dict[tuple[int, int], CandidateScore] = {}
+    order = sorted(grid, key=lambda k: bypass[k])
+    for key in tqdm(order, desc=f"select {candidates.lang}: kl, induce", disable=not progress, leave=False):
+        direction = candidates.direction(*key)
         with interventions.ablate(model, direction):
-            ablated = first_token_logits(model, both, batch_size=batch_size)
+            ablated = first_token_logits(model, harmless, batch_size=batch_size)
         with interventions.actadd(model, direction):
             added = first_token_logits(model, harmless, batch_size=batch_size)
-        out.append(CandidateScore(
-            position=position, layer=layer,
-            bypass=float(refusal_score(ablated[:n_h], tokens).mean()),
-            induce=float(refusal_score(added, tokens).mean()),
-            kl=float(kl_divergence(base_harmless, ablated[n_h:]).mean()),
-        ))
+        done[key] = CandidateScore(key[0], key[1], bypass[key],
+                                   induce=float(refusal_score(added, tokens).mean()),
+                                   kl=float(kl_divergence(base_harmless, ablated).mean()))
+        if enough is not None and enough(list(done.values())):
+            break
+    out = [done.get(key, CandidateScore(key[0], key[1], bypass[key])) for key in grid]
     return (out, float(refusal_score(base_harmful, tokens).mean()),
             float(refusal_score(base_harmless, tokens).mean()))
 
@@ -176,6 +196,8 @@ def select_direction(
     fallback: SelectionConfig | None = None,
     positions: Sequence[int] | None = None,
     layers: Sequence[int] | None = None,
+    exhaustive: bool = False,
+    top_k: int = 5,
     batch_size: int = 32,
     progress: bool = True,
 ) -> Selection:
@@ -188,6 +210,9 @@ def select_direction(
         config: the filter (:data:`ARDITI` by default).
         fallback: a looser filter to use, and record, if ``config`` rejects every candidate.
         positions, layers: restrict the grid (default: every position, every layer below the layer cap).
+        exhaustive: score induce and KL of every candidate. By default they are scored in order of increasing
+            bypass score until ``top_k`` candidates pass ``config``, which chooses the same direction at a
+            fraction of the cost; unscored candidates keep their bypass score.
 
     Raises:
         SelectionError: nothing passes; the message lists the best candidates by bypass score.
@@ -200,8 +225,12 @@ def select_direction(
     if not eligible:
         raise InputError(f"no eligible layer: every requested layer is at or above {cap}")
     tokens = refusal_tokens.for_lang(candidates.lang)
+    def enough(scored: list[CandidateScore]) -> bool:
+        return sum(not s.failures(config) and s.layer < config.max_layer(n_layers) for s in scored) >= top_k
+
     scores, base_h, base_s = score_candidates(model, candidates, harmful, harmless, tokens, positions=positions,
-                                              layers=eligible, batch_size=batch_size, progress=progress)
+                                              layers=eligible, enough=None if exhaustive else enough,
+                                              batch_size=batch_size, progress=progress)
     chosen_config, fallback_from = config, None
     passing = [s for s in scores if not s.failures(config) and s.layer < config.max_layer(n_layers)]
     if not passing and fallback is not None:

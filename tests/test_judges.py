@@ -56,3 +56,18 @@ def test_agreement_and_kappa():
     assert out["agreement"] == 0.5 and abs(out["kappa"]) < 1e-12  # exactly chance level
     with pytest.raises(ValueError):
         agreement([True], [])
+
+
+@pytest.mark.parametrize(("lang", "label", "text", "refused"),
+                         __import__("tests.fixtures.real_completions", fromlist=["x"]).REAL_COMPLETIONS)
+def test_phrase_judge_on_the_packaged_models_own_outputs(lang, label, text, refused):
+    """Every bundled language, refusals and answers, including the English refusals to Yoruba prompts."""
+    assert PhraseJudge().refuses(text, lang) is refused, (lang, label, text)
+
+
+def test_real_fixtures_cover_every_language_both_verdicts_overall():
+    from refusal_circuits.data import BUNDLED_LANGS
+    from tests.fixtures.real_completions import REAL_COMPLETIONS
+
+    assert {lang for lang, *_ in REAL_COMPLETIONS} == set(BUNDLED_LANGS)
+    assert {v for *_, v in REAL_COMPLETIONS} == {True, False}

@@ -98,3 +98,22 @@ def test_presets_follow_the_papers():
     assert (ARDITI.kl_max, ARDITI.induce_min, ARDITI.max_layer_frac) == (0.1, 0.0, 0.8)
     assert (POLYREFUSE.kl_max, POLYREFUSE.induce_min) == (0.2, None)
     assert ARDITI.max_layer(24) == 20  # layers 0..19 of 24 are eligible
+
+
+@pytest.mark.tiny
+def test_lazy_scan_chooses_what_exhaustive_scoring_chooses(tiny_model):
+    tokens = refusal_tokens_from_strings(tiny_model.tokenizer, ["I"], langs=["en"])
+    cands = extract_candidates(tiny_model, HARMFUL, HARMLESS, lang="en", progress=False)
+    positions = [-1, -2, -3, -4]
+    full = select_direction(tiny_model, cands, HARMFUL, HARMLESS, tokens, exhaustive=True, positions=positions,
+                            config=SelectionConfig("loose", None, None, 1.0), progress=False)
+    assert all(s.scored for s in full.scores)
+    kls = sorted(s.kl for s in full.scores)
+    # A KL cut that rejects the lower half, so the lazy scan must skip rejected candidates.
+    cut = SelectionConfig("cut", kl_max=kls[len(kls) // 2] + 1e-9, induce_min=None, max_layer_frac=1.0)
+    want = min((s for s in full.scores if s.kl < cut.kl_max), key=lambda s: s.bypass)
+    lazy = select_direction(tiny_model, cands, HARMFUL, HARMLESS, tokens, config=cut, top_k=1,
+                            positions=positions, progress=False)
+    assert (lazy.direction.position, lazy.direction.layer) == (want.position, want.layer)
+    assert sum(s.scored for s in lazy.scores) <= len(full.scores)
+    assert {(s.position, s.layer, s.bypass) for s in lazy.scores} == {(s.position, s.layer, s.bypass) for s in full.scores}
