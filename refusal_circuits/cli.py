@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     e.add_argument("--direction", default=None, help="a directory written by `directions`")
     e.add_argument("--intervention", default="none", choices=["none", "ablate", "actadd"])
-    e.add_argument("--alpha", type=float, default=None, help="actadd coefficient (default: the direction's norm)")
+    e.add_argument("--alpha", type=float, default=None,
+                   help="actadd coefficient (default: the one calibrated at selection, else the direction's norm)")
     e.add_argument("--layer", type=int, default=None, help="actadd layer (default: the direction's layer)")
     e.add_argument("--max-prompts", type=_positive, default=None, help="at most this many per language and label")
     e.add_argument("--max-new-tokens", type=_positive, default=32)
@@ -253,9 +254,11 @@ def cmd_directions(args: argparse.Namespace) -> None:
     direction.save(out)
     s = direction.meta["selection"]
     note = f" (fallback: nothing passed {selection.fallback_from})" if selection.fallback_from else ""
+    act = direction.meta["actadd"]
     print(f"{args.lang}: layer {direction.layer}, position {direction.position}, filter {s['filter']}{note}; "
           f"bypass {s['bypass']:.2f} (baseline {s['baseline_harmful']:.2f}), induce {s['induce']:.2f}, "
-          f"kl {s['kl']:.3f}")
+          f"kl {s['kl']:.3f}; actadd alpha {act['alpha']:.2f} ({act['scale'] or 1}x norm: {act['fraction']:.0%} of "
+          f"harmless val prompts start a refusal)")
     print(f"wrote {out / 'direction.safetensors'} and {out / 'direction.json'}")
 
 
@@ -290,6 +293,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.refusal_tokens or direction is None or "refusal_tokens" not in direction.meta:
         train = all_prompts.filter(split="train") if any(r.split for r in all_prompts) else prompts
         tokens = _refusal_tokens(model, args.refusal_tokens, train if len(train) else prompts)
+        if not tokens.ids:
+            logging.getLogger(__name__).warning(
+                "the model refused none of the discovery prompts, so no refusal tokens were found: refusal scores "
+                "are left out (pass --refusal-tokens to score them); refusal rates still come from the judge")
     else:
         saved = direction.meta["refusal_tokens"]
         tokens = RefusalTokens({k: tuple(v) for k, v in saved["ids"].items()},
@@ -310,12 +317,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     result["direction"] = str(args.direction) if args.direction else None
     if direction is not None and args.intervention == "actadd":
         result["actadd"] = {"layer": args.layer if args.layer is not None else direction.layer,
-                            "alpha": args.alpha if args.alpha is not None else direction.norm}
+                            "alpha": args.alpha if args.alpha is not None else interventions.default_alpha(direction),
+                            "norm": direction.norm}
     result["prompts"] = args.prompts
     result["split"] = args.split
     write_json(args.out, result)
     for lang, groups in result["results"].items():
-        rates = "  ".join(f"{lab} {g['refusal_rate']:5.1%} (n={g['n']}, score {g['refusal_score']:+.2f})"
+        rates = "  ".join(f"{lab} {g['refusal_rate']:5.1%} (n={g['n']}"
+                          + (f", score {g['refusal_score']:+.2f})" if "refusal_score" in g else ")")
                           for lab, g in groups.items())
         print(f"{lang} [{args.intervention}]: {rates}")
     if result.get("capability"):

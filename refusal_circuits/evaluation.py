@@ -250,20 +250,22 @@ def capability_cost(model: Any, instructions: Sequence[str],
             "ce_harmless_base": ce_base, "ce_harmless_intervened": ce_new, "n_harmless": len(instructions)}
 
 
-def evaluate_with_scores(model: Any, prompts: PromptSet, refusal_tokens: RefusalTokens, *,
+def evaluate_with_scores(model: Any, prompts: PromptSet, refusal_tokens: RefusalTokens | None, *,
                          intervention: Callable[[], AbstractContextManager[Any]] | None = None,
                          intervention_name: str = "none", judge: Judge | None = None, max_new_tokens: int = 32,
                          batch_size: int = 32, progress: bool = True) -> dict[str, Any]:
     """The ``evaluate`` command's JSON: refusal rates and scores per language x label under an intervention,
-    every completion, and (under an intervention) its capability cost on the harmless prompts."""
+    every completion, and (under an intervention) its capability cost on the harmless prompts. Without refusal
+    tokens (None, or none discovered) the refusal scores are left out and the rates still come from the judge."""
     import contextlib
 
     make = intervention or contextlib.nullcontext
+    tokens = refusal_tokens if refusal_tokens is not None and refusal_tokens.ids else None
     with make():
         ev = evaluate_refusal(model, prompts, judge=judge, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                              intervention=intervention_name, refusal_tokens=refusal_tokens, progress=progress)
+                              intervention=intervention_name, refusal_tokens=tokens, progress=progress)
     out = ev.to_dict()
-    out["refusal_tokens"] = refusal_tokens.to_json()
+    out["refusal_tokens"] = tokens.to_json() if tokens is not None else None
     harmless = prompts.filter(label="harmless").instructions
     if intervention is not None and harmless:
         out["capability"] = capability_cost(model, harmless, make, max_new_tokens=max_new_tokens,

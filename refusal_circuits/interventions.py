@@ -76,7 +76,8 @@ def actadd(model: Any, direction: Direction | Tensor, *, layer: int | None = Non
     Args:
         direction: a :class:`Direction` (whose ``layer`` and ``norm`` are the defaults) or a vector.
         layer: where to add; defaults to the direction's layer.
-        alpha: the coefficient; defaults to the direction's ``norm`` (Arditi et al. add the unnormalised
+        alpha: the coefficient; defaults to :func:`default_alpha`: the coefficient calibrated at selection
+            (``direction.meta["actadd"]``), else the direction's ``norm`` (Arditi et al. add the unnormalised
             difference in means). Negative values subtract.
     """
     unit = _unit(direction, model)
@@ -87,7 +88,7 @@ def actadd(model: Any, direction: Direction | Tensor, *, layer: int | None = Non
     if alpha is None:
         if not isinstance(direction, Direction):
             raise InputError("activation addition of a bare vector needs alpha=")
-        alpha = direction.norm
+        alpha = default_alpha(direction)
     n_layers = int(model.cfg.n_layers)
     if not 0 <= layer < n_layers:
         raise InputError(f"layer {layer} out of range; the model has {n_layers} layers")
@@ -97,6 +98,12 @@ def actadd(model: Any, direction: Direction | Tensor, *, layer: int | None = Non
         return x + coef * unit.to(device=x.device, dtype=x.dtype)
 
     return hooks.add_hooks(model, [(hooks.resid_pre(layer), fn)])
+
+
+def default_alpha(direction: Direction) -> float:
+    """The calibrated activation-addition coefficient of ``direction``, or its norm if it has none."""
+    calibrated = direction.meta.get("actadd", {}).get("alpha") if isinstance(direction.meta.get("actadd"), dict) else None
+    return float(calibrated) if calibrated is not None else direction.norm
 
 
 # --- weight orthogonalisation ---------------------------------------------------------------------------------

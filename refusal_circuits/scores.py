@@ -53,7 +53,7 @@ class RefusalTokens:
             return own
         if not self.ids:
             raise InputError("no refusal tokens: the model refused none of the discovery prompts; pass them "
-                             "explicitly (refusal_tokens_from_strings)")
+                             "explicitly (--refusal-tokens on the command line, refusal_tokens_from_strings in Python)")
         return self.ids
 
     def to_json(self) -> dict[str, Any]:

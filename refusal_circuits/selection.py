@@ -251,5 +251,35 @@ def select_direction(
             "refusal_tokens": refusal_tokens.to_json(),
             "top": [asdict(s) for s in top]}
     direction = candidates.direction(best.position, best.layer, **meta)
+    direction.meta["actadd"] = calibrate_actadd(model, direction, harmless, tokens, batch_size=batch_size)
     return Selection(direction, tuple(scores), chosen_config, base_h, base_s, refusal_tokens, len(harmful),
                      len(harmless), fallback_from, cap)
+
+
+#: Multiples of the direction's norm tried, in order, by :func:`calibrate_actadd`.
+ACTADD_SCALES = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
+
+
+@torch.inference_mode()
+def calibrate_actadd(model: Any, direction: Direction, harmless: Sequence[str], tokens: Sequence[int], *,
+                     scales: Sequence[float] = ACTADD_SCALES, target: float = 0.8, batch_size: int = 32
+                     ) -> dict[str, Any]:
+    """The smallest activation-addition coefficient that makes harmless validation prompts refuse.
+
+    Arditi et al. add the unnormalised difference in means (``alpha = norm``). On a weakly aligned model that
+    falls short: it moves the harmless mean only to the harmful mean, and the harmful prompts themselves are
+    refused only part of the time. We take the first multiple of the norm in ``scales`` under which at least
+    ``target`` of the harmless validation prompts have a positive refusal score (a refusal token is the more
+    likely first token, so greedy decoding starts a refusal). Returns ``{"alpha", "scale", "fraction",
+    "induce", "tried"}``; ``scale`` is None when no multiple reached the target (``alpha`` is then the norm).
+    """
+    tried = []
+    for scale in scales:
+        with interventions.actadd(model, direction, alpha=scale * direction.norm):
+            score = refusal_score(first_token_logits(model, harmless, batch_size=batch_size), tokens)
+        entry = {"scale": scale, "induce": float(score.mean()), "fraction": float((score > 0).float().mean())}
+        tried.append(entry)
+        if entry["fraction"] >= target:
+            return {"alpha": scale * direction.norm, **entry, "target": target, "tried": tried}
+    return {"alpha": direction.norm, "scale": None, "induce": tried[0]["induce"], "fraction": tried[0]["fraction"],
+            "target": target, "tried": tried}

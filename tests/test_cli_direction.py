@@ -104,3 +104,14 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tiny_dir, tmp_path, c
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     for name in ("e.json", "m", "d"):
         assert not (tmp_path / name).exists()
+
+
+def test_evaluate_without_refusal_tokens_still_reports_rates(tiny_dir, tmp_path, capsys):
+    """A model that never refuses (an orthogonalized export, or this random one) yields no refusal tokens."""
+    prompts = _prompt_file(tmp_path / "p.jsonl")
+    code, out, err = _run(capsys, "evaluate", "--model", str(tiny_dir), "--prompts", str(prompts),
+                          "--max-new-tokens", "2", "--out", str(tmp_path / "e.json"))
+    assert code == 0, err
+    ev = json.loads((tmp_path / "e.json").read_text())
+    assert ev["refusal_tokens"] is None and "refusal_score" not in ev["results"]["en"]["harmful"]
+    assert ev["results"]["en"]["harmful"]["n"] == 2

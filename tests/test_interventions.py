@@ -59,14 +59,14 @@ def test_activation_addition_adds_alpha_r_at_its_layer_only(tiny_model):
     with hooks.add_hooks(tiny_model, probe):
         _logits(tiny_model, batch)
     clean = dict(seen)
-    with interventions.add(tiny_model, r, layer=1, alpha=3.0), hooks.add_hooks(tiny_model, probe):
+    with interventions.actadd(tiny_model, r, layer=1, alpha=3.0), hooks.add_hooks(tiny_model, probe):
         _logits(tiny_model, batch)
     assert torch.equal(seen[hooks.resid_pre(0)], clean[hooks.resid_pre(0)])
     torch.testing.assert_close(seen[hooks.resid_pre(1)], clean[hooks.resid_pre(1)] + 3.0 * r)
     with pytest.raises(InputError, match="needs layer="):
-        interventions.add(tiny_model, r)
+        interventions.actadd(tiny_model, r)
     with pytest.raises(InputError, match="layer 9 out of range"):
-        interventions.add(tiny_model, r, layer=9, alpha=1.0)
+        interventions.actadd(tiny_model, r, layer=9, alpha=1.0)
 
 
 def test_orthogonalized_weights_equal_hook_ablation_and_leave_the_original_alone(tiny_model):
@@ -128,7 +128,7 @@ def test_nested_interventions_and_an_exception_leave_no_hooks(tiny_model):
     r = _unit(tiny_model.cfg.d_model)
     batch = tokenize_chat(tiny_model.tokenizer, TEXTS)
     with pytest.raises(RuntimeError, match="boom"), interventions.ablate(tiny_model, r), \
-            interventions.add(tiny_model, r, layer=0, alpha=1.0):
+            interventions.actadd(tiny_model, r, layer=0, alpha=1.0):
         assert hooks.count_hooks(tiny_model) == 1 + 2 * tiny_model.cfg.n_layers + 1
         _logits(tiny_model, batch)
         raise RuntimeError("boom")

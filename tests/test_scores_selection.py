@@ -117,3 +117,22 @@ def test_lazy_scan_chooses_what_exhaustive_scoring_chooses(tiny_model):
     assert (lazy.direction.position, lazy.direction.layer) == (want.position, want.layer)
     assert sum(s.scored for s in lazy.scores) <= len(full.scores)
     assert {(s.position, s.layer, s.bypass) for s in lazy.scores} == {(s.position, s.layer, s.bypass) for s in full.scores}
+
+
+@pytest.mark.tiny
+def test_actadd_calibration_takes_the_first_scale_that_induces(tiny_model):
+    from refusal_circuits.interventions import default_alpha
+    from refusal_circuits.selection import calibrate_actadd
+
+    tokens = refusal_tokens_from_strings(tiny_model.tokenizer, ["I"], langs=["en"])
+    cands = extract_candidates(tiny_model, HARMFUL, HARMLESS, lang="en", progress=False)
+    d = cands.direction(-1, 1)
+    out = calibrate_actadd(tiny_model, d, HARMLESS, tokens.ids, scales=(0.5, 1.0, 50.0, 500.0))
+    inducing = [t["fraction"] >= 0.8 for t in out["tried"]]
+    if out["scale"] is None:
+        assert not any(inducing) and out["alpha"] == d.norm
+    else:
+        assert inducing[-1] and not any(inducing[:-1]) and out["alpha"] == pytest.approx(out["scale"] * d.norm)
+    assert default_alpha(d) == d.norm
+    d.meta["actadd"] = out
+    assert default_alpha(d) == out["alpha"]
