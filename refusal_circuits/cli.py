@@ -298,10 +298,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                 "the model refused none of the discovery prompts, so no refusal tokens were found: refusal scores "
                 "are left out (pass --refusal-tokens to score them); refusal rates still come from the judge")
     else:
-        saved = direction.meta["refusal_tokens"]
-        tokens = RefusalTokens({k: tuple(v) for k, v in saved["ids"].items()},
-                               {int(i): s for k in saved["ids"] for i, s in zip(saved["ids"][k], saved["by_lang"][k], strict=True)},
-                               {}, "direction")
+        try:
+            tokens = RefusalTokens.from_json(direction.meta["refusal_tokens"], source="direction")
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"--direction {args.direction}: direction.json has malformed refusal_tokens ({e})") from None
     make = None
     if direction is not None:
         chosen: Direction = direction

@@ -56,6 +56,13 @@ class RefusalTokens:
                              "explicitly (--refusal-tokens on the command line, refusal_tokens_from_strings in Python)")
         return self.ids
 
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], source: str = "saved") -> RefusalTokens:
+        """Inverse of :meth:`to_json` (the counts are not kept)."""
+        ids = {lang: tuple(int(t) for t in v) for lang, v in obj["ids"].items()}
+        strings = {int(t): s for lang in ids for t, s in zip(obj["ids"][lang], obj["by_lang"][lang], strict=True)}
+        return cls(ids, strings, {}, source)
+
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source,
                 "by_lang": {lang: [self.strings.get(t, str(t)) for t in ids] for lang, ids in self.by_lang.items()},

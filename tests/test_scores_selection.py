@@ -136,3 +136,13 @@ def test_actadd_calibration_takes_the_first_scale_that_induces(tiny_model):
     assert default_alpha(d) == d.norm
     d.meta["actadd"] = out
     assert default_alpha(d) == out["alpha"]
+
+
+@pytest.mark.unit
+def test_refusal_tokens_round_trip_through_json():
+    from refusal_circuits.scores import RefusalTokens
+
+    tokens = RefusalTokens({"en": (40, 7), "de": ()}, {40: "I", 7: "("}, {}, "discovered")
+    back = RefusalTokens.from_json(tokens.to_json())
+    assert back.by_lang == tokens.by_lang and back.strings == tokens.strings and back.ids == (40, 7)
+    assert back.for_lang("de") == (40, 7)  # no tokens of its own: every language's
