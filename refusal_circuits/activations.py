@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from refusal_circuits import hooks
 from refusal_circuits.chat import ChatFormat, chat_format
@@ -90,9 +89,7 @@ def mean_resid_pre(
 
     grabs = [(hooks.resid_pre(layer), accumulate(slot)) for slot, layer in enumerate(layer_list)]
     stop_at = hooks.resid_pre(max(layer_list))
-    n_batches = -(-len(instructions) // batch_size)
-    for _, batch in tqdm(batches(model, instructions, batch_size, fmt=fmt), total=n_batches, desc=desc,
-                         disable=not progress, leave=False):
+    for _, batch in batches(model, instructions, batch_size, fmt=fmt, progress=progress, desc=desc):
         run_until(model, batch, stop_at, grabs)
     mean = total / len(instructions)
     if not torch.isfinite(mean).all():

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tqdm.auto import tqdm
 
 from refusal_circuits.chat import ChatFormat
 from refusal_circuits.data import LABELS, PromptSet
@@ -45,9 +44,8 @@ def generate_ids(
     hf = hf_model_of(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = _eos_ids(model)
-    n_batches = -(-len(instructions) // batch_size)
-    for idx, batch in tqdm(batches(model, instructions, batch_size, fmt=fmt, adv_suffix=adv_suffix),
-                           total=n_batches, desc=desc, disable=not progress, leave=False):
+    for idx, batch in batches(model, instructions, batch_size, fmt=fmt, adv_suffix=adv_suffix, progress=progress,
+                              desc=desc):
         ids, mask = batch.input_ids, batch.attention_mask
         if hf is not None:
             gen = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,

@@ -49,14 +49,19 @@ def device_of(model: Any) -> torch.device:
 
 
 def batches(model: Any, instructions: Sequence[str], batch_size: int, *, fmt: ChatFormat | None = None,
-            adv_suffix: str | None = None, names: Sequence[str] | None = None
-            ) -> Iterator[tuple[list[int], ChatBatch]]:
-    """Length-bucketed chat batches on the model's device, with the input indices of each row."""
+            adv_suffix: str | None = None, names: Sequence[str] | None = None, progress: bool = False,
+            desc: str = "") -> Iterator[tuple[list[int], ChatBatch]]:
+    """Length-bucketed chat batches on the model's device, with the input indices of each row.
+
+    With ``progress`` a tqdm bar named ``desc`` counts the batches.
+    """
+    from tqdm.auto import tqdm
+
     tokenizer = model.tokenizer
     fmt = fmt or chat_format(tokenizer)
     lengths = [len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in instructions]
     device = device_of(model)
-    for idx in length_buckets(lengths, batch_size):
+    for idx in tqdm(length_buckets(lengths, batch_size), desc=desc, disable=not progress, leave=False):
         batch = tokenize_chat(tokenizer, [instructions[i] for i in idx], fmt=fmt, adv_suffix=adv_suffix,
                               max_length=context_length(model),
                               names=[names[i] for i in idx] if names is not None else None)

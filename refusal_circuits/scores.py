@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from refusal_circuits.chat import chat_format, tokenize_chat
 from refusal_circuits.data import PromptSet
@@ -159,9 +158,7 @@ def first_token_logits(model: Any, instructions: Sequence[str], *, batch_size: i
                        progress: bool = False, desc: str = "first-token logits") -> Float[Tensor, "n vocab"]:
     """Last-position logits of every chat-formatted instruction, in input order (hooks on the model apply)."""
     out: list[Tensor | None] = [None] * len(instructions)
-    n_batches = -(-len(instructions) // batch_size)
-    for idx, batch in tqdm(batches(model, instructions, batch_size), total=n_batches, desc=desc,
-                           disable=not progress, leave=False):
+    for idx, batch in batches(model, instructions, batch_size, progress=progress, desc=desc):
         logits = last_logits(model, batch).float().cpu()
         for row, i in enumerate(idx):
             out[i] = logits[row]
