@@ -257,7 +257,7 @@ def cmd_directions(args: argparse.Namespace) -> None:
     act = direction.meta["actadd"]
     print(f"{args.lang}: layer {direction.layer}, position {direction.position}, filter {s['filter']}{note}; "
           f"bypass {s['bypass']:.2f} (baseline {s['baseline_harmful']:.2f}), induce {s['induce']:.2f}, "
-          f"kl {s['kl']:.3f}; actadd alpha {act['alpha']:.2f} ({act['scale'] or 1}x norm: {act['fraction']:.0%} of "
+          f"kl {s['kl']:.3f}; actadd alpha {act['alpha']:.2f} ({act['scale']}x norm: {act['fraction']:.0%} of "
           f"harmless val prompts start a refusal)")
     print(f"wrote {out / 'direction.safetensors'} and {out / 'direction.json'}")
 

@@ -268,18 +268,22 @@ def calibrate_actadd(model: Any, direction: Direction, harmless: Sequence[str], 
 
     Arditi et al. add the unnormalised difference in means (``alpha = norm``). On a weakly aligned model that
     falls short: it moves the harmless mean only to the harmful mean, and the harmful prompts themselves are
-    refused only part of the time. We take the first multiple of the norm in ``scales`` under which at least
-    ``target`` of the harmless validation prompts have a positive refusal score (a refusal token is the more
-    likely first token, so greedy decoding starts a refusal). Returns ``{"alpha", "scale", "fraction",
-    "induce", "tried"}``; ``scale`` is None when no multiple reached the target (``alpha`` is then the norm).
+    refused only part of the time. We take the first multiple of the norm in ``scales`` under which greedy
+    decoding starts a refusal (a refusal token is the most likely first token) on at least ``target`` of the
+    harmless validation prompts. Returns ``{"alpha", "scale", "fraction", "induce", "target", "tried"}``; when
+    no multiple reaches the target, the one with the highest fraction is used.
     """
+    refusal = torch.tensor(list(tokens))
     tried = []
     for scale in scales:
         with interventions.actadd(model, direction, alpha=scale * direction.norm):
-            score = refusal_score(first_token_logits(model, harmless, batch_size=batch_size), tokens)
-        entry = {"scale": scale, "induce": float(score.mean()), "fraction": float((score > 0).float().mean())}
+            logits = first_token_logits(model, harmless, batch_size=batch_size)
+        starts = torch.isin(logits.argmax(-1), refusal)
+        entry = {"scale": scale, "induce": float(refusal_score(logits, tokens).mean()),
+                 "fraction": float(starts.float().mean())}
         tried.append(entry)
         if entry["fraction"] >= target:
-            return {"alpha": scale * direction.norm, **entry, "target": target, "tried": tried}
-    return {"alpha": direction.norm, "scale": None, "induce": tried[0]["induce"], "fraction": tried[0]["fraction"],
-            "target": target, "tried": tried}
+            break
+    best = next((t for t in tried if t["fraction"] >= target), None) or max(tried, key=lambda t: t["fraction"])
+    return {"alpha": best["scale"] * direction.norm, **best, "target": target, "reached": best["fraction"] >= target,
+            "tried": tried}

@@ -128,11 +128,16 @@ def test_actadd_calibration_takes_the_first_scale_that_induces(tiny_model):
     cands = extract_candidates(tiny_model, HARMFUL, HARMLESS, lang="en", progress=False)
     d = cands.direction(-1, 1)
     out = calibrate_actadd(tiny_model, d, HARMLESS, tokens.ids, scales=(0.5, 1.0, 50.0, 500.0))
-    inducing = [t["fraction"] >= 0.8 for t in out["tried"]]
-    if out["scale"] is None:
-        assert not any(inducing) and out["alpha"] == d.norm
+    fractions = [t["fraction"] for t in out["tried"]]
+    if out["reached"]:
+        assert fractions[-1] >= 0.8 and all(f < 0.8 for f in fractions[:-1])
     else:
-        assert inducing[-1] and not any(inducing[:-1]) and out["alpha"] == pytest.approx(out["scale"] * d.norm)
+        assert len(fractions) == 4 and out["fraction"] == max(fractions)
+    assert out["alpha"] == pytest.approx(out["scale"] * d.norm)
+    # The fraction is what greedy decoding does: the first token is a refusal token.
+    with interventions.actadd(tiny_model, d, alpha=out["alpha"]):
+        first = first_token_logits(tiny_model, HARMLESS).argmax(-1)
+    assert out["fraction"] == pytest.approx(float(torch.isin(first, torch.tensor(tokens.ids)).float().mean()))
     assert default_alpha(d) == d.norm
     d.meta["actadd"] = out
     assert default_alpha(d) == out["alpha"]
