@@ -1,12 +1,11 @@
 """Forward passes that compute only what a caller needs.
 
-Two tricks keep the library near the cost of one plain forward pass:
+Three tricks keep the library near the cost of one plain forward pass:
 
 * :func:`run_until` stops the forward pass right after a given hook fired (an exception that the hook
   raises and we catch), so collecting ``resid_pre`` never pays for the last layers or the unembedding.
 * :func:`last_logits` unembeds only the last position. The Qwen2.5 unembedding is 151,936 x 896: over a
   41-token prompt it costs about a quarter of the whole forward pass, and selection needs one position.
-
 * :func:`decoder_forward` computes the chat template's prefix (Qwen's default system prompt and user header,
   more than half of a typical 41-token prompt) once per batch and continues every row from its key-value cache.
   Hooks fire on the prefix pass too, so an intervention applies there as well; hooks that *read* activations
@@ -20,7 +19,8 @@ for other models.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from refusal_circuits import hooks
-from refusal_circuits.chat import ChatBatch, ChatFormat, chat_format, tokenize_chat
+from refusal_circuits.chat import ChatBatch, ChatFormat, Span, chat_format, position_ids, tokenize_chat
 from refusal_circuits.models import hf_model_of
 
 
@@ -78,8 +78,6 @@ SHARE_PREFIX = True
 
 def _shared_prefix_length(batch: ChatBatch) -> int:
     """Length of the template prefix every row starts with (0 if the rows do not share one)."""
-    from refusal_circuits.chat import Span
-
     is_prefix = batch.spans == int(Span.PREFIX)
     counts = is_prefix.sum(-1)
     n = int(counts[0])
@@ -91,56 +89,52 @@ def _shared_prefix_length(batch: ChatBatch) -> int:
 
 def decoder_forward(model: Any, batch: ChatBatch, readers: Sequence[tuple[str, hooks.HookFn]] = (),
                     stop_at: str | None = None) -> Tensor | None:
-    """Run the decoder on ``batch``; return the final hidden states of the last ``n`` positions, or None.
+    """Run the decoder on ``batch``; return its output for the positions that ran, or None after ``stop_at``.
 
     ``readers`` are hooks registered only while the batch's own (non-prefix) positions run: they see
     ``[batch, seq', ...]`` with seq' covering at least the instruction and post-instruction tokens, left-padded,
     so ``x[:, -k:]`` is the same slice as in a full forward. With ``stop_at`` the pass ends right after that
     hook fired and None is returned. Interventions registered on the model apply to every position.
 
-    Returns the decoder's last hidden states (after the final norm) for the positions that ran, for a
-    ``TransformerBridge``; for other models the full logits.
+    Returns the decoder's last hidden states (after the final norm) for a ``TransformerBridge``; for other
+    models the full logits.
     """
     hf = hf_model_of(model)
+    run: Callable[[], Tensor]
+    if hf is None or not hasattr(hf, "model"):
+        run = partial(model, batch.input_ids, attention_mask=batch.attention_mask)
+    elif not (SHARE_PREFIX and (n_prefix := _shared_prefix_length(batch))):
+        run = partial(_decoder, hf, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids)
+    else:
+        # The prefix once, with the model's own hooks (interventions) but not the readers; then every row
+        # continues from its cache. Rows stay left-padded: the pads move between the prefix and the rest,
+        # masked out, with positions counted as if they were not there.
+        is_prefix = batch.spans == int(Span.PREFIX)
+        prefix_ids = batch.input_ids[is_prefix].view(len(batch), n_prefix)[:1]
+        cache = hf.model(input_ids=prefix_ids, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(len(batch))
+        own = ~is_prefix & batch.attention_mask.bool()
+        rest_len = int(own.sum(-1).max())
+        rest_mask = own[:, -rest_len:].to(batch.attention_mask.dtype)  # a shorter row's prefix tail is masked too
+        ones = torch.ones(len(batch), n_prefix, dtype=rest_mask.dtype, device=rest_mask.device)
+        run = partial(_decoder, hf, input_ids=batch.input_ids[:, -rest_len:],
+                      attention_mask=torch.cat([ones, rest_mask], 1),
+                      position_ids=(n_prefix + rest_mask.long().cumsum(-1) - 1).clamp(min=n_prefix),
+                      past_key_values=cache)
 
     def stop(_x: Tensor, _name: str) -> None:
         raise _StopForward
 
-    tail = [(stop_at, stop)] if stop_at else []
-    if hf is None or not hasattr(hf, "model"):
-        with hooks.add_hooks(model, [*readers, *tail]):
-            try:
-                return model(batch.input_ids, attention_mask=batch.attention_mask)
-            except _StopForward:
-                return None
-    n_prefix = _shared_prefix_length(batch) if SHARE_PREFIX else 0
-    if n_prefix == 0:
-        with hooks.add_hooks(model, [*readers, *tail]):
-            try:
-                return hf.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                position_ids=batch.position_ids, use_cache=False).last_hidden_state
-            except _StopForward:
-                return None
-    from refusal_circuits.chat import Span
-
-    # The prefix once, then every row's remaining tokens on top of its cache. Rows stay left-padded: the pads
-    # move between the prefix and the rest, masked out, with positions counted as if they were not there.
-    is_prefix = batch.spans == int(Span.PREFIX)
-    prefix_ids = batch.input_ids[is_prefix].view(len(batch), n_prefix)[:1]
-    cache = hf.model(input_ids=prefix_ids, use_cache=True).past_key_values
-    cache.batch_repeat_interleave(len(batch))
-    own = ~is_prefix & batch.attention_mask.bool()
-    rest_len = int(own.sum(-1).max())
-    rest_ids = batch.input_ids[:, -rest_len:]
-    rest_mask = own[:, -rest_len:].to(batch.attention_mask.dtype)  # a shorter row's prefix tail is masked too
-    mask = torch.cat([torch.ones(len(batch), n_prefix, dtype=rest_mask.dtype, device=rest_mask.device), rest_mask], 1)
-    pos = (n_prefix + rest_mask.long().cumsum(-1) - 1).clamp(min=n_prefix)
-    with hooks.add_hooks(model, [*readers, *tail]):
+    with hooks.add_hooks(model, [*readers, *([(stop_at, stop)] if stop_at else [])]):
         try:
-            return hf.model(input_ids=rest_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                            use_cache=False).last_hidden_state
+            return run()
         except _StopForward:
             return None
+
+
+def _decoder(hf: Any, **inputs: Any) -> Tensor:
+    return hf.model(**inputs, use_cache=False).last_hidden_state
 
 
 def run_until(model: Any, batch: ChatBatch, stop_at: str, readers: Sequence[tuple[str, hooks.HookFn]] = ()) -> None:
@@ -171,8 +165,6 @@ def token_logprobs(model: Any, input_ids: Int[Tensor, "batch seq"], attention_ma
     """Log-probabilities at every position (hooks apply), with left-padding-aware positions."""
     hf = hf_model_of(model)
     if hf is not None:
-        from refusal_circuits.chat import position_ids
-
         logits = hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                     use_cache=False).logits
     else:

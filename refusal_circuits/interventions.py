@@ -138,7 +138,7 @@ def _expected_keys(config: Any) -> set[str]:
     return set(fresh.state_dict())
 
 
-def _writer_parameters(model: Any) -> dict[str, str]:
+def _writer_parameters(model: Any, expected: set[str]) -> dict[str, str]:
     """Clean parameter names of everything that writes into the residual stream, with what they are.
 
     Found through the bridge's own component mapping (``embed``, ``blocks[l].attn.o``, ``blocks[l].mlp.out``),
@@ -147,7 +147,6 @@ def _writer_parameters(model: Any) -> dict[str, str]:
     hf = hf_model_of(model)
     if hf is None:
         raise InputError("orthogonalize needs a TransformerBridge (it edits the Hugging Face weights)")
-    expected = _expected_keys(hf.config)
     names: dict[int, str] = {}
     for n, p in hf.named_parameters(remove_duplicate=False):
         clean = n.replace(_WRAPPER, "")
@@ -178,7 +177,7 @@ def orthogonalized_state_dict(model: Any, direction: Direction | Tensor) -> tupl
     """
     unit = _unit(direction, model).to(torch.float64)
     state = clean_state_dict(model)
-    writers = _writer_parameters(model)
+    writers = _writer_parameters(model, set(state))  # the clean keys are exactly the architecture's own
     tied = bool(getattr((hf_model_of(model) or model).config, "tie_word_embeddings", False))
     out = dict(state)
     for name, kind in writers.items():
