@@ -38,6 +38,14 @@ _EXPORTS = {
     "actadd": "refusal_circuits.interventions",
     "orthogonalize": "refusal_circuits.interventions",
     "export_hf": "refusal_circuits.interventions",
+    "refusal_tokens_from_strings": "refusal_circuits.scores",
+    "attribute": "refusal_circuits.attribution",
+    "Attribution": "refusal_circuits.attribution",
+    "load_attribution": "refusal_circuits.attribution",
+    "source_matrix": "refusal_circuits.attribution",
+    "top_k_heads": "refusal_circuits.attribution",
+    "ablate_heads": "refusal_circuits.patching",
+    "total_effects": "refusal_circuits.patching",
     "InputError": "refusal_circuits.errors",
 }
 

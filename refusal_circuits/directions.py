@@ -198,6 +198,8 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
     from safetensors.torch import load_file
 
     p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or directory (a direction is a directory written by `directions`)")
     folder = p if p.is_dir() else p.parent
     st_path, json_path = folder / "direction.safetensors", folder / "direction.json"
     for f in (st_path, json_path):

@@ -88,13 +88,14 @@ def _shared_prefix_length(batch: ChatBatch) -> int:
 
 
 def decoder_forward(model: Any, batch: ChatBatch, readers: Sequence[tuple[str, hooks.HookFn]] = (),
-                    stop_at: str | None = None) -> Tensor | None:
+                    stop_at: str | None = None, *, share_prefix: bool = True) -> Tensor | None:
     """Run the decoder on ``batch``; return its output for the positions that ran, or None after ``stop_at``.
 
     ``readers`` are hooks registered only while the batch's own (non-prefix) positions run: they see
     ``[batch, seq', ...]`` with seq' covering at least the instruction and post-instruction tokens, left-padded,
     so ``x[:, -k:]`` is the same slice as in a full forward. With ``stop_at`` the pass ends right after that
-    hook fired and None is returned. Interventions registered on the model apply to every position.
+    hook fired and None is returned. Interventions registered on the model apply to every position. With
+    ``share_prefix=False`` the whole batch runs in one pass and readers see every position.
 
     Returns the decoder's last hidden states (after the final norm) for a ``TransformerBridge``; for other
     models the full logits.
@@ -103,7 +104,7 @@ def decoder_forward(model: Any, batch: ChatBatch, readers: Sequence[tuple[str, h
     run: Callable[[], Tensor]
     if hf is None or not hasattr(hf, "model"):
         run = partial(model, batch.input_ids, attention_mask=batch.attention_mask)
-    elif not (SHARE_PREFIX and (n_prefix := _shared_prefix_length(batch))):
+    elif not (SHARE_PREFIX and share_prefix and (n_prefix := _shared_prefix_length(batch))):
         run = partial(_decoder, hf, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                       position_ids=batch.position_ids)
     else:
@@ -146,14 +147,16 @@ def run_until(model: Any, batch: ChatBatch, stop_at: str, readers: Sequence[tupl
     decoder_forward(model, batch, readers, stop_at=stop_at)
 
 
-def last_logits(model: Any, batch: ChatBatch) -> Float[Tensor, "batch vocab"]:
+def last_logits(model: Any, batch: ChatBatch, readers: Sequence[tuple[str, hooks.HookFn]] = ()
+                ) -> Float[Tensor, "batch vocab"]:
     """Logits at the last position of every row (the first generated token's distribution).
 
-    Hooks registered on the model apply. For a ``TransformerBridge`` this runs the Hugging Face decoder (with the
+    Hooks registered on the model apply; ``readers`` run on the batch's own positions only (see
+    :func:`decoder_forward`), which is where a hook that patches the post-instruction tokens belongs. For a ``TransformerBridge`` this runs the Hugging Face decoder (with the
     shared prefix computed once) and unembeds the last position only; other models run a full forward.
     """
     hf = hf_model_of(model)
-    out = decoder_forward(model, batch)
+    out = decoder_forward(model, batch, readers)
     assert out is not None
     if hf is not None and hasattr(hf, "lm_head"):
         return hf.lm_head(out[:, -1])

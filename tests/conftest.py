@@ -32,3 +32,26 @@ def packaged_model():
     from refusal_circuits.models import DEFAULT_MODEL, load_model
 
     return load_model(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def packaged_selection(packaged_model):
+    """The English refusal direction of the packaged 0.5B, selected as in the README but on a reduced grid.
+
+    The grid is cut to the last two template tokens and the middle layers to keep CI fast; the method is the full
+    one (Arditi filter, PolyRefuse fallback, calibrated activation addition). Shared by every packaged test.
+    """
+    from refusal_circuits.data import load_bundled
+    from refusal_circuits.directions import extract_candidates
+    from refusal_circuits.scores import discover_refusal_tokens
+    from refusal_circuits.selection import ARDITI, POLYREFUSE, select_direction
+
+    english = load_bundled(["en"])
+    train, val = english.filter(split="train"), english.filter(split="val")
+    tokens = discover_refusal_tokens(packaged_model, train.head(16), max_new_tokens=8, progress=False)
+    assert tokens.strings[tokens.for_lang("en")[0]] == "I"  # "I'm sorry, but I can't ..."
+    cands = extract_candidates(packaged_model, train.filter(label="harmful").instructions[:64],
+                               train.filter(label="harmless").instructions[:64], lang="en", progress=False)
+    return select_direction(packaged_model, cands, val.filter(label="harmful").instructions[:16],
+                            val.filter(label="harmless").instructions[:16], tokens, config=ARDITI,
+                            fallback=POLYREFUSE, positions=[-1, -2], layers=range(8, 20), progress=False)

@@ -48,3 +48,25 @@ def tiny_qwen_dir(path: Path, seed: int = 0, n_layers: int = 2) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_llama_dir(path: Path, seed: int = 0) -> Path:
+    """A tiny random Llama with biases on every attention and MLP projection (o_proj included), so the output
+    bias of attention is a residual-stream writer outside the heads; Qwen's chat template."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = qwen_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

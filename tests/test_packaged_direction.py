@@ -10,10 +10,7 @@ import pytest
 
 from refusal_circuits import hooks, interventions
 from refusal_circuits.data import load_bundled
-from refusal_circuits.directions import extract_candidates
 from refusal_circuits.evaluation import evaluate_refusal, generate
-from refusal_circuits.scores import discover_refusal_tokens
-from refusal_circuits.selection import ARDITI, POLYREFUSE, select_direction
 
 pytestmark = pytest.mark.packaged
 
@@ -24,17 +21,8 @@ def english():
 
 
 @pytest.fixture(scope="module")
-def selection(packaged_model, english):
-    train, val = english.filter(split="train"), english.filter(split="val")
-    tokens = discover_refusal_tokens(packaged_model, train.head(16), max_new_tokens=8, progress=False)
-    assert tokens.strings[tokens.for_lang("en")[0]] == "I"  # "I'm sorry, but I can't ..."
-    cands = extract_candidates(packaged_model, train.filter(label="harmful").instructions[:64],
-                               train.filter(label="harmless").instructions[:64], lang="en", progress=False)
-    # The grid is cut to the last two template tokens and the middle layers to keep CI fast; the method is
-    # the full one (Arditi filter, PolyRefuse fallback, calibrated activation addition).
-    return select_direction(packaged_model, cands, val.filter(label="harmful").instructions[:16],
-                            val.filter(label="harmless").instructions[:16], tokens, config=ARDITI,
-                            fallback=POLYREFUSE, positions=[-1, -2], layers=range(8, 20), progress=False)
+def selection(packaged_selection):
+    return packaged_selection
 
 
 def test_selection_finds_a_direction_that_bypasses_refusal(selection):

@@ -1,0 +1,1025 @@
+"""Which components write the refusal direction, at which positions, from which source tokens.
+
+The residual stream is a sum of writes: ``resid_pre[l] = embed + sum_{l' < l} (attn_out[l'] + mlp_out[l'])`` and
+``attn_out[l] = sum_h z_h W_O[h] + b_O``. Projecting every write on r̂ gives each component's *direct
+attribution* at every position, and the projections add up exactly to ``resid_pre[l] . r̂``
+(:meth:`Attribution.completeness_error` checks it). Everything is computed in the raw Hugging Face coordinates r̂
+was extracted in, so Qwen2's value biases stay inside their heads (``z`` already contains them) and a head's
+score is exactly ``z_h . (W_O[h] r̂)``: a ``[d_head]`` dot product, never a per-head ``d_model`` output.
+
+Through attention, head ``h``'s write at destination ``p`` splits over source positions ``s`` as
+``A[p, s] (v_s . W_O[h] r̂)``: what each source token feeds into r̂ through that head. We keep it for the
+post-instruction destinations, summed by source span (template prefix, instruction, adversarial suffix,
+post-instruction), together with the attention mass per span (Arditi et al., section 5).
+:func:`source_matrix` returns the full ``[dest, src]`` matrix of chosen heads on one prompt.
+
+Direct logit attribution (DLA) projects the same writes at the last position on ``W_U[refusal] - W_U[compliance]``
+(mean unembedding of each token set) through the final norm with its scale frozen from the clean run, as
+TransformerLens does; the parts add up to the model's actual logit difference (checked on every batch).
+
+Everything here is one forward pass per batch with a handful of hooks that reduce on the spot; nothing of
+shape ``[batch, pos, head, d_model]`` is ever built.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from refusal_circuits import hooks
+from refusal_circuits.chat import SPAN_NAMES, ChatBatch, ChatFormat, Span, chat_format
+from refusal_circuits.data import PromptSet
+from refusal_circuits.directions import Direction, check_compatible
+from refusal_circuits.errors import InputError
+from refusal_circuits.forward import batches, decoder_forward, device_of
+from refusal_circuits.models import hf_model_of, model_id
+from refusal_circuits.scores import RefusalTokens
+
+log = logging.getLogger(__name__)
+
+N_SPANS = len(Span)
+#: The file names :meth:`Attribution.save` writes.
+TENSORS_FILE = "attributions.safetensors"
+TOKENS_FILE = "attributions.json"
+SUMMARY_FILE = "summary.json"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model geometry: where heads write, and how the final norm maps the residual stream to logits.
+
+
+@dataclass(frozen=True)
+class HeadGeometry:
+    """The attention output projections of every layer, as the heads see them.
+
+    Attributes:
+        w_o: per layer ``[d_model, n_heads * d_head]`` (the ``o_proj`` weight; head ``h`` owns columns
+            ``h * d_head : (h + 1) * d_head``).
+        b_o: per layer the output bias ``[d_model]`` or None (Qwen2, Llama: None).
+        n_heads / n_kv_heads / d_head: query heads, key-value heads (grouped-query attention), head width.
+    """
+
+    w_o: list[Tensor]
+    b_o: list[Tensor | None]
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.w_o)
+
+    @property
+    def has_bias(self) -> bool:
+        return any(b is not None for b in self.b_o)
+
+    def kv_of_head(self) -> Tensor:
+        """Index of the key-value head each query head reads (Hugging Face ``repeat_kv`` order)."""
+        return torch.arange(self.n_heads) // (self.n_heads // self.n_kv_heads)
+
+    def head_readout(self, layer: int, vectors: Float[Tensor, "k d_model"]) -> Float[Tensor, "k head d_head"]:
+        """``W_O[h]^T v`` for every head and vector, float64: dot it with ``z_h`` to get ``z_h W_O[h] . v``."""
+        w = self.w_o[layer].to(torch.float64)
+        return (vectors.to(torch.float64, copy=False).to(w.device) @ w).view(-1, self.n_heads, self.d_head)
+
+
+def head_geometry(model: Any) -> HeadGeometry:
+    """Read the attention output projections of a ``TransformerBridge`` in raw (non-compatibility) mode."""
+    if getattr(model, "compatibility_mode", False):
+        raise InputError("attribution needs the bridge in raw mode: compatibility mode moves value biases out of "
+                         "the heads and rewrites the weights r̂ was extracted against; load with rc.load_model()")
+    cfg = model.cfg
+    n_heads, d_head, d_model = int(cfg.n_heads), int(cfg.d_head), int(cfg.d_model)
+    n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
+    w_o: list[Tensor] = []
+    b_o: list[Tensor | None] = []
+    for layer in range(int(cfg.n_layers)):
+        o = model.blocks[layer].attn.o
+        mod = getattr(o, "original_component", o)
+        w = mod.weight.detach()
+        if type(mod).__name__ == "Conv1D":  # GPT-2 stores [in, out]
+            w = w.T
+        if tuple(w.shape) != (d_model, n_heads * d_head):
+            raise InputError(f"layer {layer}'s attention output projection has shape {tuple(w.shape)}; expected "
+                             f"({d_model}, {n_heads * d_head}) for {n_heads} heads of width {d_head}")
+        w_o.append(w)
+        bias = getattr(mod, "bias", None)
+        b_o.append(None if bias is None else bias.detach())
+    return HeadGeometry(w_o, b_o, n_heads, n_kv, d_head)
+
+
+@dataclass(frozen=True)
+class FinalNorm:
+    """The final norm with its scale frozen: ``logits . u = (x . v) / scale(x) + const``."""
+
+    weight: Tensor
+    bias: Tensor | None
+    eps: float
+    centered: bool  # LayerNorm subtracts the mean; RMSNorm does not
+
+    def scale(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
+        x = x.to(torch.float64)
+        if self.centered:
+            x = x - x.mean(-1, keepdim=True)
+        return (x.pow(2).mean(-1) + self.eps).sqrt()
+
+    def readout(self, u: Float[Tensor, "k d_model"]) -> tuple[Float[Tensor, "k d_model"], Float[Tensor, " k"]]:
+        """The residual-stream vector ``v`` and constant that a logit-space direction ``u`` becomes."""
+        u = u.to(torch.float64)
+        v = u * self.weight.to(torch.float64)
+        if self.centered:
+            v = v - v.mean(-1, keepdim=True)
+        const = u @ self.bias.to(torch.float64) if self.bias is not None else torch.zeros(len(u), dtype=torch.float64)
+        return v, const
+
+
+def final_norm(model: Any) -> FinalNorm:
+    cfg = model.cfg
+    mod = getattr(model.ln_final, "original_component", model.ln_final)
+    weight = mod.weight.detach()
+    if getattr(cfg, "rmsnorm_uses_offset", False):
+        weight = weight + 1.0
+    kind = str(getattr(cfg, "normalization_type", "RMS") or "RMS")
+    eps = float(getattr(mod, "variance_epsilon", getattr(mod, "eps", cfg.eps)))
+    bias = getattr(mod, "bias", None)
+    return FinalNorm(weight, None if bias is None else bias.detach(), eps, centered=kind.startswith("LN"))
+
+
+def _unembedding(model: Any) -> tuple[Tensor, Tensor | None]:
+    hf = hf_model_of(model)
+    head = hf.get_output_embeddings() if hf is not None else None
+    if head is None:
+        raise InputError("direct logit attribution needs a model with an output embedding (lm_head)")
+    return head.weight.detach(), (None if head.bias is None else head.bias.detach())
+
+
+def _unit_vector(direction: Direction | Tensor, model: Any) -> Tensor:
+    vec = direction.vector if isinstance(direction, Direction) else direction
+    if vec.ndim != 1 or vec.shape[0] != int(model.cfg.d_model):
+        raise InputError(f"the direction has shape {tuple(vec.shape)}; the model needs ({int(model.cfg.d_model)},)")
+    vec = vec.detach().to(torch.float64)
+    norm = vec.norm()
+    if not torch.isfinite(norm) or float(norm) == 0:
+        raise InputError("the direction is zero or not finite")
+    return vec / norm
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Logit-difference targets for DLA.
+
+
+@dataclass(frozen=True)
+class LogitTargets:
+    """Per language: the refusal tokens and the compliance tokens whose mean logit difference DLA explains."""
+
+    refusal: dict[str, tuple[int, ...]]
+    compliance: dict[str, tuple[int, ...]]
+    strings: dict[int, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"refusal": {k: [self.strings.get(t, str(t)) for t in v] for k, v in self.refusal.items()},
+                "compliance": {k: [self.strings.get(t, str(t)) for t in v] for k, v in self.compliance.items()},
+                "refusal_ids": {k: list(v) for k, v in self.refusal.items()},
+                "compliance_ids": {k: list(v) for k, v in self.compliance.items()}}
+
+
+@torch.inference_mode()
+def discover_compliance_tokens(model: Any, instructions: Sequence[str], refusal_ids: Sequence[int], *,
+                               k: int = 5, min_count: int = 2, batch_size: int = 32) -> tuple[int, ...]:
+    """The ``k`` most frequent greedy first tokens on (harmless) ``instructions`` that are not refusal tokens.
+
+    A token must begin at least ``min_count`` answers (fewer prompts: at least one). This is the "compliance"
+    side of the logit difference DLA explains; pass your own tokens where you know better.
+    """
+    from refusal_circuits.scores import first_token_logits
+
+    if not instructions:
+        raise InputError("no prompts to discover compliance tokens from")
+    top = first_token_logits(model, instructions, batch_size=batch_size).argmax(-1).tolist()
+    refusal = set(int(t) for t in refusal_ids)
+    counts: dict[int, int] = {}
+    for t in top:
+        if t not in refusal:
+            counts[t] = counts.get(t, 0) + 1
+    need = min(min_count, max(1, len(instructions) // 8))
+    ranked = [t for t, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= need][:k]
+    if not ranked:
+        raise InputError("every greedy first token was a refusal token: no compliance tokens to contrast with; "
+                         "pass compliance_tokens explicitly")
+    return tuple(ranked)
+
+
+def _logit_targets(model: Any, prompts: PromptSet, saved: dict[str, Any] | None, refusal_tokens: RefusalTokens | None,
+                   compliance: dict[str, Sequence[int]] | Sequence[int] | None, batch_size: int) -> LogitTargets | None:
+    tok = model.tokenizer
+    if refusal_tokens is None:
+        if not saved:
+            log.warning("no refusal tokens given or saved with the direction: skipping direct logit attribution")
+            return None
+        refusal_tokens = RefusalTokens.from_json(saved)
+    refusal = {lang: tuple(refusal_tokens.for_lang(lang)) for lang in prompts.langs}
+    comp: dict[str, tuple[int, ...]] = {}
+    harmless_all = prompts.filter(label="harmless")
+    for lang in prompts.langs:
+        if isinstance(compliance, dict):
+            if lang not in compliance:
+                raise InputError(f"compliance tokens given for {sorted(compliance)} but not for language {lang!r}")
+            comp[lang] = tuple(int(t) for t in compliance[lang])
+        elif compliance is not None:
+            comp[lang] = tuple(int(t) for t in compliance)
+        else:
+            pool = harmless_all.filter(lang=lang) or harmless_all
+            if not len(pool):
+                log.warning("no harmless prompts to discover compliance tokens from: skipping direct logit "
+                            "attribution (pass compliance_tokens)")
+                return None
+            comp[lang] = discover_compliance_tokens(model, pool.instructions, refusal[lang], batch_size=batch_size)
+        overlap = set(comp[lang]) & set(refusal[lang])
+        if overlap:
+            raise InputError(f"tokens {sorted(overlap)} are both refusal and compliance tokens for {lang!r}")
+    ids = {t for d in (refusal, comp) for v in d.values() for t in v}
+    return LogitTargets(refusal, comp, {t: tok.decode([t]) for t in ids})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The record.
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Direct attribution onto r̂ of every component at every position, for a set of prompts.
+
+    Prompts are left-padded to a common length ``S``: position ``S - 1`` is every prompt's last token, and the
+    last ``n_post`` positions are the post-instruction tokens. All score tensors are float32 and zero on padding.
+
+    Attributes:
+        embed: ``[prompt, pos]`` the token (and positional) embedding's projection.
+        heads: ``[prompt, layer, head, pos]`` ``z_h . (W_O[h] r̂)``.
+        mlps: ``[prompt, layer, pos]``.
+        attn_bias: ``[prompt, layer, pos]`` the attention output bias ``b_O . r̂`` where the model has one, else None.
+        resid: ``[prompt, layer + 1, pos]`` ``resid_pre[l] . r̂`` for every layer, then the final residual stream
+            (before the final norm).
+        mask: ``[prompt, pos]`` 1 on real tokens.
+        spans: ``[prompt, pos]`` :class:`~refusal_circuits.chat.Span` code of every position.
+        sources: ``[prompt, layer, head, n_post, span]`` each head's write at each post-instruction position,
+            summed over the source positions of each span (sums over spans to ``heads[..., -n_post:]``).
+        attn_mass: ``[prompt, layer, head, n_post, span]`` attention probability from each post-instruction
+            position to each span (sums to 1 over spans).
+        dla: per-component direct logit attribution at the last position, or None (see :class:`LogitAttribution`).
+        ids / langs / labels: per prompt; tokens: per prompt, the real tokens' strings.
+    """
+
+    embed: Float[Tensor, "prompt pos"]
+    heads: Float[Tensor, "prompt layer head pos"]
+    mlps: Float[Tensor, "prompt layer pos"]
+    attn_bias: Float[Tensor, "prompt layer pos"] | None
+    resid: Float[Tensor, "prompt layer_plus_1 pos"]
+    mask: Int[Tensor, "prompt pos"]
+    spans: Int[Tensor, "prompt pos"]
+    sources: Float[Tensor, "prompt layer head post span"]
+    attn_mass: Float[Tensor, "prompt layer head post span"]
+    dla: LogitAttribution | None
+    ids: list[str]
+    langs: list[str]
+    labels: list[str]
+    tokens: list[list[str]]
+    model: str
+    direction: dict[str, Any]
+    adv_suffix: str | None = None
+
+    # -- shape ---------------------------------------------------------------------------------------------------
+    @property
+    def n_prompts(self) -> int:
+        return int(self.heads.shape[0])
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.heads.shape[1])
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.heads.shape[2])
+
+    @property
+    def n_post(self) -> int:
+        return int(self.sources.shape[3])
+
+    # -- checks --------------------------------------------------------------------------------------------------
+    def reconstructed(self) -> Float[Tensor, "prompt layer_plus_1 pos"]:
+        """``resid`` rebuilt from the components: embed, then cumulative head, bias and MLP writes."""
+        per_layer = self.heads.double().sum(2) + self.mlps.double()
+        if self.attn_bias is not None:
+            per_layer = per_layer + self.attn_bias.double()
+        cum = torch.cumsum(per_layer, dim=1)
+        out = torch.cat([torch.zeros_like(cum[:, :1]), cum], 1) + self.embed.double()[:, None]
+        return out * self.mask[:, None]
+
+    def completeness_error(self) -> float:
+        """Largest ``|resid - reconstructed|`` over prompts, layers and real positions (float noise only)."""
+        return float((self.resid.double() - self.reconstructed()).abs().max())
+
+    # -- selection -----------------------------------------------------------------------------------------------
+    def select(self, *, lang: str | Sequence[str] | None = None, label: str | None = None) -> Attribution:
+        """The prompts of ``lang`` (one or several) and/or ``label``."""
+        langs = {lang} if isinstance(lang, str) else (set(lang) if lang is not None else None)
+        keep = [i for i in range(self.n_prompts)
+                if (langs is None or self.langs[i] in langs) and (label is None or self.labels[i] == label)]
+        if not keep:
+            raise InputError(f"no prompts with lang={lang!r}, label={label!r}; have languages "
+                             f"{sorted(set(self.langs))} and labels {sorted(set(self.labels))}")
+        return self.subset(keep)
+
+    def subset(self, index: Sequence[int]) -> Attribution:
+        idx = torch.tensor(list(index), dtype=torch.long)
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[idx]
+
+        return replace(
+            self, embed=self.embed[idx], heads=self.heads[idx], mlps=self.mlps[idx], attn_bias=pick(self.attn_bias),
+            resid=self.resid[idx], mask=self.mask[idx], spans=self.spans[idx], sources=self.sources[idx],
+            attn_mass=self.attn_mass[idx], dla=None if self.dla is None else self.dla.subset(idx),
+            ids=[self.ids[i] for i in index], langs=[self.langs[i] for i in index],
+            labels=[self.labels[i] for i in index], tokens=[self.tokens[i] for i in index])
+
+    def position_weights(self, positions: str | int | Span = "post") -> Float[Tensor, "prompt pos"]:
+        """Weights over positions that turn per-position scores into one number per prompt.
+
+        ``"post"``: mean over the post-instruction tokens; ``"direction"``: the position r̂ was read at;
+        ``"last"``: the last token; an ``int``: that negative index (counted from the end, like r̂'s position);
+        a :class:`Span` or span name: mean over that span's positions.
+        """
+        n, s = self.mask.shape
+        w = torch.zeros(n, s)
+        if positions == "post":
+            w[:, -self.n_post:] = 1.0 / self.n_post
+        elif positions == "last":
+            w[:, -1] = 1.0
+        elif positions == "direction" or isinstance(positions, int) and not isinstance(positions, Span):
+            p = int(self.direction["position"]) if positions == "direction" else int(positions)
+            if not -s <= p < 0:
+                raise InputError(f"position {p} out of range: use a negative index within the last {s} tokens")
+            w[:, p] = 1.0
+        else:
+            span = positions if isinstance(positions, Span) else _span_named(str(positions))
+            sel = (self.spans == int(span)).float()
+            w = sel / sel.sum(-1, keepdim=True).clamp(min=1)
+        return w
+
+    def head_scores(self, positions: str | int | Span = "post") -> Float[Tensor, "prompt layer head"]:
+        """Each head's direct write onto r̂ per prompt, reduced over positions (see :meth:`position_weights`)."""
+        return torch.einsum("plhs,ps->plh", self.heads, self.position_weights(positions))
+
+    def mlp_scores(self, positions: str | int | Span = "post") -> Float[Tensor, "prompt layer"]:
+        return torch.einsum("pls,ps->pl", self.mlps, self.position_weights(positions))
+
+    def source_spans(self) -> Float[Tensor, "prompt layer head span"]:
+        """Each head's write over the post-instruction positions (mean), split by the span it reads from."""
+        return self.sources.mean(3)
+
+    def top_heads(self, k: int = 10, *, positions: str | int | Span = "post", by_abs: bool = True) -> HeadTable:
+        """The ``k`` heads with the largest mean score, per (language, label), with spread and source spans."""
+        scores = self.head_scores(positions)
+        src = self.source_spans()
+        rows: list[dict[str, Any]] = []
+        for lang in dict.fromkeys(self.langs):
+            for label in dict.fromkeys(self.labels):
+                idx = [i for i in range(self.n_prompts) if self.langs[i] == lang and self.labels[i] == label]
+                if not idx:
+                    continue
+                s = scores[idx]
+                mean, std = s.mean(0), (s.std(0) if len(idx) > 1 else torch.zeros_like(s[0]))
+                key = mean.abs() if by_abs else mean
+                flat = torch.argsort(key.flatten(), descending=True)[:k]
+                span_mean = src[idx].mean(0)  # [layer, head, span]
+                for rank, f in enumerate(flat.tolist()):
+                    layer, head = divmod(f, self.n_heads)
+                    rows.append({"lang": lang, "label": label, "rank": rank + 1, "layer": layer, "head": head,
+                                 "mean": float(mean[layer, head]), "std": float(std[layer, head]), "n": len(idx),
+                                 "from": {SPAN_NAMES[j]: float(span_mean[layer, head, j]) for j in range(1, N_SPANS)
+                                          if float(span_mean[layer, head, j]) != 0.0}})
+        return HeadTable(rows, str(positions), self.model)
+
+    # -- display and files ---------------------------------------------------------------------------------------
+    def summary(self, k: int = 10) -> dict[str, Any]:
+        """What ``summary.json`` holds: provenance, completeness, the top heads per (language, label), DLA totals."""
+        counts: dict[str, dict[str, int]] = {}
+        for lang, label in zip(self.langs, self.labels, strict=True):
+            counts.setdefault(lang, {}).setdefault(label, 0)
+            counts[lang][label] += 1
+        out: dict[str, Any] = {
+            "model": self.model, "direction": self.direction, "n_prompts": self.n_prompts, "counts": counts,
+            "n_layers": self.n_layers, "n_heads": self.n_heads, "n_post": self.n_post, "adv_suffix": self.adv_suffix,
+            "completeness_max_abs_error": self.completeness_error(),
+            "bias_folding": ("the attention output bias b_O . r̂ of layer l is added into mlps[:, l] in the file "
+                             "(also saved alone as attn_bias)" if self.attn_bias is not None else
+                             "no component bias writes into the residual stream outside heads and MLPs; value "
+                             "biases are inside each head's z (raw coordinates)"),
+            "positions": "left-padded; the last n_post positions are the post-instruction tokens",
+            "top_heads": self.top_heads(k).rows,
+        }
+        if self.dla is not None:
+            out["dla"] = self.dla.summary(self.langs, self.labels, k)
+        return out
+
+    def save(self, out_dir: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
+        """Write ``attributions.safetensors``, ``attributions.json`` (tokens, spans) and ``summary.json``, atomically.
+
+        In the file, ``mlps`` includes the attention output bias of its layer when the model has one (stated in
+        the summary), so ``resid[:, l] = embed + sum_{l' < l} (heads.sum(head) + mlps)`` holds on the file alone.
+        """
+        from safetensors.torch import save_file
+
+        from refusal_circuits.io import atomic_path, write_json
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        mlps = self.mlps if self.attn_bias is None else self.mlps + self.attn_bias
+        tensors: dict[str, Tensor] = {
+            "embed": self.embed, "heads": self.heads, "mlps": mlps, "resid": self.resid, "mask": self.mask,
+            "spans": self.spans, "sources": self.sources, "attn_mass": self.attn_mass}
+        if self.attn_bias is not None:
+            tensors["attn_bias"] = self.attn_bias
+        if self.dla is not None:
+            tensors.update(self.dla.tensors())
+        with atomic_path(out / TENSORS_FILE) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        s = self.mask.shape[1]
+        padded_tokens = [[""] * (s - len(t)) + t for t in self.tokens]
+        write_json(out / TOKENS_FILE, {
+            "model": self.model, "ids": self.ids, "langs": self.langs, "labels": self.labels,
+            "span_names": list(SPAN_NAMES), "tokens": padded_tokens,
+            "spans": [[SPAN_NAMES[c] for c in row] for row in self.spans.tolist()],
+            "adv_suffix": self.adv_suffix, "direction": self.direction,
+            "dla_targets": None if self.dla is None else self.dla.targets.to_json(),
+            "has_attn_bias": self.attn_bias is not None, **(extra or {})})
+        write_json(out / SUMMARY_FILE, self.summary())
+        return out
+
+    def _repr_html_(self) -> str:
+        langs = ", ".join(f"{html.escape(k)}" for k in dict.fromkeys(self.langs))
+        head = (f"<b>Attribution onto r̂</b> · {html.escape(self.model)} · direction {html.escape(str(self.direction.get('lang')))} "
+                f"layer {self.direction.get('layer')}, position {self.direction.get('position')} · "
+                f"{self.n_prompts} prompts ({langs}) · completeness error {self.completeness_error():.2e}")
+        return head + self.top_heads(5)._repr_html_()
+
+    def __repr__(self) -> str:
+        return (f"Attribution(model={self.model!r}, prompts={self.n_prompts}, layers={self.n_layers}, "
+                f"heads={self.n_heads}, positions={self.mask.shape[1]}, dla={self.dla is not None})")
+
+
+def concat_attributions(parts: Sequence[Attribution]) -> Attribution:
+    """One record from several (e.g. one per language), re-padded on the left to a common length."""
+    if not parts:
+        raise InputError("nothing to concatenate")
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.n_layers, p.n_heads, p.n_post) != (first.n_layers, first.n_heads, first.n_post) or p.model != first.model:
+            raise InputError("attributions from different models or shapes cannot be concatenated")
+        if p.direction != first.direction:
+            raise InputError("attributions onto different directions cannot be concatenated")
+        if (p.attn_bias is None) != (first.attn_bias is None) or (p.dla is None) != (first.dla is None):
+            raise InputError("attributions with and without bias or DLA parts cannot be concatenated")
+    s = max(int(p.mask.shape[1]) for p in parts)
+
+    def pad(t: Tensor) -> Tensor:
+        extra = s - int(t.shape[-1])
+        return torch.nn.functional.pad(t, (extra, 0)) if extra else t
+
+    def cat(get: Any) -> Tensor:
+        return torch.cat([get(p) for p in parts])
+
+    dla = None
+    if first.dla is not None:
+        ds = [p.dla for p in parts if p.dla is not None]
+        refusal = {k: v for d in ds for k, v in d.targets.refusal.items()}
+        comp = {k: v for d in ds for k, v in d.targets.compliance.items()}
+        strings = {k: v for d in ds for k, v in d.targets.strings.items()}
+        dla = LogitAttribution(torch.cat([d.embed for d in ds]), torch.cat([d.heads for d in ds]),
+                               torch.cat([d.mlps for d in ds]),
+                               None if ds[0].attn_bias is None else torch.cat([d.attn_bias for d in ds if d.attn_bias is not None]),
+                               torch.cat([d.const for d in ds]), torch.cat([d.logit_diff for d in ds]),
+                               torch.cat([d.scale for d in ds]), LogitTargets(refusal, comp, strings))
+    return Attribution(
+        embed=cat(lambda p: pad(p.embed)), heads=cat(lambda p: pad(p.heads)), mlps=cat(lambda p: pad(p.mlps)),
+        attn_bias=None if first.attn_bias is None else cat(lambda p: pad(p.attn_bias)),
+        resid=cat(lambda p: pad(p.resid)), mask=cat(lambda p: pad(p.mask)), spans=cat(lambda p: pad(p.spans)),
+        sources=cat(lambda p: p.sources), attn_mass=cat(lambda p: p.attn_mass), dla=dla,
+        ids=[x for p in parts for x in p.ids], langs=[x for p in parts for x in p.langs],
+        labels=[x for p in parts for x in p.labels], tokens=[x for p in parts for x in p.tokens], model=first.model,
+        direction=first.direction, adv_suffix=first.adv_suffix)
+
+
+def load_attribution(path: str | os.PathLike[str]) -> Attribution:
+    """Read a directory written by :meth:`Attribution.save` (safetensors and JSON only, never pickle)."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = Path(path)
+    tfile, jfile = d / TENSORS_FILE, d / TOKENS_FILE
+    for f in (tfile, jfile):
+        if not f.is_file():
+            raise InputError(f"{f}: not found (expected a directory written by `refusal-circuits attribute`)")
+    try:
+        t = load_file(str(tfile))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{tfile}: not a readable safetensors file ({e})") from None
+    try:
+        meta = json.loads(jfile.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{jfile}: not valid JSON ({e})") from None
+    need = ["embed", "heads", "mlps", "resid", "mask", "spans", "sources", "attn_mass"]
+    missing = [k for k in need if k not in t] + [k for k in ("ids", "langs", "labels", "tokens") if k not in meta]
+    if missing:
+        raise InputError(f"{d}: missing {', '.join(missing)}")
+    n = int(t["heads"].shape[0])
+    if any(len(meta[k]) != n for k in ("ids", "langs", "labels", "tokens")):
+        raise InputError(f"{jfile}: ids/langs/labels/tokens do not match the {n} prompts of {tfile}")
+    attn_bias = t.get("attn_bias")
+    mlps = t["mlps"] - attn_bias if attn_bias is not None else t["mlps"]
+    dla = None
+    if "dla_heads" in t and meta.get("dla_targets"):
+        tj = meta["dla_targets"]
+        strings = {int(i): s for key in ("refusal", "compliance")
+                   for ids_, strs in zip(tj[f"{key}_ids"].values(), tj[key].values(), strict=True)
+                   for i, s in zip(ids_, strs, strict=True)}
+        targets = LogitTargets({k: tuple(v) for k, v in tj["refusal_ids"].items()},
+                               {k: tuple(v) for k, v in tj["compliance_ids"].items()}, strings)
+        bias = t.get("dla_bias")
+        dla = LogitAttribution(t["dla_embed"], t["dla_heads"], t["dla_mlps"] - bias if bias is not None else t["dla_mlps"],
+                               bias, t["dla_const"], t["dla_logit_diff"], t["dla_scale"], targets)
+    tokens = [[tok for tok, m in zip(row, mrow, strict=True) if m] for row, mrow in zip(meta["tokens"], t["mask"].tolist(),
+                                                                                         strict=True)]
+    return Attribution(embed=t["embed"], heads=t["heads"], mlps=mlps, attn_bias=attn_bias, resid=t["resid"],
+                       mask=t["mask"], spans=t["spans"], sources=t["sources"], attn_mass=t["attn_mass"], dla=dla,
+                       ids=list(meta["ids"]), langs=list(meta["langs"]), labels=list(meta["labels"]), tokens=tokens,
+                       model=str(meta.get("model", "")), direction=dict(meta.get("direction") or {}),
+                       adv_suffix=meta.get("adv_suffix"))
+
+
+def top_k_heads(scores: Float[Tensor, "layer head"], k: int) -> list[tuple[int, int]]:
+    """The ``k`` (layer, head) pairs with the largest ``|scores|``, largest first."""
+    n_heads = int(scores.shape[1])
+    flat = torch.argsort(scores.abs().flatten(), descending=True)[:k].tolist()
+    return [divmod(int(f), n_heads) for f in flat]
+
+
+def _span_named(name: str) -> Span:
+    try:
+        return Span[name.upper()]
+    except KeyError:
+        raise InputError(f"unknown span {name!r}; choose from {list(SPAN_NAMES[1:])}") from None
+
+
+@dataclass(frozen=True)
+class LogitAttribution:
+    """Direct logit attribution at the last position onto ``mean W_U[refusal] - mean W_U[compliance]``.
+
+    Each part is the component's write ``c`` mapped through the final norm with the clean run's scale:
+    ``(c . v) / scale``. ``embed + heads.sum + mlps.sum (+ attn_bias.sum) + const == logit_diff``.
+    """
+
+    embed: Float[Tensor, " prompt"]
+    heads: Float[Tensor, "prompt layer head"]
+    mlps: Float[Tensor, "prompt layer"]
+    attn_bias: Float[Tensor, "prompt layer"] | None
+    const: Float[Tensor, " prompt"]
+    logit_diff: Float[Tensor, " prompt"]
+    scale: Float[Tensor, " prompt"]
+    targets: LogitTargets
+
+    def total(self) -> Float[Tensor, " prompt"]:
+        out = self.embed.double() + self.heads.double().sum((1, 2)) + self.mlps.double().sum(1) + self.const.double()
+        if self.attn_bias is not None:
+            out = out + self.attn_bias.double().sum(1)
+        return out
+
+    def completeness_error(self) -> float:
+        return float((self.total() - self.logit_diff.double()).abs().max())
+
+    def subset(self, idx: Tensor) -> LogitAttribution:
+        return replace(self, embed=self.embed[idx], heads=self.heads[idx], mlps=self.mlps[idx],
+                       attn_bias=None if self.attn_bias is None else self.attn_bias[idx], const=self.const[idx],
+                       logit_diff=self.logit_diff[idx], scale=self.scale[idx])
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {"dla_embed": self.embed, "dla_heads": self.heads,
+               "dla_mlps": self.mlps if self.attn_bias is None else self.mlps + self.attn_bias,
+               "dla_const": self.const, "dla_logit_diff": self.logit_diff, "dla_scale": self.scale}
+        if self.attn_bias is not None:
+            out["dla_bias"] = self.attn_bias
+        return out
+
+    def summary(self, langs: Sequence[str], labels: Sequence[str], k: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"targets": self.targets.to_json(), "completeness_max_abs_error": self.completeness_error(),
+                               "groups": []}
+        n_heads = self.heads.shape[2]
+        for lang in dict.fromkeys(langs):
+            for label in dict.fromkeys(labels):
+                idx = [i for i, (a, b) in enumerate(zip(langs, labels, strict=True)) if a == lang and b == label]
+                if not idx:
+                    continue
+                mean = self.heads[idx].mean(0)
+                top = torch.argsort(mean.abs().flatten(), descending=True)[:k].tolist()
+                out["groups"].append({
+                    "lang": lang, "label": label, "n": len(idx),
+                    "logit_diff": float(self.logit_diff[idx].mean()),
+                    "top_heads": [{"layer": f // n_heads, "head": f % n_heads,
+                                   "mean": float(mean.flatten()[f])} for f in top],
+                    "mlps": [float(x) for x in self.mlps[idx].mean(0)]})
+        return out
+
+
+@dataclass(frozen=True)
+class HeadTable:
+    """Top heads per (language, label): mean and standard deviation of their direct write onto r̂."""
+
+    rows: list[dict[str, Any]]
+    positions: str
+    model: str
+
+    def where(self, *, lang: str | None = None, label: str | None = None) -> HeadTable:
+        """The rows of one language and/or label."""
+        rows = [r for r in self.rows if (lang is None or r["lang"] == lang) and (label is None or r["label"] == label)]
+        return HeadTable(rows, self.positions, self.model)
+
+    def _repr_html_(self) -> str:
+        body = "".join(
+            f"<tr><td>{html.escape(r['lang'])}</td><td>{html.escape(r['label'])}</td><td>{r['rank']}</td>"
+            f"<td>L{r['layer']}.H{r['head']}</td><td>{r['mean']:+.3f}</td><td>{r['std']:.3f}</td><td>{r['n']}</td>"
+            f"<td>{html.escape(', '.join(f'{k} {v:+.2f}' for k, v in r['from'].items()))}</td></tr>"
+            for r in self.rows)
+        return (f"<table><caption>Top heads by direct write onto r̂ (positions: {html.escape(self.positions)})"
+                "</caption><tr><th>lang</th><th>label</th><th>#</th><th>head</th><th>mean</th><th>std</th><th>n</th>"
+                f"<th>read from (post-instruction mean)</th></tr>{body}</table>")
+
+    def __repr__(self) -> str:
+        lines = [f"{r['lang']:>3} {r['label']:<8} #{r['rank']:<2} L{r['layer']}.H{r['head']:<3} "
+                 f"{r['mean']:+.3f} ± {r['std']:.3f}" for r in self.rows]
+        return "HeadTable(\n  " + "\n  ".join(lines) + "\n)"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Computing it.
+
+
+class _BatchProbe:
+    """The hooks of one attribution forward pass; each reduces its activation on the spot."""
+
+    def __init__(self, geo: HeadGeometry, r: Tensor, dla_v: Tensor | None, batch: ChatBatch,
+                 dla_rows: Tensor | None) -> None:
+        self.geo, self.batch = geo, batch
+        n_layers = geo.n_layers
+        b, s = batch.input_ids.shape
+        self.r = r
+        self.dla_v = dla_v  # [groups, d_model] float64
+        self.dla_rows = dla_rows  # [b] group index per row
+        self.read_r = [geo.head_readout(layer, r[None])[0] for layer in range(n_layers)]  # [head, d_head]
+        self.read_dla = ([geo.head_readout(layer, dla_v) for layer in range(n_layers)]  # [groups, head, d_head]
+                         if dla_v is not None else None)
+        self.kv = geo.kv_of_head().to(r.device)
+        f64, dev = torch.float64, r.device
+        self.embed = torch.zeros(b, s, dtype=f64, device=dev)
+        self.heads = torch.zeros(b, n_layers, geo.n_heads, s, dtype=f64, device=dev)
+        self.mlps = torch.zeros(b, n_layers, s, dtype=f64, device=dev)
+        self.resid = torch.zeros(b, n_layers + 1, s, dtype=f64, device=dev)
+        n_post = batch.n_post
+        self.sources = torch.zeros(b, n_layers, geo.n_heads, n_post, N_SPANS, dtype=f64, device=dev)
+        self.attn_mass = torch.zeros_like(self.sources)
+        self.span_onehot = torch.nn.functional.one_hot(batch.spans, N_SPANS).to(torch.float64)  # [b, s, span]
+        self.vproj: Tensor | None = None
+        # DLA parts before dividing by the final norm's scale (known only at the end of the pass).
+        self.dla_embed = torch.zeros(b, dtype=f64, device=dev)
+        self.dla_heads = torch.zeros(b, n_layers, geo.n_heads, dtype=f64, device=dev)
+        self.dla_mlps = torch.zeros(b, n_layers, dtype=f64, device=dev)
+        self.final_last: Tensor | None = None
+
+    def _dla(self, x_last: Tensor) -> Tensor:
+        """``x . v_row`` for the last position of every row."""
+        assert self.dla_v is not None and self.dla_rows is not None
+        return (x_last.to(torch.float64) * self.dla_v[self.dla_rows]).sum(-1)
+
+    def hook_list(self, model: Any) -> list[tuple[str, hooks.HookFn]]:
+        n_layers = self.geo.n_layers
+        out: list[tuple[str, hooks.HookFn]] = [(hooks.EMBED, self.on_embed)]
+        if hooks.POS_EMBED in model.hook_dict:
+            out.append((hooks.POS_EMBED, self.on_embed))
+        for layer in range(n_layers):
+            out += [(hooks.resid_pre(layer), self._on_resid(layer)),
+                    (hooks.attn_v(layer), self._on_v(layer)),
+                    (hooks.attn_pattern(layer), self._on_pattern(layer)),
+                    (hooks.attn_z(layer), self._on_z(layer)),
+                    (hooks.mlp_out(layer), self._on_mlp(layer))]
+        out.append((hooks.resid_post(n_layers - 1), self._on_resid(n_layers)))
+        return out
+
+    def on_embed(self, x: Tensor, _name: str) -> None:
+        if x.dim() != 3 or x.shape[1] != self.embed.shape[1]:
+            return  # rotary models have no positional embedding output of this shape
+        self.embed += x.to(torch.float64) @ self.r
+        if self.dla_v is not None:
+            self.dla_embed += self._dla(x[:, -1])
+
+    def _on_resid(self, slot: int) -> hooks.HookFn:
+        def fn(x: Tensor, _name: str) -> None:
+            self.resid[:, slot] = x.to(torch.float64) @ self.r
+            if slot == self.geo.n_layers:
+                self.final_last = x[:, -1].to(torch.float64)
+        return fn
+
+    def _on_v(self, layer: int) -> hooks.HookFn:
+        def fn(v: Tensor, _name: str) -> None:
+            b, s = v.shape[:2]
+            v = v.reshape(b, s, self.geo.n_kv_heads, self.geo.d_head).to(torch.float64)[:, :, self.kv]  # [b,s,h,d]
+            self.vproj = torch.einsum("bshd,hd->bsh", v, self.read_r[layer])
+        return fn
+
+    def _on_pattern(self, layer: int) -> hooks.HookFn:
+        n_post = self.batch.n_post
+
+        def fn(pattern: Tensor, _name: str) -> None:
+            a = pattern[:, :, -n_post:, :].to(torch.float64)  # [b, head, post, src]
+            assert self.vproj is not None, "hook_v did not fire before hook_pattern"
+            contrib = a * self.vproj.transpose(1, 2)[:, :, None, :]  # A[p, s] (v_s . W_O[h] r̂)
+            self.sources[:, layer] = torch.einsum("bhps,bsk->bhpk", contrib, self.span_onehot)
+            self.attn_mass[:, layer] = torch.einsum("bhps,bsk->bhpk", a, self.span_onehot)
+        return fn
+
+    def _on_z(self, layer: int) -> hooks.HookFn:
+        def fn(z: Tensor, _name: str) -> None:
+            b, s = z.shape[:2]
+            z = z.reshape(b, s, self.geo.n_heads, self.geo.d_head).to(torch.float64)
+            self.heads[:, layer] = torch.einsum("bshd,hd->bhs", z, self.read_r[layer])
+            if self.read_dla is not None:
+                assert self.dla_rows is not None
+                self.dla_heads[:, layer] = torch.einsum("bhd,bhd->bh", z[:, -1], self.read_dla[layer][self.dla_rows])
+        return fn
+
+    def _on_mlp(self, layer: int) -> hooks.HookFn:
+        def fn(x: Tensor, _name: str) -> None:
+            self.mlps[:, layer] = x.to(torch.float64) @ self.r
+            if self.dla_v is not None:
+                self.dla_mlps[:, layer] = self._dla(x[:, -1])
+        return fn
+
+
+@torch.inference_mode()
+def attribute(
+    model: Any,
+    direction: Direction | Tensor,
+    prompts: PromptSet | Sequence[str],
+    *,
+    adv_suffix: str | None = None,
+    refusal_tokens: RefusalTokens | None = None,
+    compliance_tokens: dict[str, Sequence[int]] | Sequence[int] | None = None,
+    dla: bool = True,
+    batch_size: int = 16,
+    fmt: ChatFormat | None = None,
+    progress: bool = True,
+) -> Attribution:
+    """Direct attribution of every component onto r̂, at every position, plus source spans and DLA.
+
+    Args:
+        model: a ``TransformerBridge`` in raw mode (:func:`~refusal_circuits.models.load_model`).
+        direction: the refusal direction (a :class:`Direction`, or a ``[d_model]`` tensor).
+        prompts: a :class:`PromptSet` (ids, languages and labels are kept) or plain instructions.
+        adv_suffix: text appended to every instruction, labelled as its own span.
+        refusal_tokens: the refusal side of DLA (default: the tokens saved with the direction).
+        compliance_tokens: the compliance side, per language or shared (default: the most frequent greedy first
+            tokens on the harmless prompts of each language, refusal tokens excluded).
+        dla: compute direct logit attribution (needs both token sets; skipped with a warning otherwise).
+        batch_size: prompts per forward pass.
+
+    Returns:
+        The :class:`Attribution`, one row per prompt in input order.
+    """
+    if isinstance(prompts, PromptSet):
+        records = list(prompts)
+        pset = prompts
+    else:
+        from refusal_circuits.data import PromptRecord
+
+        records = [PromptRecord(f"#{i}", "und", "harmful", s) for i, s in enumerate(prompts)]
+        pset = PromptSet(tuple(records), "instructions")
+    if not records:
+        raise InputError("no prompts to attribute")
+    if isinstance(direction, Direction):
+        check_compatible(direction, model)
+        dmeta = {k: v for k, v in direction.to_json().items() if k in ("model", "lang", "layer", "position", "norm")}
+    else:
+        dmeta = {"model": "tensor", "lang": None, "layer": None, "position": -1, "norm": float(direction.norm())}
+    r = _unit_vector(direction, model)
+    geo = head_geometry(model)
+    fmt = fmt or chat_format(model.tokenizer)
+
+    targets: LogitTargets | None = None
+    if dla:
+        saved = direction.meta.get("refusal_tokens") if isinstance(direction, Direction) else None
+        targets = _logit_targets(model, pset, saved, refusal_tokens, compliance_tokens, batch_size)
+    norm = final_norm(model) if targets is not None else None
+    group_of: dict[str, int] = {}
+    dla_v = dla_const = w_u = b_u = None
+    if targets is not None and norm is not None:
+        w_u, b_u = _unembedding(model)
+        w_u, b_u = w_u.cpu(), (None if b_u is None else b_u.cpu())
+        langs = list(dict.fromkeys(r_.lang for r_ in records))
+        group_of = {lang: i for i, lang in enumerate(langs)}
+        u = torch.stack([w_u[list(targets.refusal[lang])].double().mean(0) - w_u[list(targets.compliance[lang])].double().mean(0)
+                         for lang in langs])
+        dla_v, dla_const = norm.readout(u)
+        if b_u is not None:
+            dla_const = dla_const + torch.stack([b_u[list(targets.refusal[lang])].double().mean()
+                                                 - b_u[list(targets.compliance[lang])].double().mean() for lang in langs])
+        dla_v = dla_v.to(device_of(model))
+
+    n = len(records)
+    per_row: list[dict[str, Tensor] | None] = [None] * n
+    token_strs: list[list[str]] = [[] for _ in range(n)]
+    tok = model.tokenizer
+    device = device_of(model)
+    r_dev = r.to(device)
+    for idx, batch in batches(model, [rec.instruction for rec in records], batch_size, fmt=fmt,
+                              adv_suffix=adv_suffix, names=[rec.id for rec in records], progress=progress,
+                              desc="attribution"):
+        rows = torch.tensor([group_of.get(records[i].lang, 0) for i in idx], dtype=torch.long, device=device)
+        probe = _BatchProbe(geo, r_dev, dla_v, batch, rows if dla_v is not None else None)
+        hidden = decoder_forward(model, batch, probe.hook_list(model), share_prefix=False)
+        lengths = batch.lengths.tolist()
+        extra: dict[str, Tensor] = {}
+        if dla_v is not None and norm is not None and targets is not None and w_u is not None:
+            assert probe.final_last is not None and hidden is not None and dla_const is not None
+            scale = norm.scale(probe.final_last).cpu()
+            const = dla_const[rows.cpu()]
+            probe_parts = {"embed": probe.dla_embed.cpu(), "heads": probe.dla_heads.cpu(), "mlps": probe.dla_mlps.cpu()}
+            extra = {"dla_embed": probe_parts["embed"] / scale, "dla_heads": probe_parts["heads"] / scale[:, None, None],
+                     "dla_mlps": probe_parts["mlps"] / scale[:, None], "dla_const": const, "dla_scale": scale}
+            # The model's own logit difference, from its real final norm and unembedding: the parts must add up.
+            h_last = hidden[:, -1].to(torch.float64).cpu()
+            actual = torch.stack([
+                (h_last[j] @ (w_u[list(targets.refusal[records[i].lang])].double().mean(0)
+                              - w_u[list(targets.compliance[records[i].lang])].double().mean(0)))
+                for j, i in enumerate(idx)])
+            if b_u is not None:
+                actual = actual + torch.stack([b_u[list(targets.refusal[records[i].lang])].double().mean()
+                                               - b_u[list(targets.compliance[records[i].lang])].double().mean()
+                                               for i in idx])
+            extra["dla_logit_diff"] = actual
+            parts = (extra["dla_embed"] + extra["dla_heads"].sum((1, 2)) + extra["dla_mlps"].sum(1) + const
+                     + (_bias_dla(geo, dla_v, rows) / scale[:, None]).sum(1))
+            err = float((parts - actual).abs().max())
+            if err > 1e-3 * (1.0 + float(actual.abs().max())):
+                raise RuntimeError(f"direct logit attribution does not add up (error {err:.3g}): this model's final "
+                                   "norm is not a plain RMSNorm/LayerNorm; pass dla=False")
+            extra["dla_bias"] = _bias_dla(geo, dla_v, rows) / scale[:, None]
+        for j, i in enumerate(idx):
+            k = lengths[j]
+            row = {"embed": probe.embed[j, -k:], "heads": probe.heads[j, :, :, -k:], "mlps": probe.mlps[j, :, -k:],
+                   "resid": probe.resid[j, :, -k:], "spans": batch.spans[j, -k:],
+                   "sources": probe.sources[j], "attn_mass": probe.attn_mass[j]}
+            row.update({key: val[j] for key, val in extra.items()})
+            row = {key: val.cpu() for key, val in row.items()}
+            per_row[i] = row
+            token_strs[i] = [tok.decode([t]) for t in batch.input_ids[j, -k:].tolist()]
+
+    rows_done = [row for row in per_row if row is not None]
+    assert len(rows_done) == n
+    s_max = max(int(row["embed"].shape[-1]) for row in rows_done)
+
+    def stack_padded(key: str) -> Tensor:
+        first = rows_done[0][key]
+        out = torch.zeros((n, *first.shape[:-1], s_max), dtype=first.dtype)
+        for i, row in enumerate(rows_done):
+            t = row[key]
+            out[i, ..., s_max - t.shape[-1]:] = t
+        return out
+
+    mask = torch.zeros(n, s_max, dtype=torch.long)
+    for i, row in enumerate(rows_done):
+        mask[i, s_max - row["embed"].shape[-1]:] = 1
+    attn_bias = None
+    if geo.has_bias:
+        b_r = torch.stack([(b.to(torch.float64).cpu() @ r.cpu()) if b is not None else torch.zeros((), dtype=torch.float64)
+                           for b in geo.b_o])  # [layer]
+        attn_bias = (b_r[None, :, None] * mask[:, None, :]).float()
+    dla_rec = None
+    if targets is not None and "dla_embed" in rows_done[0]:
+        def stack(key: str) -> Tensor:
+            return torch.stack([row[key] for row in rows_done]).float().cpu()
+
+        dla_rec = LogitAttribution(stack("dla_embed"), stack("dla_heads"), stack("dla_mlps"),
+                                   stack("dla_bias") if geo.has_bias else None, stack("dla_const"),
+                                   stack("dla_logit_diff"), stack("dla_scale"), targets)
+    return Attribution(
+        embed=stack_padded("embed").float(), heads=stack_padded("heads").float(), mlps=stack_padded("mlps").float(),
+        attn_bias=attn_bias, resid=stack_padded("resid").float(), mask=mask, spans=stack_padded("spans"),
+        sources=torch.stack([row["sources"] for row in rows_done]).float().cpu(),
+        attn_mass=torch.stack([row["attn_mass"] for row in rows_done]).float().cpu(),
+        dla=dla_rec, ids=[rec.id for rec in records], langs=[rec.lang for rec in records],
+        labels=[rec.label for rec in records], tokens=token_strs, model=model_id(model), direction=dmeta,
+        adv_suffix=adv_suffix)
+
+
+def _bias_dla(geo: HeadGeometry, dla_v: Tensor, rows: Tensor) -> Tensor:
+    """``b_O . v`` per row and layer (zero where a layer has no output bias)."""
+    out = torch.zeros(len(rows), geo.n_layers, dtype=torch.float64)
+    for layer, b in enumerate(geo.b_o):
+        if b is not None:
+            out[:, layer] = (dla_v[rows].to(torch.float64) @ b.to(torch.float64).to(dla_v.device)).cpu()
+    return out
+
+
+@dataclass(frozen=True)
+class SourceMatrix:
+    """Through-attention decomposition of chosen heads on one prompt.
+
+    Attributes:
+        tokens / spans: the prompt's tokens and their span names.
+        heads: the ``(layer, head)`` pairs, in the order of axis 0.
+        contributions: ``[head, dest, src]`` ``A[dest, src] (v_src . W_O[h] r̂)``; rows sum to the head's write.
+        pattern: ``[head, dest, src]`` the attention probabilities.
+    """
+
+    tokens: list[str]
+    spans: list[str]
+    heads: list[tuple[int, int]]
+    contributions: Float[Tensor, "head dest src"]
+    pattern: Float[Tensor, "head dest src"]
+
+    def writes(self) -> Float[Tensor, "head dest"]:
+        """Each head's direct write onto r̂ at every destination (the rows' sums)."""
+        return self.contributions.sum(-1)
+
+    def top_sources(self, k: int = 5, dest: int = -1) -> dict[tuple[int, int], list[tuple[str, float]]]:
+        """Per head, the ``k`` source tokens feeding r̂ most (by absolute value) at destination ``dest``."""
+        out: dict[tuple[int, int], list[tuple[str, float]]] = {}
+        for i, h in enumerate(self.heads):
+            row = self.contributions[i, dest]
+            order = torch.argsort(row.abs(), descending=True)[:k].tolist()
+            out[h] = [(self.tokens[j], float(row[j])) for j in order]
+        return out
+
+    def _repr_html_(self) -> str:
+        parts = []
+        for (layer, head), tops in self.top_sources().items():
+            cells = "".join(f"<td><code>{html.escape(repr(t))}</code> {v:+.3f}</td>" for t, v in tops)
+            parts.append(f"<tr><th>L{layer}.H{head}</th>{cells}</tr>")
+        return ("<table><caption>Source tokens feeding r̂ at the last position (A[p,s] · v_s W_O r̂)</caption>"
+                + "".join(parts) + "</table>")
+
+
+@torch.inference_mode()
+def source_matrix(model: Any, direction: Direction | Tensor, instruction: str, heads: Sequence[tuple[int, int]], *,
+                  adv_suffix: str | None = None, fmt: ChatFormat | None = None) -> SourceMatrix:
+    """The full ``[dest, src]`` decomposition of ``heads``' writes onto r̂ for one chat-formatted instruction."""
+    if isinstance(direction, Direction):
+        check_compatible(direction, model)
+    r = _unit_vector(direction, model).to(device_of(model))
+    geo = head_geometry(model)
+    heads = [(int(a), int(b)) for a, b in heads]
+    for layer, head in heads:
+        if not (0 <= layer < geo.n_layers and 0 <= head < geo.n_heads):
+            raise InputError(f"head L{layer}.H{head} out of range: the model has {geo.n_layers} layers of "
+                             f"{geo.n_heads} heads")
+    if not heads:
+        raise InputError("name at least one head, as (layer, head)")
+    kv = geo.kv_of_head().to(r.device)
+    contrib: dict[tuple[int, int], Tensor] = {}
+    patt: dict[tuple[int, int], Tensor] = {}
+    vproj: dict[int, Tensor] = {}
+    layers = sorted({layer for layer, _ in heads})
+
+    def on_v(layer: int) -> hooks.HookFn:
+        def fn(v: Tensor, _name: str) -> None:
+            v = v[0].reshape(v.shape[1], geo.n_kv_heads, geo.d_head).to(torch.float64)[:, kv]  # [s, h, d]
+            vproj[layer] = torch.einsum("shd,hd->hs", v, geo.head_readout(layer, r[None])[0])
+        return fn
+
+    def on_pattern(layer: int) -> hooks.HookFn:
+        def fn(pattern: Tensor, _name: str) -> None:
+            for lay, head in heads:
+                if lay == layer:
+                    a = pattern[0, head].to(torch.float64)
+                    patt[(lay, head)] = a.cpu()
+                    contrib[(lay, head)] = (a * vproj[layer][head][None, :]).cpu()
+        return fn
+
+    readers = [x for layer in layers for x in ((hooks.attn_v(layer), on_v(layer)),
+                                                (hooks.attn_pattern(layer), on_pattern(layer)))]
+    fmt = fmt or chat_format(model.tokenizer)
+    _, batch = next(iter(batches(model, [instruction], 1, fmt=fmt, adv_suffix=adv_suffix)))
+    decoder_forward(model, batch, readers, stop_at=hooks.attn_pattern(layers[-1]), share_prefix=False)
+    tok = model.tokenizer
+    return SourceMatrix([tok.decode([t]) for t in batch.input_ids[0].tolist()],
+                        [SPAN_NAMES[c] for c in batch.spans[0].tolist()], heads,
+                        torch.stack([contrib[h] for h in heads]).float(), torch.stack([patt[h] for h in heads]).float())

@@ -1,0 +1,327 @@
+"""Head ablation and activation patching: direct versus total effect of a head on refusal.
+
+A head's direct attribution (:mod:`refusal_circuits.attribution`) is what it writes onto r̂ itself. Zeroing its
+output ``z_h`` changes ``resid_mid`` of its layer by exactly minus that write (tested); everything after that
+layer can amplify or undo it. The *total* effect comes from activation patching at the post-instruction tokens
+(where r̂ is read): on harmful prompts replace the head's ``z_h`` there by its mean on harmless prompts and
+measure how far the refusal score falls, and the other way round on harmless prompts. A head with a large direct
+write but little total effect is compensated downstream; a head with a small write but a large total effect acts
+through later layers.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from refusal_circuits import hooks
+from refusal_circuits.attribution import head_geometry
+from refusal_circuits.chat import chat_format
+from refusal_circuits.directions import Direction, check_compatible
+from refusal_circuits.errors import InputError
+from refusal_circuits.forward import batches, decoder_forward, last_logits
+from refusal_circuits.scores import refusal_score
+
+Head = tuple[int, int]
+
+
+def _check_heads(model: Any, heads: Sequence[Head]) -> None:
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    for layer, head in heads:
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+            raise InputError(f"head L{layer}.H{head} out of range: the model has {n_layers} layers of {n_heads} heads")
+
+
+def head_patch_hooks(model: Any, values: Mapping[Head, Tensor | float], *, last: int | None = None
+                     ) -> list[tuple[str, hooks.HookFn]]:
+    """Hooks that overwrite heads' outputs ``z_h`` (before ``W_O``).
+
+    Args:
+        values: ``(layer, head) -> value``; a value is ``0.0`` (zero ablation), a ``[d_head]`` vector (e.g. a
+            mean: mean ablation), or ``[last, d_head]`` per position (broadcast over the batch).
+        last: only the last ``last`` positions of every row are overwritten (the post-instruction tokens);
+            None: every position. With ``last``, pass the hooks as ``readers`` to
+            :func:`~refusal_circuits.forward.decoder_forward` (so the shared template prefix is left alone).
+    """
+    _check_heads(model, list(values))
+    d_head = int(model.cfg.d_head)
+    by_layer: dict[int, list[tuple[int, Tensor | float]]] = {}
+    for (layer, head), value in values.items():
+        by_layer.setdefault(layer, []).append((head, value))
+
+    def make(entries: list[tuple[int, Tensor | float]]) -> hooks.HookFn:
+        def fn(z: Tensor, _name: str) -> Tensor:
+            z = z.clone()
+            cols = z[:, -last:] if last else z
+            for head, value in entries:
+                sl = slice(head * d_head, (head + 1) * d_head)
+                cols[..., sl] = value if isinstance(value, float) else value.to(z.dtype).to(z.device)
+            return z
+
+        return fn
+
+    return [(hooks.attn_z(layer), make(entries)) for layer, entries in sorted(by_layer.items())]
+
+
+def ablate_heads(model: Any, heads: Sequence[Head] | Mapping[Head, Tensor | float]) -> hooks.HookHandle:
+    """Zero ablation (a list of heads) or mean ablation (``{head: [d_head] mean}``) at every position, as a handle."""
+    values = dict(heads) if isinstance(heads, Mapping) else {h: 0.0 for h in heads}
+    return hooks.add_hooks(model, head_patch_hooks(model, values))
+
+
+@torch.inference_mode()
+def mean_head_outputs(model: Any, instructions: Sequence[str], layers: Sequence[int], *, batch_size: int = 32,
+                      progress: bool = False, desc: str = "mean head outputs") -> dict[int, Float[Tensor, "post hd"]]:
+    """Mean ``z`` (all heads, ``[n_post, n_heads * d_head]``, float64) at the post-instruction tokens per layer."""
+    fmt = chat_format(model.tokenizer)
+    layers = sorted(set(int(x) for x in layers))
+    total = {layer: torch.zeros(fmt.n_post, int(model.cfg.n_heads) * int(model.cfg.d_head), dtype=torch.float64)
+             for layer in layers}
+
+    def grab(layer: int) -> hooks.HookFn:
+        def fn(z: Tensor, _name: str) -> None:
+            total[layer] += z[:, -fmt.n_post:].to(torch.float64).sum(0).cpu()
+        return fn
+
+    readers = [(hooks.attn_z(layer), grab(layer)) for layer in layers]
+    for _, batch in batches(model, instructions, batch_size, fmt=fmt, progress=progress, desc=desc):
+        decoder_forward(model, batch, readers, stop_at=hooks.attn_z(max(layers)))
+    return {layer: t / len(instructions) for layer, t in total.items()}
+
+
+@dataclass(frozen=True)
+class HeadEffect:
+    """One head: its direct write onto r̂ and its total effects on refusal (means over prompts).
+
+    Attributes:
+        direct_harmful / direct_harmless: mean direct write onto r̂ over the post-instruction tokens.
+        patch_harmful: change of the refusal score on harmful prompts when the head's output at the
+            post-instruction tokens is replaced by its harmless mean (negative: the head supports refusal).
+        patch_harmless: change on harmless prompts under the harmful mean (positive: the head can induce refusal).
+        projection_harmful: change of ``resid_pre[r̂ layer] . r̂`` at r̂'s position under the first patch:
+            the direct part (if the head sits below r̂'s layer) plus what later layers make of it.
+    """
+
+    layer: int
+    head: int
+    direct_harmful: float
+    direct_harmless: float
+    patch_harmful: float
+    patch_harmless: float
+    projection_harmful: float
+
+    @property
+    def direct_gap(self) -> float:
+        """How much more the head writes onto r̂ on harmful than on harmless prompts."""
+        return self.direct_harmful - self.direct_harmless
+
+
+@dataclass(frozen=True)
+class HeadEffects:
+    """Direct versus total effects of a set of heads; renders as a table in Jupyter."""
+
+    effects: list[HeadEffect]
+    baseline_harmful: float
+    baseline_harmless: float
+    n_harmful: int
+    n_harmless: int
+    model: str
+    direction: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "direction": self.direction, "baseline_harmful": self.baseline_harmful,
+                "baseline_harmless": self.baseline_harmless, "n_harmful": self.n_harmful,
+                "n_harmless": self.n_harmless,
+                "heads": [{**e.__dict__, "direct_gap": e.direct_gap} for e in self.effects]}
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td>L{e.layer}.H{e.head}</td><td>{e.direct_harmful:+.3f}</td><td>{e.direct_harmless:+.3f}</td>"
+            f"<td>{e.projection_harmful:+.3f}</td><td>{e.patch_harmful:+.3f}</td><td>{e.patch_harmless:+.3f}</td></tr>"
+            for e in self.effects)
+        return (f"<table><caption>Direct vs total effect · {html.escape(self.model)} · baseline refusal score harmful "
+                f"{self.baseline_harmful:+.2f} (n={self.n_harmful}), harmless {self.baseline_harmless:+.2f} "
+                f"(n={self.n_harmless})</caption><tr><th>head</th><th>direct (harmful)</th><th>direct (harmless)</th>"
+                "<th>Δ r̂ projection, harmful→harmless patch</th><th>Δ refusal score, harmful→harmless patch</th>"
+                f"<th>Δ refusal score, harmless→harmful patch</th></tr>{rows}</table>")
+
+    def __repr__(self) -> str:
+        lines = [f"L{e.layer}.H{e.head}: direct {e.direct_harmful:+.3f}/{e.direct_harmless:+.3f}  "
+                 f"Δproj {e.projection_harmful:+.3f}  Δscore {e.patch_harmful:+.3f}/{e.patch_harmless:+.3f}"
+                 for e in self.effects]
+        return "HeadEffects(\n  " + "\n  ".join(lines) + "\n)"
+
+
+@torch.inference_mode()
+def total_effects(model: Any, direction: Direction, harmful: Sequence[str], harmless: Sequence[str],
+                  heads: Sequence[Head], refusal_tokens: Sequence[int], *, batch_size: int = 32,
+                  progress: bool = True) -> HeadEffects:
+    """Direct write and total effect (activation patching at the post-instruction tokens) of each head.
+
+    Costs two forward passes over ``harmful`` + ``harmless`` for the means and baselines, then one pass over each
+    set per head (first-token logits only, template prefix shared).
+    """
+    from tqdm.auto import tqdm
+
+    check_compatible(direction, model)
+    heads = [(int(layer), int(head)) for layer, head in heads]
+    _check_heads(model, heads)
+    if not harmful or not harmless:
+        raise InputError("total effects need harmful and harmless prompts")
+    if not refusal_tokens:
+        raise InputError("total effects need refusal tokens")
+    geo = head_geometry(model)
+    r = direction.vector.to(torch.float64)
+    r = r / r.norm()
+    fmt = chat_format(model.tokenizer)
+    n_post, d_head = fmt.n_post, geo.d_head
+    if not -n_post <= direction.position < 0:
+        raise InputError(f"the direction's position {direction.position} is not a post-instruction position")
+    layers = sorted({layer for layer, _ in heads})
+    means = {"harmful": mean_head_outputs(model, harmful, layers, batch_size=batch_size),
+             "harmless": mean_head_outputs(model, harmless, layers, batch_size=batch_size)}
+    read = {layer: geo.head_readout(layer, r[None].to(geo.w_o[layer].device))[0].cpu() for layer in layers}
+
+    def head_mean(which: str, layer: int, head: int) -> Tensor:
+        return means[which][layer][:, head * d_head:(head + 1) * d_head]
+
+    def scores(instructions: Sequence[str], patch: list[tuple[str, hooks.HookFn]]) -> tuple[float, float]:
+        """Mean refusal score and mean projection on r̂ at (r̂ layer, position)."""
+        total, proj = 0.0, 0.0
+        for _, batch in batches(model, instructions, batch_size, fmt=fmt):
+            got: list[Tensor] = []
+
+            def grab(x: Tensor, _name: str, got: list[Tensor] = got) -> None:
+                got.append(x[:, direction.position].to(torch.float64).cpu() @ r)
+
+            readers = [*patch, (hooks.resid_pre(direction.layer), grab)]
+            logits = last_logits(model, batch, readers)
+            total += float(refusal_score(logits, refusal_tokens).sum())
+            proj += float(got[0].sum())
+        return total / len(instructions), proj / len(instructions)
+
+    base_h, base_proj_h = scores(harmful, [])
+    base_l, _ = scores(harmless, [])
+    effects: list[HeadEffect] = []
+    for layer, head in tqdm(heads, desc="total effects", disable=not progress, leave=False):
+        to_harmless = head_patch_hooks(model, {(layer, head): head_mean("harmless", layer, head)}, last=n_post)
+        to_harmful = head_patch_hooks(model, {(layer, head): head_mean("harmful", layer, head)}, last=n_post)
+        s_h, p_h = scores(harmful, to_harmless)
+        s_l, _ = scores(harmless, to_harmful)
+        effects.append(HeadEffect(
+            layer, head,
+            direct_harmful=float((head_mean("harmful", layer, head) @ read[layer][head]).mean()),
+            direct_harmless=float((head_mean("harmless", layer, head) @ read[layer][head]).mean()),
+            patch_harmful=s_h - base_h, patch_harmless=s_l - base_l, projection_harmful=p_h - base_proj_h))
+    from refusal_circuits.models import model_id
+
+    return HeadEffects(effects, base_h, base_l, len(harmful), len(harmless), model_id(model),
+                       {"lang": direction.lang, "layer": direction.layer, "position": direction.position})
+
+
+@torch.inference_mode()
+def head_outputs_per_prompt(model: Any, instructions: Sequence[str], layers: Sequence[int], *, batch_size: int = 32
+                            ) -> dict[int, Float[Tensor, "prompt post hd"]]:
+    """Every prompt's ``z`` (all heads) at the post-instruction tokens, per layer, in input order."""
+    fmt = chat_format(model.tokenizer)
+    layers = sorted(set(int(x) for x in layers))
+    width = int(model.cfg.n_heads) * int(model.cfg.d_head)
+    out = {layer: torch.zeros(len(instructions), fmt.n_post, width) for layer in layers}
+    for idx, batch in batches(model, instructions, batch_size, fmt=fmt):
+        got: dict[int, Tensor] = {}
+
+        def grab(layer: int, got: dict[int, Tensor] = got) -> hooks.HookFn:
+            def fn(z: Tensor, _name: str) -> None:
+                got[layer] = z[:, -fmt.n_post:].float().cpu()
+            return fn
+
+        decoder_forward(model, batch, [(hooks.attn_z(layer), grab(layer)) for layer in layers],
+                        stop_at=hooks.attn_z(max(layers)))
+        for layer in layers:
+            out[layer][idx] = got[layer]
+    return out
+
+
+@dataclass(frozen=True)
+class PairPatch:
+    """Patching heads from a base-language run into its translations (paired prompts).
+
+    ``fraction``: share of the base-minus-translation gap in the r̂ projection at r̂'s site that the patch closes.
+    """
+
+    heads: list[Head]
+    base_projection: float
+    other_projection: float
+    patched_projection: float
+    other_score: float
+    patched_score: float
+    n_pairs: int
+
+    @property
+    def fraction(self) -> float:
+        gap = self.base_projection - self.other_projection
+        return (self.patched_projection - self.other_projection) / gap if abs(gap) > 1e-9 else float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        return {**{k: v for k, v in self.__dict__.items() if k != "heads"}, "heads": [list(h) for h in self.heads],
+                "fraction": self.fraction}
+
+
+@torch.inference_mode()
+def patch_pairs(model: Any, direction: Direction, base: Sequence[str], other: Sequence[str], heads: Sequence[Head],
+                refusal_tokens: Sequence[int], *, batch_size: int = 32) -> PairPatch:
+    """Replace ``heads``' outputs at the post-instruction tokens of each ``other[i]`` by those of ``base[i]``.
+
+    The post-instruction tokens are the same in every language, so position ``-k`` of a translation and of its
+    English original are the same template token. Measures the r̂ projection at r̂'s (layer, position) and the
+    refusal score, with and without the patch.
+    """
+    if len(base) != len(other) or not base:
+        raise InputError(f"patch_pairs needs equally many base and other prompts (got {len(base)} and {len(other)})")
+    heads = [(int(a), int(b)) for a, b in heads]
+    _check_heads(model, heads)
+    fmt = chat_format(model.tokenizer)
+    n_post, d_head = fmt.n_post, int(model.cfg.d_head)
+    r = direction.vector.to(torch.float64)
+    r = r / r.norm()
+    layers = sorted({a for a, _ in heads})
+    source = head_outputs_per_prompt(model, base, layers, batch_size=batch_size) if heads else {}
+
+    def run(instructions: Sequence[str], patched: bool) -> tuple[float, float]:
+        proj_total, score_total = 0.0, 0.0
+        for idx, batch in batches(model, instructions, batch_size, fmt=fmt):
+            got: list[Tensor] = []
+            readers: list[tuple[str, hooks.HookFn]] = []
+            if patched:
+                for layer in layers:
+                    vals = source[layer][idx]  # [b, post, n_heads * d_head]
+                    cols = [h for a, h in heads if a == layer]
+
+                    def fn(z: Tensor, _name: str, vals: Tensor = vals, cols: list[int] = cols) -> Tensor:
+                        z = z.clone()
+                        for h in cols:
+                            sl = slice(h * d_head, (h + 1) * d_head)
+                            z[:, -n_post:, sl] = vals[:, :, sl].to(z.dtype)
+                        return z
+
+                    readers.append((hooks.attn_z(layer), fn))
+
+            def grab(x: Tensor, _name: str, got: list[Tensor] = got) -> None:
+                got.append(x[:, direction.position].to(torch.float64).cpu() @ r)
+
+            readers.append((hooks.resid_pre(direction.layer), grab))
+            logits = last_logits(model, batch, readers)
+            proj_total += float(got[0].sum())
+            score_total += float(refusal_score(logits, refusal_tokens).sum())
+        return proj_total / len(instructions), score_total / len(instructions)
+
+    base_proj, _ = run(base, False)
+    other_proj, other_score = run(other, False)
+    patched_proj, patched_score = run(other, True)
+    return PairPatch(heads, base_proj, other_proj, patched_proj, other_score, patched_score, len(base))
