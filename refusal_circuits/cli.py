@@ -113,6 +113,66 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output JSON file")
     e.set_defaults(func=cmd_evaluate)
 
+    a = sub.add_parser("attribute", help="per-head / per-position direct attribution onto the refusal direction",
+                       description=(
+                           "For every prompt, every component (embedding, each attention head, each MLP) and every "
+                           "token position: its direct write into the residual stream projected on r̂; each "
+                           "head's write at the post-instruction tokens split by source span; attention mass per "
+                           "span; direct logit attribution on refusal vs compliance tokens; and, for the top heads "
+                           "of the direction's language, the total effect on the refusal score by activation "
+                           "patching. Writes OUT/attributions.safetensors, OUT/attributions.json (tokens and "
+                           "spans), OUT/summary.json and OUT/effects.json."))
+    _model_arg(a)
+    _prompts_arg(a)
+    a.add_argument("--direction", required=True, help="a directory written by `directions`")
+    a.add_argument("--out", required=True, help="output directory")
+    a.add_argument("--langs", type=_langs, default=None, help="comma-separated ISO 639-1 codes (default: all)")
+    a.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    a.add_argument("--max-prompts", type=_positive, default=None, help="at most this many per language and label")
+    a.add_argument("--batch-size", type=_positive, default=16)
+    a.add_argument("--adv-suffix", default=None, help="text appended to every instruction (its own span)")
+    a.add_argument("--refusal-tokens", default=None,
+                   help="comma-separated refusal tokens for DLA (default: the direction's)")
+    a.add_argument("--compliance-tokens", default=None, help="comma-separated compliance tokens for DLA "
+                   "(default: the most frequent greedy first tokens on each language's harmless prompts)")
+    a.add_argument("--no-dla", action="store_true", help="skip direct logit attribution")
+    a.add_argument("--total-effects", type=int, default=8, metavar="K",
+                   help="activation-patch the K heads with the largest harmful-minus-harmless write (0: skip)")
+    a.set_defaults(func=cmd_attribute)
+
+    c = sub.add_parser("compare", help="English vs each language, paired by prompt id: where refusal diverges",
+                       description=(
+                           "Read an `attribute` directory and compare every language with the base language, "
+                           "prompt by prompt (same id): per-head differences of the write onto r̂ with bootstrap "
+                           "intervals and Benjamini-Hochberg-controlled significance, per layer and source span, "
+                           "the layer from which the projections separate, how well r̂ separates harmful from "
+                           "harmless prompts per language, baseline refusal, and how much of the gap the top heads "
+                           "close when patched from the base run. Writes OUT/divergence.json."))
+    c.add_argument("--attributions", required=True, help="a directory written by `attribute`")
+    c.add_argument("--base", default="en", help="the base language (default: en)")
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--langs", type=_langs, default=None, help="languages to compare (default: all but the base)")
+    c.add_argument("--model", default=None, help="model spec for baseline refusal and patching (default: the "
+                   "one the attributions came from)")
+    c.add_argument("--direction", default=None, help="direction directory (default: the one recorded by attribute)")
+    c.add_argument("--prompts", default=None, help="the prompts attributed (default: the ones recorded)")
+    c.add_argument("--evaluation", default=None, help="an `evaluate` JSON with baseline refusal rates (default: "
+                   "generate on the attributed prompts)")
+    c.add_argument("--patch-top-k", type=int, default=5, metavar="K",
+                   help="patch the K heads with the largest paired difference from the base run (0: skip)")
+    c.add_argument("--no-model", action="store_true", help="only what the attribution file gives (no baseline "
+                   "refusal, no patching)")
+    c.add_argument("--alpha", type=float, default=0.05, help="false discovery rate across heads (default 0.05)")
+    c.add_argument("--directions", action="store_true",
+                   help="also extract every language's direction at r̂'s site (train split): cosine matrix across "
+                        "layers, shared PCA, and the transfer matrix (each language's direction ablated on every "
+                        "language's harmful test prompts, added on the harmless ones; first-token judge)")
+    c.add_argument("--max-prompts", type=_positive, default=None,
+                   help="with --directions: at most this many train prompts per language and label, and test "
+                        "prompts per transfer cell")
+    c.add_argument("--batch-size", type=_positive, default=32)
+    c.set_defaults(func=cmd_compare)
+
     o = sub.add_parser("orthogonalize", help="make the ablation permanent and export a Hugging Face model",
                        description=(
                            "Project the refusal direction out of every weight that writes into the residual "
@@ -331,6 +391,213 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         c = result["capability"]
         print(f"capability: KL {c['kl_harmless']:.3f}, CE {c['ce_harmless_base']:.3f} -> {c['ce_harmless_intervened']:.3f}")
     print(f"wrote {args.out}")
+
+
+def _token_ids(model, value: str, flag: str) -> list[int]:
+    strings = [v for v in value.split(",") if v.strip()]
+    if not strings:
+        raise InputError(f"{flag} needs at least one token")
+    ids = []
+    for text in strings:
+        enc = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not enc:
+            raise InputError(f"{flag}: {text!r} encodes to no token")
+        ids.append(int(enc[0]))
+    return list(dict.fromkeys(ids))
+
+
+def cmd_attribute(args: argparse.Namespace) -> None:
+    from refusal_circuits.attribution import attribute, top_k_heads
+    from refusal_circuits.data import load_prompts
+    from refusal_circuits.directions import check_compatible, load_direction
+    from refusal_circuits.io import write_json
+    from refusal_circuits.models import ModelSpec, load_model
+    from refusal_circuits.patching import total_effects
+    from refusal_circuits.scores import RefusalTokens, refusal_tokens_from_strings
+
+    ModelSpec.parse(args.model)
+    out = _out_dir(args.out)
+    if args.total_effects < 0:
+        raise InputError("--total-effects must be 0 or more")
+    direction = load_direction(args.direction)
+    prompts = load_prompts(args.prompts, langs=args.langs)
+    if args.split != "all" and any(r.split is not None for r in prompts):
+        prompts = prompts.filter(split=args.split)
+        if not len(prompts):
+            raise InputError(f"{args.prompts} has no prompts in split {args.split!r}")
+    if args.max_prompts:
+        prompts = prompts.head(args.max_prompts)
+    model = load_model(args.model)
+    check_compatible(direction, model, f"--direction {args.direction}")
+    tokens = None
+    if args.refusal_tokens:
+        tokens = refusal_tokens_from_strings(model.tokenizer, args.refusal_tokens.split(","), langs=prompts.langs)
+    elif "refusal_tokens" in direction.meta:
+        try:
+            tokens = RefusalTokens.from_json(direction.meta["refusal_tokens"], source="direction")
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"--direction {args.direction}: direction.json has malformed refusal_tokens ({e})") from None
+    compliance = _token_ids(model, args.compliance_tokens, "--compliance-tokens") if args.compliance_tokens else None
+    result = attribute(model, direction, prompts, adv_suffix=args.adv_suffix, refusal_tokens=tokens,
+                       compliance_tokens=compliance, dla=not args.no_dla, batch_size=args.batch_size,
+                       progress=_progress())
+    result.save(out, extra={"prompts": args.prompts, "split": args.split,
+                            "direction_path": str(Path(args.direction).resolve())})
+    err = result.completeness_error()
+    print(f"attributed {result.n_prompts} prompts ({', '.join(prompts.langs)}); completeness error {err:.2e}")
+    print(repr(result.top_heads(5, positions="post").where(label="harmful")))
+    effects = None
+    if args.total_effects and tokens is not None:
+        lang = direction.lang if direction.lang in prompts.langs else prompts.langs[0]
+        own = result.select(lang=lang)
+        if {"harmful", "harmless"} <= set(own.labels):
+            gap = own.select(label="harmful").head_scores().mean(0) - own.select(label="harmless").head_scores().mean(0)
+            top = top_k_heads(gap, args.total_effects)
+            effects = total_effects(model, direction, prompts.filter(lang=lang, label="harmful").instructions,
+                                    prompts.filter(lang=lang, label="harmless").instructions, top,
+                                    tokens.for_lang(lang), batch_size=args.batch_size, progress=_progress())
+            write_json(out / "effects.json", effects.to_json())
+            print(repr(effects))
+    print(f"wrote {out / 'attributions.safetensors'}, {out / 'attributions.json'}, {out / 'summary.json'}"
+          + (f" and {out / 'effects.json'}" if effects is not None else ""))
+
+
+def _baseline_from_evaluation(path: str) -> dict:
+    import json
+
+    from refusal_circuits.crosslingual import Rate
+
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+        out = {}
+        for lang, groups in obj["results"].items():
+            h, s = groups["harmful"], groups["harmless"]
+            out[lang] = (Rate(round(h["refusal_rate"] * h["n"]), int(h["n"])),
+                         Rate(round(s["refusal_rate"] * s["n"]), int(s["n"])))
+        return out
+    except FileNotFoundError:
+        raise InputError(f"--evaluation {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"--evaluation {path}: not an `evaluate` JSON with harmful and harmless rates ({e})") from None
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    import json
+
+    from refusal_circuits.attribution import TOKENS_FILE, load_attribution
+    from refusal_circuits.crosslingual import Rate, divergence, pair_rows, paired_heads
+    from refusal_circuits.io import write_json
+
+    if not 0 < args.alpha < 1:
+        raise InputError("--alpha must be between 0 and 1")
+    if args.patch_top_k < 0:
+        raise InputError("--patch-top-k must be 0 or more")
+    if args.directions and args.no_model:
+        raise InputError("--directions needs the model (drop --no-model)")
+    out = _out_dir(args.out)
+    attribution = load_attribution(args.attributions)
+    meta = json.loads((Path(args.attributions) / TOKENS_FILE).read_text(encoding="utf-8"))
+    present = list(dict.fromkeys(attribution.langs))
+    if args.base not in present:
+        raise InputError(f"--base {args.base}: not in the attributions (they have {', '.join(present)})")
+    langs = [x for x in (args.langs or present) if x != args.base]
+    unknown = [x for x in langs if x not in present]
+    if unknown:
+        raise InputError(f"--langs: {', '.join(unknown)} not in the attributions (they have {', '.join(present)})")
+    if not langs:
+        raise InputError("nothing to compare: the attributions hold only the base language")
+    for lang in langs:
+        if len(pair_rows(attribution, args.base, lang)) < 2:
+            raise InputError(f"{lang}: fewer than 2 harmful prompts share an id with {args.base}; nothing to pair")
+    baseline: dict[str, tuple[Rate, Rate]] | None = None
+    patches = {}
+    if args.evaluation:
+        baseline = _baseline_from_evaluation(args.evaluation)
+    if not args.no_model:
+        from refusal_circuits.data import load_prompts
+        from refusal_circuits.directions import check_compatible, load_direction
+        from refusal_circuits.models import ModelSpec, load_model
+        from refusal_circuits.patching import patch_pairs
+
+        spec = args.model or attribution.model
+        ModelSpec.parse(spec)
+        dpath = args.direction or meta.get("direction_path")
+        if not dpath:
+            raise InputError("--direction is needed: the attributions do not record theirs")
+        direction = load_direction(dpath)
+        source = args.prompts or meta.get("prompts") or "bundled"
+        prompts = load_prompts(source, langs=[args.base, *langs])
+        by_key = {(r.id, r.lang, r.label): r for r in prompts}
+        missing = [k for k in zip(attribution.ids, attribution.langs, attribution.labels, strict=True)
+                   if k[1] in (args.base, *langs) and k not in by_key]
+        if missing:
+            raise InputError(f"--prompts {source}: lacks {len(missing)} attributed prompts, e.g. {missing[0]}")
+        model = load_model(spec)
+        check_compatible(direction, model, f"--direction {dpath}")
+        if baseline is None:
+            from refusal_circuits.data import PromptSet
+            from refusal_circuits.evaluation import evaluate_refusal
+
+            chosen = PromptSet(tuple(by_key[k] for k in zip(attribution.ids, attribution.langs, attribution.labels,
+                                                            strict=True) if k[1] in (args.base, *langs)), source)
+            ev = evaluate_refusal(model, chosen, max_new_tokens=24, batch_size=args.batch_size, progress=_progress())
+            baseline = {lang: (Rate(g["harmful"].refused, g["harmful"].n), Rate(g["harmless"].refused, g["harmless"].n))
+                        for lang, g in ev.results.items() if "harmful" in g and "harmless" in g}
+        tokens = direction.meta.get("refusal_tokens", {}).get("ids", {}).get(direction.lang)
+        if args.patch_top_k and tokens:
+            for lang in langs:
+                paired = paired_heads(attribution, args.base, lang, alpha=args.alpha)
+                heads = [(h["layer"], h["head"]) for h in paired.ranked_heads(args.patch_top_k)]
+                rows = pair_rows(attribution, args.base, lang)
+                base_i = [by_key[(attribution.ids[i], args.base, attribution.labels[i])].instruction for i, _ in rows]
+                other_i = [by_key[(attribution.ids[j], lang, attribution.labels[j])].instruction for _, j in rows]
+                patches[lang] = patch_pairs(model, direction, base_i, other_i, heads, tokens,
+                                            batch_size=args.batch_size)
+    result = divergence(attribution, args.base, langs, baseline=baseline, patch=patches, alpha=args.alpha)
+    obj = result.to_json()
+    from refusal_circuits.crosslingual import separation
+
+    obj["separation"] = separation(attribution).to_json()
+    if args.directions:
+        obj.update(_directions_study(model, direction, source, [args.base, *langs], args))
+    for lang, pp in patches.items():
+        obj["languages"][lang]["patch"] = pp.to_json()
+    write_json(out / "divergence.json", obj)
+    for d in result.languages.values():
+        print(d.summary())
+    print(f"wrote {out / 'divergence.json'}")
+
+
+def _directions_study(model, direction, source: str, langs: list[str], args: argparse.Namespace) -> dict:
+    """Per-language directions at r̂'s site: cosines, shared PCA, transfer matrix (JSON-ready)."""
+    from refusal_circuits.crosslingual import (
+        direction_cosines,
+        language_candidates,
+        shared_pca,
+        site_directions,
+        transfer_matrix,
+    )
+    from refusal_circuits.data import load_prompts
+
+    prompts = load_prompts(source, langs=langs)
+    cands = language_candidates(model, prompts, langs, split="train", max_prompts=args.max_prompts,
+                                batch_size=args.batch_size, progress=_progress())
+    cos = direction_cosines(cands, direction.layer, direction.position)
+    pca = shared_pca(cands, direction.layer, direction.position)
+    test = prompts.filter(split="test") if any(r.split for r in prompts) else prompts
+    if args.max_prompts:
+        test = test.head(args.max_prompts)
+    ids = direction.meta.get("refusal_tokens", {}).get("ids", {})
+    refusal_ids = sorted({int(t) for v in ids.values() for t in v})
+    if not refusal_ids:
+        raise InputError("--directions needs the direction's refusal tokens (direction.json refusal_tokens)")
+    dirs = site_directions(cands, direction)
+    dirs[direction.lang] = direction  # the selected direction itself for its own language
+    transfer = transfer_matrix(model, dirs, test, targets=langs, refusal_ids=refusal_ids, batch_size=args.batch_size,
+                               progress=_progress())
+    return {"directions": {"cosines": cos.to_json(), "pca": pca.to_json(),
+                           "norms": {k: d.norm for k, d in dirs.items()}},
+            "transfer": transfer.to_json()}
 
 
 def cmd_orthogonalize(args: argparse.Namespace) -> None:

@@ -259,3 +259,16 @@ def test_no_stray_hooks_after_an_error(tiny_model, r, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         attr.attribute(tiny_model, r, PROMPTS[:2], dla=False, progress=False)
     assert hooks.count_hooks(tiny_model) == 0
+
+
+def test_suffix_comparison_shifts_attention_mass(tiny_model, r):
+    without = attr.attribute(tiny_model, r, PROMPTS[:3], dla=False, progress=False)
+    with_suffix = attr.attribute(tiny_model, r, PROMPTS[:3], dla=False, progress=False, adv_suffix=" zz zz zz zz")
+    cmp = attr.compare_suffix(without, with_suffix, k=4)
+    assert len(cmp.heads) == 4 and cmp.n == 3
+    for w0, w1, s1 in zip(cmp.instruction_mass_without, cmp.instruction_mass_with, cmp.suffix_mass_with, strict=True):
+        assert 0 <= w1 <= 1 and 0 < s1 <= 1 and 0 <= w0 <= 1
+    assert sum(cmp.suffix_mass_with) > 0
+    assert "→ suffix" in cmp._repr_html_()
+    with pytest.raises(InputError, match="no adversarial suffix"):
+        attr.compare_suffix(without, without)

@@ -115,3 +115,96 @@ def test_evaluate_without_refusal_tokens_still_reports_rates(tiny_dir, tmp_path,
     ev = json.loads((tmp_path / "e.json").read_text())
     assert ev["refusal_tokens"] is None and "refusal_score" not in ev["results"]["en"]["harmful"]
     assert ev["results"]["en"]["harmful"]["n"] == 2
+
+
+def test_attribute_end_to_end_and_completeness_from_the_file(tiny_dir, workdir, capsys):
+    from safetensors.torch import load_file
+
+    prompts = _prompt_file(workdir / "p.jsonl")
+    if not (workdir / "dir" / "direction.json").exists():
+        assert main(["-q", "directions", "--model", str(tiny_dir), "--prompts", str(prompts), "--lang", "en",
+                     "--out", str(workdir / "dir"), "--refusal-tokens", "I,S", "--filter", "polyrefuse",
+                     "--kl-max", "1e9", "--max-layer-frac", "1.0"]) == 0
+    out_dir = workdir / "attr"
+    code, out, err = _run(capsys, "attribute", "--model", str(tiny_dir), "--prompts", str(prompts), "--direction",
+                          str(workdir / "dir"), "--split", "all", "--compliance-tokens", "T,x",
+                          "--total-effects", "2", "--adv-suffix", " !!", "--out", str(out_dir))
+    assert code == 0, err
+    t = load_file(str(out_dir / "attributions.safetensors"))
+    n = 12
+    assert t["embed"].shape[0] == n and t["heads"].shape[:3] == (n, 2, 4) and t["mlps"].shape[:2] == (n, 2)
+    assert t["resid"].shape[:2] == (n, 3) and t["mask"].shape == t["embed"].shape
+    cum = torch.cumsum(t["heads"].double().sum(2) + t["mlps"].double(), 1)
+    rebuilt = (torch.cat([torch.zeros_like(cum[:, :1]), cum], 1) + t["embed"].double()[:, None]) * t["mask"][:, None]
+    assert (rebuilt - t["resid"].double()).abs().max() < 1e-5
+    side = json.loads((out_dir / "attributions.json").read_text())
+    assert len(side["tokens"]) == n and len(side["tokens"][0]) == t["mask"].shape[1]
+    assert "adv_suffix" in side["spans"][0] and side["spans"][0][-1] == "post"
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["completeness_max_abs_error"] < 1e-5 and summary["dla"]["targets"]["compliance"]["en"]
+    effects = json.loads((out_dir / "effects.json").read_text())
+    assert len(effects["heads"]) == 2 and {"patch_harmful", "patch_harmless", "direct_harmful"} <= set(effects["heads"][0])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--direction", "nowhere"], "nowhere"),
+    (["--compliance-tokens", ","], "--compliance-tokens"),
+    (["--total-effects", "-1"], "--total-effects"),
+    (["--langs", "xx"], "xx"),
+])
+def test_attribute_bad_input(tiny_dir, workdir, capsys, extra, message):
+    prompts = _prompt_file(workdir / "p.jsonl")
+    if not (workdir / "dir" / "direction.json").exists():
+        assert main(["-q", "directions", "--model", str(tiny_dir), "--prompts", str(prompts), "--lang", "en",
+                     "--out", str(workdir / "dir"), "--refusal-tokens", "I,S", "--filter", "polyrefuse",
+                     "--kl-max", "1e9", "--max-layer-frac", "1.0"]) == 0
+    args = ["attribute", "--model", str(tiny_dir), "--prompts", str(prompts), "--direction", str(workdir / "dir"),
+            "--out", str(workdir / "bad-attr")]
+    for i in range(0, len(extra), 2):  # later flags win in argparse
+        args += extra[i:i + 2]
+    code, out, err = _run(capsys, *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (workdir / "bad-attr" / "attributions.safetensors").exists()
+
+
+def test_compare_end_to_end(tiny_dir, workdir, capsys):
+    rows = [json.loads(line) for line in _prompt_file(workdir / "p.jsonl").read_text().splitlines()]
+    both = rows + [{**r, "lang": "de", "instruction": r["instruction"].replace("tell me about", "erzähl mir von")}
+                   for r in rows]
+    prompts = workdir / "p2.jsonl"
+    prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in both))
+    if not (workdir / "dir" / "direction.json").exists():
+        assert main(["-q", "directions", "--model", str(tiny_dir), "--prompts", str(workdir / "p.jsonl"), "--lang",
+                     "en", "--out", str(workdir / "dir"), "--refusal-tokens", "I,S", "--filter", "polyrefuse",
+                     "--kl-max", "1e9", "--max-layer-frac", "1.0"]) == 0
+    code, _, err = _run(capsys, "attribute", "--model", str(tiny_dir), "--prompts", str(prompts), "--direction",
+                        str(workdir / "dir"), "--split", "all", "--compliance-tokens", "T", "--total-effects", "0",
+                        "--out", str(workdir / "attr2"))
+    assert code == 0, err
+    code, out, err = _run(capsys, "compare", "--attributions", str(workdir / "attr2"), "--base", "en",
+                          "--patch-top-k", "2", "--out", str(workdir / "cmp"))
+    assert code == 0, err
+    div = json.loads((workdir / "cmp" / "divergence.json").read_text())
+    de = div["languages"]["de"]
+    assert div["base"] == "en" and set(div["languages"]) == {"de"}
+    assert {"n_pairs", "aligned", "baseline_refusal", "trajectory_split_layer", "heads", "rank_correlation",
+            "summary"} <= set(de)
+    assert de["n_pairs"] == 6 and len(de["heads"]) == 8
+    h = de["heads"][0]
+    assert {"layer", "head", "mean_diff", "ci_low", "ci_high", "significant"} <= set(h)
+    assert abs(h["mean_diff"]) >= abs(de["heads"][-1]["mean_diff"])
+    assert de["baseline_refusal"]["harmful"]["n"] == 6 and len(de["patch"]["heads"]) == 2
+    assert de["summary"].startswith("de: refuses")
+    code, _, err = _run(capsys, "compare", "--attributions", str(workdir / "attr2"), "--base", "en", "--directions",
+                        "--patch-top-k", "0", "--out", str(workdir / "cmp-dirs"))
+    assert code == 0, err
+    div = json.loads((workdir / "cmp-dirs" / "divergence.json").read_text())
+    cos = div["directions"]["cosines"]
+    assert cos["langs"] == ["en", "de"] and abs(cos["at_site"][0][0] - 1) < 1e-5 and -1 <= cos["at_site"][0][1] <= 1
+    assert len(cos["per_layer"]) == 2 and len(div["directions"]["pca"]["coords"]) == 2
+    t = div["transfer"]
+    assert set(t["ablate"]) == {"en", "de"} and t["ablate"]["en"]["de"]["n"] == 2 and "aligned" in t["baseline"]["de"]
+    assert len(div["separation"]["auroc"]) == 2
+    code, _, err = _run(capsys, "compare", "--attributions", str(workdir / "attr2"), "--base", "fr",
+                        "--out", str(workdir / "cmp-bad"))
+    assert code == 2 and "--base fr" in err and not (workdir / "cmp-bad" / "divergence.json").exists()

@@ -1,0 +1,129 @@
+"""Cross-lingual statistics (unit) and the paired comparison on a tiny model (tiny)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refusal_circuits import crosslingual as xl
+from refusal_circuits.attribution import Attribution, attribute, concat_attributions
+from refusal_circuits.chat import Span
+from refusal_circuits.data import PromptRecord, PromptSet
+from refusal_circuits.errors import InputError
+
+
+@pytest.mark.unit
+def test_auroc_cohens_d_spearman_known_values():
+    assert xl.auroc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
+    assert xl.auroc(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0])) == 0.0
+    assert xl.auroc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
+    assert xl.cohens_d(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 2.0])) == pytest.approx(1 / 2 ** 0.5)
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert xl.spearman(a, a * 10 + 3) == pytest.approx(1.0)
+    assert xl.spearman(a, -a) == pytest.approx(-1.0)
+    assert xl.spearman(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(0.8660254)
+
+
+@pytest.mark.unit
+def test_benjamini_hochberg_matches_the_textbook_procedure():
+    p = torch.tensor([0.01, 0.04, 0.03, 0.005, 0.5])
+    q = xl.benjamini_hochberg(p)
+    # sorted: .005 .01 .03 .04 .5 -> *5/rank: .025 .025 .05 .05 .5 -> cummin from the top
+    assert torch.allclose(q, torch.tensor([0.025, 0.05, 0.05, 0.025, 0.5], dtype=torch.float64))
+
+
+@pytest.mark.unit
+def test_paired_stats_zero_differences_are_never_significant_and_large_ones_are():
+    zero = xl.paired_stats(torch.zeros(20, 3))
+    assert torch.all(zero["p"] == 1.0) and torch.all(zero["mean"] == 0)
+    g = torch.Generator().manual_seed(0)
+    shifted = torch.randn(30, 2, generator=g) * 0.1 + torch.tensor([1.0, 0.0])
+    st = xl.paired_stats(shifted)
+    assert st["p"][0] < 0.001 and st["ci_low"][0] > 0.8 and st["ci_high"][0] < 1.2
+    assert st["p"][1] > 0.01
+    with pytest.raises(InputError, match="at least 2"):
+        xl.paired_stats(torch.zeros(1, 3))
+
+
+def fake_attribution(base_heads: torch.Tensor, other_heads: torch.Tensor) -> Attribution:
+    """A hand-built attribution of n English prompts and their n 'translations' (heads given, post positions)."""
+    n, n_layers, n_heads = base_heads.shape
+    s, n_post = 6, 2
+    heads = torch.zeros(2 * n, n_layers, n_heads, s)
+    # the same write at every post-instruction position, so head_scores("post") (their mean) is the given score
+    heads[..., -n_post:] = torch.cat([base_heads, other_heads])[..., None].expand(-1, -1, -1, n_post)
+    mlps = torch.zeros(2 * n, n_layers, s)
+    embed = torch.zeros(2 * n, s)
+    resid = torch.cat([torch.zeros(2 * n, 1, s), torch.cumsum(heads.sum(2) + mlps, 1)], 1)
+    spans = torch.full((2 * n, s), int(Span.PREFIX))
+    spans[:, -n_post:] = int(Span.POST)
+    sources = torch.zeros(2 * n, n_layers, n_heads, n_post, len(Span))
+    sources[..., int(Span.INSTRUCTION)] = heads[..., -n_post:]
+    return Attribution(embed=embed, heads=heads, mlps=mlps, attn_bias=None, resid=resid,
+                       mask=torch.ones(2 * n, s, dtype=torch.long), spans=spans, sources=sources,
+                       attn_mass=torch.zeros_like(sources), dla=None, ids=[f"p{i}" for i in range(n)] * 2,
+                       langs=["en"] * n + ["xx"] * n, labels=["harmful"] * (2 * n), tokens=[["t"] * s] * (2 * n),
+                       model="fake", direction={"layer": 2, "position": -1, "lang": "en"})
+
+
+@pytest.mark.unit
+def test_paired_heads_finds_the_planted_loss_and_nothing_else():
+    g = torch.Generator().manual_seed(1)
+    n = 24
+    base = torch.randn(n, 3, 4, generator=g) * 0.2 + torch.linspace(-1, 1, 12).view(3, 4)
+    other = base + torch.randn(n, 3, 4, generator=g) * 0.05
+    other[:, 1, 2] -= 0.8  # the translation loses head L1.H2
+    res = xl.paired_heads(fake_attribution(base, other), "en", "xx")
+    top = res.ranked_heads(1)[0]
+    assert (top["layer"], top["head"]) == (1, 2) and top["significant"] and top["mean"] == pytest.approx(-0.8, abs=0.05)
+    assert res.n_significant() <= 2  # BH at 5%: one planted + at most a chance finding
+    assert res.pattern.startswith("same heads")
+    assert res.spans["mean"][int(Span.INSTRUCTION)] == pytest.approx(float((other - base).sum((1, 2)).mean()), abs=1e-5)
+    html = res._repr_html_()
+    assert "L1.H2" in html
+
+
+@pytest.mark.unit
+def test_weaker_and_different_heads_are_told_apart():
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(16, 4, 4, generator=g) * 0.05 + torch.randn(4, 4, generator=g)
+    weaker = xl.paired_heads(fake_attribution(base, 0.4 * base), "en", "xx")
+    assert weaker.pattern == "same heads, weaker" and weaker.rank_correlation > 0.9 and weaker.slope < 0.5
+    shuffled = base[:, torch.randperm(4, generator=g)][:, :, torch.randperm(4, generator=g)]
+    different = xl.paired_heads(fake_attribution(base, shuffled.flip(1)), "en", "xx")
+    assert different.pattern == "different heads"
+
+
+@pytest.mark.unit
+def test_trajectory_split_layer():
+    base = torch.zeros(10, 3, 4)
+    base[:, 0, 0] = 1.0  # layer 0 head writes 1 onto r̂
+    other = base.clone()
+    other[:, 1, 0] = -1.0  # from layer 1 on, the translation loses it
+    other += torch.randn(10, 3, 4, generator=torch.Generator().manual_seed(0)) * 0.01
+    att = fake_attribution(base, other)
+    split, traj = xl.trajectory_split_layer(att, "en", "xx")
+    assert split == 2  # resid index 2 = resid_pre[2], the first after layer 1's write
+    assert traj["base"][3] == pytest.approx(1.0)
+
+
+@pytest.mark.tiny
+def test_an_identical_translation_flags_nothing(tiny_model):
+    """The English prompts relabelled as another language, attributed in differently composed batches: float
+    noise only, so no head, no trajectory split."""
+    texts = ["tell me a story", "what is the capital of peru", "how to bake bread", "name three colours",
+             "write a haiku about rain", "explain gravity briefly", "list some fruit", "why do cats purr"]
+    en = PromptSet(tuple(PromptRecord(f"p{i}", "en", "harmful", t) for i, t in enumerate(texts)), "t")
+    xx = PromptSet(tuple(PromptRecord(f"p{i}", "xx", "harmful", t) for i, t in enumerate(texts)), "t")
+    extra = PromptSet(tuple(PromptRecord(f"q{i}", "xx", "harmless", "a much longer filler prompt " * 3)
+                            for i in range(3)), "t")
+    r = torch.randn(int(tiny_model.cfg.d_model), generator=torch.Generator().manual_seed(0))
+    a = attribute(tiny_model, r, en, dla=False, batch_size=3, progress=False)
+    b = attribute(tiny_model, r, PromptSet(tuple(xx) + tuple(extra), "t"), dla=False, batch_size=5, progress=False)
+    both = concat_attributions([a, b])
+    res = xl.paired_heads(both, "en", "xx")
+    assert res.n_pairs == len(texts)
+    assert res.n_significant() == 0, res.ranked_heads(3)
+    assert float(res.heads["mean"].abs().max()) < 1e-5
+    split, _ = xl.trajectory_split_layer(both, "en", "xx")
+    assert split is None
