@@ -1,0 +1,191 @@
+"""Figures for papers and for the offline report.
+
+Every figure is a matplotlib ``Figure`` (vector output, no JavaScript, identical in the paper and in the report):
+:func:`to_svg` gives the inline SVG the report embeds, :func:`save` writes SVG or PNG. Token-level views are
+small HTML snippets (:func:`token_projection_html`), and attention views use circuitsvis's bundled renderer.
+Colour maps are perceptually uniform (``viridis``) or diverging around zero (``RdBu_r``), with labelled colour bars.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from refusal_circuits.attribution import Attribution
+from refusal_circuits.chat import Span
+
+_RC = {"font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
+       "legend.fontsize": 7, "figure.dpi": 150, "svg.fonttype": "none", "axes.spines.top": False,
+       "axes.spines.right": False}
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update(_RC)
+    return plt
+
+
+def to_svg(fig: Any) -> str:
+    """The figure as an inline SVG string (text kept as text), and the figure closed."""
+    plt = _plt()
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg"):]
+
+
+def save(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Write the figure as SVG or PNG (by suffix), atomically; the figure stays open."""
+    from refusal_circuits.io import atomic_path
+
+    p = Path(path)
+    fmt = p.suffix.lstrip(".").lower()
+    if fmt not in ("svg", "png", "pdf"):
+        raise ValueError(f"{p}: use .svg, .png or .pdf")
+    with atomic_path(p) as tmp:
+        fig.savefig(tmp, format=fmt, bbox_inches="tight", dpi=300 if fmt == "png" else None)
+    return p
+
+
+def refusal_rates(rates: Mapping[str, Mapping[str, tuple[float, float, float]]], title: str = "Refusal rate") -> Any:
+    """Grouped bars: ``rates[condition][lang] = (rate, ci_low, ci_high)``; one colour per condition."""
+    plt = _plt()
+    conditions = list(rates)
+    langs = list(dict.fromkeys(lang for c in conditions for lang in rates[c]))
+    fig, ax = plt.subplots(figsize=(max(3.5, 0.45 * len(langs) * max(1, len(conditions)) / 2), 2.4))
+    width = 0.8 / max(1, len(conditions))
+    for i, c in enumerate(conditions):
+        xs = [j + (i - (len(conditions) - 1) / 2) * width for j in range(len(langs))]
+        vals = [rates[c].get(lang, (float("nan"),) * 3) for lang in langs]
+        ys = [v[0] for v in vals]
+        err = [[max(0.0, v[0] - v[1]) for v in vals], [max(0.0, v[2] - v[0]) for v in vals]]
+        ax.bar(xs, ys, width=width, label=c, yerr=err, capsize=1.5, error_kw={"elinewidth": 0.6})
+    ax.set_xticks(range(len(langs)), langs)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("refusal rate (95% Wilson CI)")
+    ax.set_title(title)
+    ax.legend(frameon=False, ncol=min(4, len(conditions)), loc="upper right")
+    return fig
+
+
+def matrix(values: Tensor | Sequence[Sequence[float]], rows: Sequence[str], cols: Sequence[str], *, title: str,
+           cbar: str, vmin: float | None = None, vmax: float | None = None, cmap: str = "viridis",
+           fmt: str = "{:.2f}", xlabel: str = "", ylabel: str = "") -> Any:
+    """A labelled heatmap with the value printed in every cell (cosine and transfer matrices)."""
+    plt = _plt()
+    v = torch.as_tensor(values, dtype=torch.float32)
+    fig, ax = plt.subplots(figsize=(0.38 * len(cols) + 1.6, 0.32 * len(rows) + 1.0))
+    im = ax.imshow(v.numpy(), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=0)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    lo = float(v.nan_to_num().min()) if vmin is None else vmin
+    hi = float(v.nan_to_num().max()) if vmax is None else vmax
+    for i in range(v.shape[0]):
+        for j in range(v.shape[1]):
+            x = float(v[i, j])
+            if x == x:  # not NaN
+                dark = (x - lo) / (hi - lo + 1e-12) < 0.55 if cmap == "viridis" else abs(x) > 0.6 * max(abs(lo), abs(hi))
+                ax.text(j, i, fmt.format(x), ha="center", va="center", fontsize=5.5,
+                        color="white" if dark else "black")
+    fig.colorbar(im, ax=ax, label=cbar, fraction=0.04, pad=0.02)
+    ax.set_title(title)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(True)
+    return fig
+
+
+def head_heatmap(values: Tensor, *, title: str, cbar: str = "direct write onto r̂",
+                 significant: Tensor | None = None, limit: float | None = None) -> Any:
+    """Layer x head heatmap, diverging around zero; significant cells (a boolean mask) get a black frame."""
+    plt = _plt()
+    v = values.detach().float()
+    lim = limit or float(v.abs().max()) or 1.0
+    n_layers, n_heads = v.shape
+    fig, ax = plt.subplots(figsize=(0.22 * n_heads + 1.4, 0.16 * n_layers + 0.9))
+    im = ax.imshow(v.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", origin="lower")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(0, n_heads, max(1, n_heads // 8)))
+    ax.set_yticks(range(0, n_layers, max(1, n_layers // 8)))
+    if significant is not None:
+        from matplotlib.patches import Rectangle
+
+        for layer, head in significant.nonzero().tolist():
+            ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, lw=0.8, ec="black"))
+    fig.colorbar(im, ax=ax, label=cbar, fraction=0.05, pad=0.02)
+    ax.set_title(title)
+    return fig
+
+
+def projection_heatmap(attribution: Attribution, *, lang: str, label: str = "harmful", last: int = 12) -> Any:
+    """Layer x position heatmap of the mean projection on r̂ over the last ``last`` positions (aligned from the end,
+    so the template tokens line up), labelled with the first prompt's tokens."""
+    plt = _plt()
+    sub = attribution.select(lang=lang, label=label)
+    last = min(last, int(sub.mask.shape[1]))
+    v = sub.resid[..., -last:].mean(0)  # [layer + 1, pos]
+    tokens = sub.tokens[0][-last:]
+    post = int(Span.POST)
+    labels = [f"[{t.strip() or repr(t)}]" if int(sub.spans[0, -last + i]) == post else t.replace("\n", "\\n")
+              for i, t in enumerate(tokens)]
+    lim = float(v.abs().max()) or 1.0
+    fig, ax = plt.subplots(figsize=(0.42 * last + 1.5, 0.13 * v.shape[0] + 1.2))
+    im = ax.imshow(v.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", origin="lower")
+    ax.set_xticks(range(last), labels, rotation=60, ha="right")
+    n = v.shape[0]
+    ax.set_yticks(range(0, n, max(1, n // 8)))
+    ax.set_ylabel("layer (last row: final residual)")
+    ax.set_title(f"{lang} {label}: mean resid · r̂ (n={sub.n_prompts}); [template tokens]")
+    fig.colorbar(im, ax=ax, label="projection on r̂", fraction=0.04, pad=0.02)
+    return fig
+
+
+def trajectories(curves: Mapping[str, Sequence[float]], *, title: str, marker_layer: int | None = None) -> Any:
+    """Mean projection on r̂ across layers, one line per language."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(3.6, 2.4))
+    for name, ys in curves.items():
+        ax.plot(range(len(ys)), list(ys), label=name, lw=1.1)
+    if marker_layer is not None:
+        ax.axvline(marker_layer, color="grey", lw=0.6, ls="--")
+    ax.set_xlabel("layer (resid_pre; last point: final residual)")
+    ax.set_ylabel("projection on r̂")
+    ax.set_title(title)
+    ax.legend(frameon=False, ncol=2)
+    return fig
+
+
+def token_projection_html(tokens: Sequence[str], values: Sequence[float], *, limit: float | None = None) -> str:
+    """Tokens coloured by their projection on r̂ (red positive, blue negative); escaped, no script."""
+    lim = limit or max((abs(float(v)) for v in values), default=1.0) or 1.0
+    out = []
+    for t, v in zip(tokens, values, strict=True):
+        a = min(1.0, abs(float(v)) / lim)
+        rgb = "214,39,40" if v > 0 else "31,119,180"
+        shown = html.escape(t).replace("\n", "↵<br>") or "&nbsp;"
+        out.append(f"<span title='{float(v):+.3f}' style='background:rgba({rgb},{a:.2f});padding:0 1px'>{shown}</span>")
+    return "<div style='font-family:monospace;line-height:1.8'>" + "".join(out) + "</div>"
+
+
+def attention_view(tokens: Sequence[str], patterns: Tensor, head_names: Sequence[str]) -> str:
+    """circuitsvis attention heads view (``patterns`` ``[head, dest, src]``) with its JavaScript bundle inline."""
+    from circuitsvis.attention import attention_heads
+
+    rendered = attention_heads(attention=patterns.float().numpy(), tokens=list(tokens),
+                               attention_head_names=list(head_names))
+    # local_src inlines circuitsvis's own bundle; str() / show_code() would load it from a CDN.
+    return str(rendered.local_src)
