@@ -21,7 +21,7 @@ from torch import Tensor
 from refusal_circuits.attribution import Attribution
 from refusal_circuits.chat import Span
 
-_RC = {"font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
+_RC: dict[str, Any] = {"font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
        "legend.fontsize": 7, "figure.dpi": 150, "svg.fonttype": "none", "axes.spines.top": False,
        "axes.spines.right": False}
 
