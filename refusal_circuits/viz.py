@@ -32,7 +32,7 @@ def _plt() -> Any:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update(_RC)
+    plt.style.use(_RC)
     return plt
 
 
