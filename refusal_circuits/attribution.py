@@ -163,14 +163,9 @@ def _unembedding(model: Any) -> tuple[Tensor, Tensor | None]:
 
 
 def _unit_vector(direction: Direction | Tensor, model: Any) -> Tensor:
-    vec = direction.vector if isinstance(direction, Direction) else direction
-    if vec.ndim != 1 or vec.shape[0] != int(model.cfg.d_model):
-        raise InputError(f"the direction has shape {tuple(vec.shape)}; the model needs ({int(model.cfg.d_model)},)")
-    vec = vec.detach().to(torch.float64)
-    norm = vec.norm()
-    if not torch.isfinite(norm) or float(norm) == 0:
-        raise InputError("the direction is zero or not finite")
-    return vec / norm
+    from refusal_circuits.interventions import _unit
+
+    return _unit(direction, model, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------------------------

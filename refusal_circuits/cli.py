@@ -209,12 +209,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a directory")
     prompts = load_prompts(args.prompts, langs=args.langs)
-    if args.split != "all" and any(r.split is not None for r in prompts):
-        prompts = prompts.filter(split=args.split)
-        if not len(prompts):
-            raise InputError(f"{args.prompts} has no prompts in split {args.split!r}")
-    if args.max_prompts:
-        prompts = prompts.head(args.max_prompts)
+    prompts = _split_and_cap(prompts, args)
     t0 = time.perf_counter()
     model = load_model(args.model)
     evaluation = evaluate_refusal(model, prompts, max_new_tokens=args.max_new_tokens,
@@ -227,6 +222,29 @@ def cmd_run(args: argparse.Namespace) -> None:
         rates = "  ".join(f"{lab} {g.refusal_rate:5.1%} (n={g.n})" for lab, g in groups.items())
         print(f"{lang}: refusal {rates}")
     print(f"wrote {out / 'report.html'} and {out / 'results.json'}")
+
+
+def _split_and_cap(prompts, args: argparse.Namespace):
+    """``--split`` (when the prompts have splits) and ``--max-prompts`` per language and label."""
+    if args.split != "all" and any(r.split is not None for r in prompts):
+        prompts = prompts.filter(split=args.split)
+        if not len(prompts):
+            raise InputError(f"{args.prompts} has no prompts in split {args.split!r}")
+    if args.max_prompts:
+        prompts = prompts.head(args.max_prompts)
+    return prompts
+
+
+def _saved_refusal_tokens(direction, flag: str):
+    """The refusal tokens stored with a direction, or None; a malformed record is a one-line error."""
+    from refusal_circuits.scores import RefusalTokens
+
+    if "refusal_tokens" not in direction.meta:
+        return None
+    try:
+        return RefusalTokens.from_json(direction.meta["refusal_tokens"], source="direction")
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{flag}: direction.json has malformed refusal_tokens ({e})") from None
 
 
 def _out_dir(path: str, flag: str = "--out") -> Path:
@@ -329,7 +347,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from refusal_circuits.evaluation import evaluate_with_scores
     from refusal_circuits.io import write_json
     from refusal_circuits.models import ModelSpec, load_model
-    from refusal_circuits.scores import RefusalTokens
 
     ModelSpec.parse(args.model)
     if Path(args.out).is_dir():
@@ -339,12 +356,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     direction = load_direction(args.direction) if args.direction else None
     all_prompts = load_prompts(args.prompts, langs=args.langs)
     prompts = all_prompts
-    if args.split != "all" and any(r.split is not None for r in prompts):
-        prompts = prompts.filter(split=args.split)
-        if not len(prompts):
-            raise InputError(f"{args.prompts} has no prompts in split {args.split!r}")
-    if args.max_prompts:
-        prompts = prompts.head(args.max_prompts)
+    prompts = _split_and_cap(prompts, args)
     model = load_model(args.model)
     if direction is not None:
         check_compatible(direction, model, f"--direction {args.direction}")
@@ -358,10 +370,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                 "the model refused none of the discovery prompts, so no refusal tokens were found: refusal scores "
                 "are left out (pass --refusal-tokens to score them); refusal rates still come from the judge")
     else:
-        try:
-            tokens = RefusalTokens.from_json(direction.meta["refusal_tokens"], source="direction")
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"--direction {args.direction}: direction.json has malformed refusal_tokens ({e})") from None
+        tokens = _saved_refusal_tokens(direction, f"--direction {args.direction}")
     make = None
     if direction is not None:
         chosen: Direction = direction
@@ -413,7 +422,7 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     from refusal_circuits.io import write_json
     from refusal_circuits.models import ModelSpec, load_model
     from refusal_circuits.patching import total_effects
-    from refusal_circuits.scores import RefusalTokens, refusal_tokens_from_strings
+    from refusal_circuits.scores import refusal_tokens_from_strings
 
     ModelSpec.parse(args.model)
     out = _out_dir(args.out)
@@ -421,22 +430,14 @@ def cmd_attribute(args: argparse.Namespace) -> None:
         raise InputError("--total-effects must be 0 or more")
     direction = load_direction(args.direction)
     prompts = load_prompts(args.prompts, langs=args.langs)
-    if args.split != "all" and any(r.split is not None for r in prompts):
-        prompts = prompts.filter(split=args.split)
-        if not len(prompts):
-            raise InputError(f"{args.prompts} has no prompts in split {args.split!r}")
-    if args.max_prompts:
-        prompts = prompts.head(args.max_prompts)
+    prompts = _split_and_cap(prompts, args)
     model = load_model(args.model)
     check_compatible(direction, model, f"--direction {args.direction}")
     tokens = None
     if args.refusal_tokens:
         tokens = refusal_tokens_from_strings(model.tokenizer, args.refusal_tokens.split(","), langs=prompts.langs)
-    elif "refusal_tokens" in direction.meta:
-        try:
-            tokens = RefusalTokens.from_json(direction.meta["refusal_tokens"], source="direction")
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"--direction {args.direction}: direction.json has malformed refusal_tokens ({e})") from None
+    else:
+        tokens = _saved_refusal_tokens(direction, f"--direction {args.direction}")
     compliance = _token_ids(model, args.compliance_tokens, "--compliance-tokens") if args.compliance_tokens else None
     result = attribute(model, direction, prompts, adv_suffix=args.adv_suffix, refusal_tokens=tokens,
                        compliance_tokens=compliance, dla=not args.no_dla, batch_size=args.batch_size,

@@ -29,11 +29,12 @@ from refusal_circuits.errors import InputError
 from refusal_circuits.models import hf_model_of
 
 
-def _unit(direction: Direction | Tensor, model: Any) -> DirectionVector:
+def _unit(direction: Direction | Tensor, model: Any, dtype: torch.dtype = torch.float32) -> DirectionVector:
+    """The direction as a unit vector of the model's width (a one-line error otherwise)."""
     vec = direction.vector if isinstance(direction, Direction) else direction
     if vec.ndim != 1 or vec.shape[0] != int(model.cfg.d_model):
         raise InputError(f"the direction has shape {tuple(vec.shape)}; the model needs ({int(model.cfg.d_model)},)")
-    vec = vec.detach().to(torch.float32)
+    vec = vec.detach().to(dtype)
     norm = vec.norm()
     if not torch.isfinite(norm) or float(norm) == 0.0:
         raise InputError("the direction is zero or not finite")

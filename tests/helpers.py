@@ -39,8 +39,11 @@ def tiny_qwen_dir(path: Path, seed: int = 0, n_layers: int = 2) -> Path:
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    # Random init leaves biases at zero; make them non-zero so bias handling is exercised.
+    return _save_with_random_biases(Qwen2ForCausalLM(config), tokenizer, path)
+
+
+def _save_with_random_biases(model, tokenizer, path: Path) -> Path:
+    """Random init leaves biases at zero; make them non-zero so bias handling is exercised; save both."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -62,11 +65,4 @@ def tiny_llama_dir(path: Path, seed: int = 0) -> Path:
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _save_with_random_biases(LlamaForCausalLM(config), tokenizer, path)
