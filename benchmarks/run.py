@@ -16,8 +16,8 @@ English test prompts of the bundled set), as the median of ``--repeats`` runs:
   forward.
 * ``generate_ablate_vs_plain``: greedy generation of 32 new tokens with r̂ ablated (hooks on every residual
   write, through the bridge's hook points) vs plain Hugging Face ``generate`` on the same batch.
-* ``selection_seconds_per_candidate``: bypass, induce and KL scores of 4 candidates on 16 + 16 prompts, per
-  candidate.
+* ``selection_seconds_per_candidate``: bypass, induce and KL scores of 4 candidates (2 layers x 2 positions) on
+  16 + 16 prompts, per candidate.
 
 Memory is the peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs`` before each step) minus
 the resident size just before the step: memory above the loaded model.
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def selection():
         return score_candidates(model, cands, sel_harmful, sel_harmless, list(refusal.ids), positions=[-1, -2],
-                                layers=[mid, mid + 1], progress=False)
+                                layers=[mid - 1, mid], progress=False)
 
     def naive():
         with torch.inference_mode():
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "attribute_vs_forward": raw["attribute"]["seconds"] / fwd["seconds"],
         "attribute_peak_rss_vs_hf": raw["attribute"]["peak_mib_above"] / max(fwd["peak_mib_above"], 1e-9),
         "generate_ablate_vs_plain": raw["generate_ablate"]["seconds"] / raw["generate"]["seconds"],
-        "selection_seconds_per_candidate": raw["selection"]["seconds"] / 4,
+        "selection_seconds_per_candidate": raw["selection"]["seconds"] / len(raw["selection"]["result"][0]),
     }
     attribution = raw["attribute"]["result"]
     results["attribute_completeness_error"] = attribution.completeness_error()
