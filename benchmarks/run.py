@@ -19,8 +19,10 @@ English test prompts of the bundled set), as the median of ``--repeats`` runs:
 * ``selection_seconds_per_candidate``: bypass, induce and KL scores of 4 candidates (2 layers x 2 positions) on
   16 + 16 prompts, per candidate.
 
-Memory is the peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs`` before each step) minus
-the resident size just before the step: memory above the loaded model.
+Every step runs in a fresh process that loads the model and then measures: memory is the peak resident set size
+of the step's first call (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident size after
+loading (freed heap handed back with ``malloc_trim``): memory above the loaded model. Times are the median of
+``--repeats`` calls.
 """
 
 from __future__ import annotations
@@ -57,21 +59,128 @@ def _reset_peak() -> bool:
         return False
 
 
+def _malloc_trim() -> None:
+    """Hand freed heap memory back to the OS, so resident size measures what is in use (glibc only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def measure(fn: Callable[[], Any], repeats: int) -> dict[str, Any]:
-    """Median wall time and median peak memory above the starting resident size (MiB) of ``fn``."""
-    times, peaks = [], []
+    """Peak memory of the first call above the resident size before it (MiB), and the median time of all calls.
+
+    Run in a fresh process that has only loaded the model (see ``--step``): then "before" is the loaded model,
+    and the heap holds no free memory left by an earlier step that would hide this step's own allocations.
+    """
+    gc.collect()
+    _malloc_trim()
+    can_reset = _reset_peak()
+    before = _rss_kib("VmRSS")
+    times = []
     out = None
-    for _ in range(repeats):
+    for i in range(repeats):
         out = None
-        gc.collect()
-        can_reset = _reset_peak()
-        before = _rss_kib("VmRSS")
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
-        peaks.append((_rss_kib("VmHWM") - before) / 1024 if can_reset else float("nan"))
-    return {"seconds": statistics.median(times), "peak_mib_above": statistics.median(peaks), "times": times,
-            "peaks_mib": peaks, "result": out}
+        if i == 0:
+            peak = (_rss_kib("VmHWM") - before) / 1024 if can_reset else float("nan")
+    return {"seconds": statistics.median(times), "peak_mib_above": peak, "times": times, "result": out}
+
+
+STEPS = ("forward", "collect", "attribute", "generate", "generate_ablate", "selection", "naive")
+
+
+def run_step(name: str, spec: str, n_prompts: int, repeats: int, scores_path: str | None) -> dict[str, Any]:
+    """Load the model, build the fixed batch and direction, measure one step (in this process)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import refusal_circuits as rc
+    from refusal_circuits.activations import mean_resid_pre
+    from refusal_circuits.attribution import attribute
+    from refusal_circuits.data import PromptSet, load_bundled
+    from refusal_circuits.directions import extract_candidates
+    from refusal_circuits.forward import batches
+    from refusal_circuits.selection import score_candidates
+
+    torch.set_grad_enabled(False)
+    model = rc.load_model(spec)
+    hf = model.original_model
+    test = load_bundled(["en"]).filter(split="test")
+    half = n_prompts // 2
+    prompts = PromptSet(tuple(test.filter(label="harmful"))[:half] + tuple(test.filter(label="harmless"))[:half],
+                        test.source)
+    instructions = prompts.instructions
+    # One padded batch of exactly these prompts, as the plain forward sees it.
+    (rows, batch), = list(batches(model, instructions, len(instructions)))  # rows: input index of each batch row
+    # A fixed direction: the difference in means at 2/3 depth, last template token.
+    layer = 2 * int(model.cfg.n_layers) // 3
+    means_h = mean_resid_pre(model, prompts.filter(label="harmful").instructions, layers=[layer], progress=False)
+    means_l = mean_resid_pre(model, prompts.filter(label="harmless").instructions, layers=[layer], progress=False)
+    r = (means_h.mean[-1, 0] - means_l.mean[-1, 0]).float()
+    r = r / r.norm()
+    tok = model.tokenizer
+    refusal = rc.refusal_tokens_from_strings(tok, ["I"])
+    compliance = [tok(x, add_special_tokens=False)["input_ids"][0] for x in ("To", "Sure", "Here")]
+    gen_kwargs = {"max_new_tokens": 32, "min_new_tokens": 32, "do_sample": False, "pad_token_id": tok.pad_token_id,
+                  "top_p": None, "top_k": None, "temperature": None}
+    sel_harmful = prompts.filter(label="harmful").instructions[:16]
+    sel_harmless = prompts.filter(label="harmless").instructions[:16]
+    cands = extract_candidates(model, sel_harmful, sel_harmless, progress=False) if name == "selection" else None
+    mid = int(model.cfg.n_layers) // 2
+
+    def forward():
+        return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  use_cache=False).logits[:, -1].clone()
+
+    def collect():
+        return mean_resid_pre(model, instructions, batch_size=len(instructions), progress=False)
+
+    def attribute_():
+        return attribute(model, r, prompts, refusal_tokens=refusal, compliance_tokens=compliance,
+                         batch_size=len(instructions), progress=False)
+
+    def generate():
+        return hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **gen_kwargs)
+
+    def generate_ablate():
+        with rc.ablate(model, r):
+            return hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **gen_kwargs)
+
+    def selection():
+        assert cands is not None
+        return score_candidates(model, cands, sel_harmful, sel_harmless, list(refusal.ids), positions=[-1, -2],
+                                layers=[mid - 1, mid], progress=False)
+
+    def naive():
+        _, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask)
+        stacked = cache.stack_head_results(layer=-1)  # [layer * head, batch, pos, d_model]
+        return stacked @ r
+
+    fns = {"forward": forward, "collect": collect, "attribute": attribute_, "generate": generate,
+           "generate_ablate": generate_ablate, "selection": selection, "naive": naive}
+    with torch.inference_mode():
+        hf(input_ids=batch.input_ids[:1, -4:])  # warm the thread pool the same small way before every step
+        m = measure(fns[name], repeats)
+    result = m.pop("result")
+    extra: dict[str, Any] = {"tokens": int(batch.attention_mask.sum()), "padded_len": int(batch.input_ids.shape[1])}
+    if name == "selection":
+        extra["candidates"] = len(result[0])
+    if name == "attribute":
+        extra["completeness_error"] = result.completeness_error()
+    if scores_path and name in ("attribute", "naive"):
+        from safetensors.torch import save_file
+
+        n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+        s_len = batch.input_ids.shape[1]
+        if name == "naive":
+            scores = result.view(n_layers, n_heads, *result.shape[1:]).float()
+        else:
+            scores = result.heads[rows][..., -s_len:].permute(1, 2, 0, 3).contiguous()
+        save_file({"scores": scores.contiguous(), "mask": batch.attention_mask.contiguous()}, scores_path)
+    return {**m, **extra}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,121 +190,58 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32, help="prompts in the fixed batch (half harmful)")
     parser.add_argument("--skip-naive", action="store_true", help="skip the naive TransformerLens route")
+    parser.add_argument("--step", choices=STEPS, default=None, help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--scores", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    import refusal_circuits as rc
-    from refusal_circuits.activations import mean_resid_pre
-    from refusal_circuits.attribution import attribute
-    from refusal_circuits.data import PromptSet, load_bundled
-    from refusal_circuits.forward import batches
     from refusal_circuits.models import DEFAULT_MODEL
 
-    torch.set_grad_enabled(False)
     spec = args.model or DEFAULT_MODEL
-    t0 = time.perf_counter()
-    model = rc.load_model(spec)
-    load_s = time.perf_counter() - t0
-    hf = model.original_model
-    test = load_bundled(["en"]).filter(split="test")
-    half = args.batch // 2
-    prompts = PromptSet(tuple(test.filter(label="harmful"))[:half] + tuple(test.filter(label="harmless"))[:half],
-                        test.source)
-    instructions = prompts.instructions
-    # One padded batch of exactly these prompts, as the plain forward sees it.
-    (rows, batch), = list(batches(model, instructions, len(instructions)))  # rows: input index of each batch row
-    n_tokens = int(batch.attention_mask.sum())
-    # A fixed direction for timing: the difference in means at layer 2/3 depth, last template token.
-    layer = 2 * int(model.cfg.n_layers) // 3
-    means_h = mean_resid_pre(model, prompts.filter(label="harmful").instructions, layers=[layer], progress=False)
-    means_l = mean_resid_pre(model, prompts.filter(label="harmless").instructions, layers=[layer], progress=False)
-    r = (means_h.mean[-1, 0] - means_l.mean[-1, 0]).float()
-    r = r / r.norm()
-    tok = model.tokenizer
-    refusal = rc.refusal_tokens_from_strings(tok, ["I"])
-    compliance = [tok(s, add_special_tokens=False)["input_ids"][0] for s in ("To", "Sure", "Here")]
+    if args.step:
+        print(json.dumps(run_step(args.step, spec, args.batch, args.repeats, args.scores)))
+        return 0
 
-    def plain_forward():
-        with torch.inference_mode():
-            return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      position_ids=batch.position_ids, use_cache=False).logits[:, -1].clone()
+    import subprocess
+    import tempfile
 
-    def collect():
-        return mean_resid_pre(model, instructions, batch_size=len(instructions), progress=False)
-
-    def ours():
-        return attribute(model, r, prompts, refusal_tokens=refusal, compliance_tokens=compliance,
-                         batch_size=len(instructions), progress=False)
-
-    def plain_generate():
-        with torch.inference_mode():
-            return hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=32,
-                               do_sample=False, pad_token_id=tok.pad_token_id, top_p=None, top_k=None,
-                               temperature=None, min_new_tokens=32)
-
-    def ablated_generate():
-        with torch.inference_mode(), rc.ablate(model, r):
-            return hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=32,
-                               do_sample=False, pad_token_id=tok.pad_token_id, top_p=None, top_k=None,
-                               temperature=None, min_new_tokens=32)
-
-    from refusal_circuits.directions import extract_candidates
-    from refusal_circuits.selection import score_candidates
-
-    sel_harmful = prompts.filter(label="harmful").instructions[:16]
-    sel_harmless = prompts.filter(label="harmless").instructions[:16]
-    cands = extract_candidates(model, sel_harmful, sel_harmless, progress=False)
-    mid = int(model.cfg.n_layers) // 2
-
-    def selection():
-        return score_candidates(model, cands, sel_harmful, sel_harmless, list(refusal.ids), positions=[-1, -2],
-                                layers=[mid - 1, mid], progress=False)
-
-    def naive():
-        with torch.inference_mode():
-            _, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask)
-            stacked = cache.stack_head_results(layer=-1)  # [layer * head, batch, pos, d_model]
-            scores = stacked @ r
-            del stacked, cache
-        return scores
-
-    results: dict[str, Any] = {
-        "model": spec, "batch": len(instructions), "tokens": n_tokens, "padded_len": int(batch.input_ids.shape[1]),
-        "repeats": args.repeats, "load_seconds": load_s, "torch_threads": torch.get_num_threads(),
-        "machine": {"cpu_count": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
-                    "torch": torch.__version__}}
-    steps = {"forward": plain_forward, "collect": collect, "attribute": ours, "generate": plain_generate,
-             "generate_ablate": ablated_generate, "selection": selection}
-    if not args.skip_naive:
-        steps["naive"] = naive
     raw: dict[str, dict[str, Any]] = {}
-    plain_forward()  # warm-up (allocator, thread pool)
-    for name, fn in steps.items():
-        print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        raw[name] = measure(fn, args.repeats)
+    with tempfile.TemporaryDirectory() as tmpdir:
+        for name in STEPS:
+            if name == "naive" and args.skip_naive:
+                continue
+            print(f"measuring {name} (fresh process) ...", file=sys.stderr, flush=True)
+            cmd = [sys.executable, __file__, "--json", "-", "--step", name, "--model", spec, "--batch",
+                   str(args.batch), "--repeats", str(args.repeats), "--scores", str(Path(tmpdir) / f"{name}.st")]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                print(done.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"step {name} failed")
+            raw[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        equal = None
+        if "naive" in raw:
+            from safetensors.torch import load_file
+
+            a, b = load_file(str(Path(tmpdir) / "attribute.st")), load_file(str(Path(tmpdir) / "naive.st"))
+            m = a["mask"].bool()[None, None].expand_as(a["scores"])
+            equal = float((a["scores"] - b["scores"])[m].abs().max())
     fwd = raw["forward"]
     ratios = {
         "collect_vs_forward": raw["collect"]["seconds"] / fwd["seconds"],
         "attribute_vs_forward": raw["attribute"]["seconds"] / fwd["seconds"],
-        "attribute_peak_rss_vs_hf": raw["attribute"]["peak_mib_above"] / max(fwd["peak_mib_above"], 1e-9),
+        "attribute_peak_rss_vs_hf": raw["attribute"]["peak_mib_above"] / fwd["peak_mib_above"],
         "generate_ablate_vs_plain": raw["generate_ablate"]["seconds"] / raw["generate"]["seconds"],
-        "selection_seconds_per_candidate": raw["selection"]["seconds"] / len(raw["selection"]["result"][0]),
+        "selection_seconds_per_candidate": raw["selection"]["seconds"] / raw["selection"]["candidates"],
     }
-    attribution = raw["attribute"]["result"]
-    results["attribute_completeness_error"] = attribution.completeness_error()
     if "naive" in raw:
         ratios["attribute_speedup_vs_naive"] = raw["naive"]["seconds"] / raw["attribute"]["seconds"]
-        ratios["attribute_memory_saving_vs_naive"] = (raw["naive"]["peak_mib_above"]
-                                                      / max(raw["attribute"]["peak_mib_above"], 1e-9))
-        # Same answer from both routes: naive scores [layer * head, batch, pos] vs ours [prompt, layer, head, pos].
-        n_layers, n_heads = attribution.n_layers, attribution.n_heads
-        naive_scores = raw["naive"]["result"].view(n_layers, n_heads, *raw["naive"]["result"].shape[1:])
-        s = batch.input_ids.shape[1]
-        ours_scores = attribution.heads[rows][..., -s:].permute(1, 2, 0, 3)
-        m = batch.attention_mask.bool()[None, None].expand_as(naive_scores)
-        results["naive_vs_ours_max_abs_diff"] = float((naive_scores.float() - ours_scores)[m].abs().max())
-    results["ratios"] = ratios
-    results["raw"] = {k: {kk: vv for kk, vv in v.items() if kk != "result"} for k, v in raw.items()}
+        ratios["attribute_memory_saving_vs_naive"] = raw["naive"]["peak_mib_above"] / raw["attribute"]["peak_mib_above"]
+    results = {
+        "model": spec, "batch": args.batch, "tokens": fwd["tokens"], "padded_len": fwd["padded_len"],
+        "repeats": args.repeats, "ratios": ratios, "naive_vs_ours_max_abs_diff": equal,
+        "attribute_completeness_error": raw["attribute"]["completeness_error"],
+        "machine": {"cpu_count": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "raw": raw,
+    }
     out = Path(args.json)
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(results, indent=2))
