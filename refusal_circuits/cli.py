@@ -36,6 +36,16 @@ def _positive(value: str) -> int:
     return n
 
 
+def _negative_ints(value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated negative positions like -2,-1, got {value!r}") from None
+    if not out or any(v >= 0 for v in out):
+        raise argparse.ArgumentTypeError(f"expected comma-separated negative positions like -2,-1, got {value!r}")
+    return out
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors follow our contract: one line on stderr and exit code 2."""
 
@@ -88,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many prompts per label for extraction and for selection")
     d.add_argument("--refusal-tokens", default=None,
                    help="comma-separated refusal tokens (first token of each string), instead of discovering them")
+    d.add_argument("--positions", type=_negative_ints, default=None,
+                   help="only these post-instruction positions, e.g. -2,-1 (default: all; a smaller grid for big "
+                        "models)")
     d.add_argument("--batch-size", type=_positive, default=32)
     d.set_defaults(func=cmd_directions)
 
@@ -318,6 +331,13 @@ def cmd_directions(args: argparse.Namespace) -> None:
         config = dataclasses.replace(config, name=f"{config.name}+custom", **overrides)
         fallback = dataclasses.replace(fallback, **overrides) if fallback else None
     model = load_model(args.model)
+    if args.positions:
+        from refusal_circuits.chat import chat_format
+
+        n_post = chat_format(model.tokenizer).n_post
+        bad = [p for p in args.positions if p < -n_post]
+        if bad:
+            raise InputError(f"--positions {bad} out of range: the chat template has {n_post} post-instruction tokens")
     tokens = _refusal_tokens(model, args.refusal_tokens, train)
     candidates = extract_candidates(
         model, train.filter(label="harmful").instructions, train.filter(label="harmless").instructions,
@@ -325,7 +345,8 @@ def cmd_directions(args: argparse.Namespace) -> None:
         progress=_progress())
     selection = select_direction(
         model, candidates, val.filter(label="harmful").instructions, val.filter(label="harmless").instructions,
-        tokens, config=config, fallback=fallback, batch_size=args.batch_size, progress=_progress())
+        tokens, config=config, fallback=fallback, positions=args.positions, batch_size=args.batch_size,
+        progress=_progress())
     direction = selection.direction
     direction.meta["prompts"] = args.prompts
     direction.meta["selection_scores"] = selection.to_json()
@@ -620,7 +641,10 @@ def cmd_orthogonalize(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors (one line, code 2) and --help / --version (code 0)
+        return int(e.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # transformers' own "Loading weights" bars would break the one-line error contract; ours show progress.
     from transformers.utils import logging as hf_logging

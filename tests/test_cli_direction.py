@@ -43,6 +43,12 @@ def test_directions_evaluate_orthogonalize_end_to_end(tiny_dir, workdir, capsys)
     assert code == 0, err
     meta = json.loads((workdir / "dir" / "direction.json").read_text())
     assert meta["layer"] == 1 and meta["lang"] == "en" and meta["n_prompts"] == 4
+    code, _, err = _run(capsys, "directions", "--model", str(tiny_dir), "--prompts", str(prompts), "--lang", "en",
+                        "--out", str(workdir / "dir-pos"), "--refusal-tokens", "I,S", "--filter", "polyrefuse",
+                        "--kl-max", "1e9", "--max-layer-frac", "1.0", "--positions", "-2")
+    assert code == 0, err
+    scored = json.loads((workdir / "dir-pos" / "direction.json").read_text())["selection_scores"]["candidates"]
+    assert scored and {c["position"] for c in scored} == {-2}
     assert meta["selection"]["filter"] == "polyrefuse+custom"
     assert len(meta["selection_scores"]["candidates"]) >= 1
 
@@ -92,6 +98,8 @@ def _foreign_direction(tmp_path):
     (["orthogonalize", "--direction", "{foreign}", "--out", "{tmp}/m"], "it comes from another model"),
     (["directions", "--lang", "xx", "--out", "{tmp}/d"], "no prompts in language 'xx'"),
     (["directions", "--max-layer-frac", "0", "--out", "{tmp}/d"], "--max-layer-frac must be in (0, 1]"),
+    (["directions", "--positions", "1,2", "--out", "{tmp}/d"], "negative positions"),
+    (["directions", "--positions", "-99", "--refusal-tokens", "I", "--out", "{tmp}/d"], "out of range"),
 ])
 def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tiny_dir, tmp_path, capsys, argv, message):
     foreign = _foreign_direction(tmp_path)
