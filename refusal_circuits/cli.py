@@ -641,6 +641,12 @@ def cmd_orthogonalize(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # argparse reads "-2,-1" as an option; glue list values that start with "-" to their flag.
+    for i in range(len(argv) - 1):
+        if argv[i] == "--positions" and argv[i + 1].startswith("-"):
+            argv[i : i + 2] = [f"--positions={argv[i + 1]}"]
+            break
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # usage errors (one line, code 2) and --help / --version (code 0)

@@ -45,10 +45,10 @@ def test_directions_evaluate_orthogonalize_end_to_end(tiny_dir, workdir, capsys)
     assert meta["layer"] == 1 and meta["lang"] == "en" and meta["n_prompts"] == 4
     code, _, err = _run(capsys, "directions", "--model", str(tiny_dir), "--prompts", str(prompts), "--lang", "en",
                         "--out", str(workdir / "dir-pos"), "--refusal-tokens", "I,S", "--filter", "polyrefuse",
-                        "--kl-max", "1e9", "--max-layer-frac", "1.0", "--positions", "-2")
+                        "--kl-max", "1e9", "--max-layer-frac", "1.0", "--positions", "-2,-3")
     assert code == 0, err
     scored = json.loads((workdir / "dir-pos" / "direction.json").read_text())["selection_scores"]["candidates"]
-    assert scored and {c["position"] for c in scored} == {-2}
+    assert scored and {c["position"] for c in scored} == {-2, -3}
     assert meta["selection"]["filter"] == "polyrefuse+custom"
     assert len(meta["selection_scores"]["candidates"]) >= 1
 
