@@ -35,8 +35,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from refusal_circuits import forward as fwd
 from refusal_circuits import hooks
-from refusal_circuits.chat import SPAN_NAMES, ChatBatch, ChatFormat, Span, chat_format
+from refusal_circuits.chat import SPAN_NAMES, ChatFormat, Span, chat_format
 from refusal_circuits.data import PromptSet
 from refusal_circuits.directions import Direction, check_compatible
 from refusal_circuits.errors import InputError
@@ -672,11 +673,19 @@ class HeadTable:
 class _BatchProbe:
     """The hooks of one attribution forward pass; each reduces its activation on the spot."""
 
-    def __init__(self, geo: HeadGeometry, r: Tensor, dla_v: Tensor | None, batch: ChatBatch,
-                 dla_rows: Tensor | None) -> None:
-        self.geo, self.batch = geo, batch
+    def __init__(self, geo: HeadGeometry, r: Tensor, dla_v: Tensor | None, b: int, s: int, n_post: int,
+                 key_spans: Tensor | None, dla_rows: Tensor | None, prefix_vproj: list[Tensor] | None = None) -> None:
+        """A probe for ``b`` rows of ``s`` positions.
+
+        Args:
+            key_spans: ``[b, keys]`` span codes of the attention keys (the positions this pass attends to, including
+                a cached prefix); None for a prefix pass, which records no sources.
+            prefix_vproj: per layer ``[1, n_prefix, head]`` value projections of a cached prefix, placed before this
+                pass's own keys.
+        """
+        self.geo = geo
         n_layers = geo.n_layers
-        b, s = batch.input_ids.shape
+        self.n_post = n_post
         self.r = r
         self.dla_v = dla_v  # [groups, d_model] float64
         self.dla_rows = dla_rows  # [b] group index per row
@@ -689,11 +698,13 @@ class _BatchProbe:
         self.heads = torch.zeros(b, n_layers, geo.n_heads, s, dtype=f64, device=dev)
         self.mlps = torch.zeros(b, n_layers, s, dtype=f64, device=dev)
         self.resid = torch.zeros(b, n_layers + 1, s, dtype=f64, device=dev)
-        n_post = batch.n_post
         self.sources = torch.zeros(b, n_layers, geo.n_heads, n_post, N_SPANS, dtype=f64, device=dev)
         self.attn_mass = torch.zeros_like(self.sources)
-        self.span_onehot = torch.nn.functional.one_hot(batch.spans, N_SPANS).to(torch.float64)  # [b, s, span]
+        self.span_onehot = (None if key_spans is None else
+                            torch.nn.functional.one_hot(key_spans, N_SPANS).to(torch.float64))  # [b, keys, span]
+        self.prefix_vproj = prefix_vproj
         self.vproj: Tensor | None = None
+        self.vprojs: list[Tensor] = []  # per layer, kept for a prefix pass
         # DLA parts before dividing by the final norm's scale (known only at the end of the pass).
         self.dla_embed = torch.zeros(b, dtype=f64, device=dev)
         self.dla_heads = torch.zeros(b, n_layers, geo.n_heads, dtype=f64, device=dev)
@@ -738,12 +749,18 @@ class _BatchProbe:
             b, s = v.shape[:2]
             v = v.reshape(b, s, self.geo.n_kv_heads, self.geo.d_head).to(torch.float64)[:, :, self.kv]  # [b,s,h,d]
             self.vproj = torch.einsum("bshd,hd->bsh", v, self.read_r[layer])
+            if self.span_onehot is None:
+                self.vprojs.append(self.vproj)
+            elif self.prefix_vproj is not None:
+                self.vproj = torch.cat([self.prefix_vproj[layer].expand(b, -1, -1), self.vproj], 1)
         return fn
 
     def _on_pattern(self, layer: int) -> hooks.HookFn:
-        n_post = self.batch.n_post
+        n_post = self.n_post
 
         def fn(pattern: Tensor, _name: str) -> None:
+            if self.span_onehot is None:  # a prefix pass: its positions are no destinations we keep
+                return
             a = pattern[:, :, -n_post:, :].to(torch.float64)  # [b, head, post, src]
             assert self.vproj is not None, "hook_v did not fire before hook_pattern"
             contrib = a * self.vproj.transpose(1, 2)[:, :, None, :]  # A[p, s] (v_s . W_O[h] r̂)
@@ -848,8 +865,25 @@ def attribute(
                               adv_suffix=adv_suffix, names=[rec.id for rec in records], progress=progress,
                               desc="attribution"):
         rows = torch.tensor([group_of.get(records[i].lang, 0) for i in idx], dtype=torch.long, device=device)
-        probe = _BatchProbe(geo, r_dev, dla_v, batch, rows if dla_v is not None else None)
-        hidden = decoder_forward(model, batch, probe.hook_list(model), share_prefix=False)
+        b = len(idx)
+        n_prefix = fwd._shared_prefix_length(batch) if (fwd.SHARE_PREFIX and hf_model_of(model) is not None) else 0
+        prefix: _BatchProbe | None = None
+        if n_prefix:
+            # The template prefix is the same for every row: attribute it once (a batch of one), and let every row
+            # continue from it; its value projections join the keys of the rows' own pass.
+            prefix = _BatchProbe(geo, r_dev, None, 1, n_prefix, batch.n_post, None, None)
+            not_prefix = batch.spans != int(Span.PREFIX)
+            rest_len = int((not_prefix & batch.attention_mask.bool()).sum(-1).max())
+            tail_spans = torch.where(batch.attention_mask[:, -rest_len:].bool() & not_prefix[:, -rest_len:],
+                                     batch.spans[:, -rest_len:], torch.zeros_like(batch.spans[:, -rest_len:]))
+            key_spans = torch.cat([torch.full((b, n_prefix), int(Span.PREFIX), device=device), tail_spans], 1)
+            probe = _BatchProbe(geo, r_dev, dla_v, b, rest_len, batch.n_post, key_spans,
+                                rows if dla_v is not None else None, prefix_vproj=prefix.vprojs)
+            hidden = decoder_forward(model, batch, probe.hook_list(model), prefix_readers=prefix.hook_list(model))
+        else:
+            probe = _BatchProbe(geo, r_dev, dla_v, b, batch.input_ids.shape[1], batch.n_post, batch.spans,
+                                rows if dla_v is not None else None)
+            hidden = decoder_forward(model, batch, probe.hook_list(model), share_prefix=False)
         lengths = batch.lengths.tolist()
         extra: dict[str, Tensor] = {}
         if dla_v is not None and norm is not None and targets is not None and w_u is not None:
@@ -878,14 +912,21 @@ def attribute(
                                    "norm is not a plain RMSNorm/LayerNorm; pass dla=False")
             extra["dla_bias"] = _bias_dla(geo, dla_v, rows) / scale[:, None]
         for j, i in enumerate(idx):
-            k = lengths[j]
-            row = {"embed": probe.embed[j, -k:], "heads": probe.heads[j, :, :, -k:], "mlps": probe.mlps[j, :, -k:],
-                   "resid": probe.resid[j, :, -k:], "spans": batch.spans[j, -k:],
+            k = lengths[j] - n_prefix  # this pass's own positions of row j (all of them without a shared prefix)
+
+            def row_part(t: Tensor, pre: Tensor | None, k: int = k, j: int = j) -> Tensor:
+                mine = t[j, ..., -k:]
+                return mine if pre is None else torch.cat([pre[0], mine], -1)
+
+            row = {"embed": row_part(probe.embed, prefix.embed if prefix else None),
+                   "heads": row_part(probe.heads, prefix.heads if prefix else None),
+                   "mlps": row_part(probe.mlps, prefix.mlps if prefix else None),
+                   "resid": row_part(probe.resid, prefix.resid if prefix else None), "spans": batch.spans[j, -lengths[j]:],
                    "sources": probe.sources[j], "attn_mass": probe.attn_mass[j]}
             row.update({key: val[j] for key, val in extra.items()})
             row = {key: val.cpu() for key, val in row.items()}
             per_row[i] = row
-            token_strs[i] = [tok.decode([t]) for t in batch.input_ids[j, -k:].tolist()]
+            token_strs[i] = [tok.decode([t]) for t in batch.input_ids[j, -lengths[j]:].tolist()]
 
     rows_done = [row for row in per_row if row is not None]
     assert len(rows_done) == n

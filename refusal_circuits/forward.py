@@ -88,14 +88,16 @@ def _shared_prefix_length(batch: ChatBatch) -> int:
 
 
 def decoder_forward(model: Any, batch: ChatBatch, readers: Sequence[tuple[str, hooks.HookFn]] = (),
-                    stop_at: str | None = None, *, share_prefix: bool = True) -> Tensor | None:
+                    stop_at: str | None = None, *, share_prefix: bool = True,
+                    prefix_readers: Sequence[tuple[str, hooks.HookFn]] = ()) -> Tensor | None:
     """Run the decoder on ``batch``; return its output for the positions that ran, or None after ``stop_at``.
 
     ``readers`` are hooks registered only while the batch's own (non-prefix) positions run: they see
     ``[batch, seq', ...]`` with seq' covering at least the instruction and post-instruction tokens, left-padded,
     so ``x[:, -k:]`` is the same slice as in a full forward. With ``stop_at`` the pass ends right after that
     hook fired and None is returned. Interventions registered on the model apply to every position. With
-    ``share_prefix=False`` the whole batch runs in one pass and readers see every position.
+    ``share_prefix=False`` the whole batch runs in one pass and readers see every position. ``prefix_readers``
+    are registered for the shared prefix's pass (a batch of one row), when there is one.
 
     Returns the decoder's last hidden states (after the final norm) for a ``TransformerBridge``; for other
     models the full logits.
@@ -113,7 +115,8 @@ def decoder_forward(model: Any, batch: ChatBatch, readers: Sequence[tuple[str, h
         # masked out, with positions counted as if they were not there.
         is_prefix = batch.spans == int(Span.PREFIX)
         prefix_ids = batch.input_ids[is_prefix].view(len(batch), n_prefix)[:1]
-        cache = hf.model(input_ids=prefix_ids, use_cache=True).past_key_values
+        with hooks.add_hooks(model, prefix_readers):
+            cache = hf.model(input_ids=prefix_ids, use_cache=True).past_key_values
         cache.batch_repeat_interleave(len(batch))
         own = ~is_prefix & batch.attention_mask.bool()
         rest_len = int(own.sum(-1).max())

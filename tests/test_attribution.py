@@ -272,3 +272,19 @@ def test_suffix_comparison_shifts_attention_mass(tiny_model, r):
     assert "→ suffix" in cmp._repr_html_()
     with pytest.raises(InputError, match="no adversarial suffix"):
         attr.compare_suffix(without, without)
+
+
+def test_shared_prefix_pass_equals_the_full_pass(tiny_model, r, result, targets, monkeypatch):
+    """The template prefix attributed once and broadcast gives what a full forward of every row gives."""
+    from refusal_circuits import forward
+
+    refusal, compliance = targets
+    _, batch = next(iter(batches(tiny_model, PROMPTS[:2], 2)))
+    assert forward._shared_prefix_length(batch) > 10  # the Qwen template's system prompt: the fast path ran
+    monkeypatch.setattr(forward, "SHARE_PREFIX", False)
+    full = attr.attribute(tiny_model, r, PROMPTS, refusal_tokens=refusal, compliance_tokens=compliance,
+                          batch_size=2, adv_suffix=" zz!", progress=False)
+    for name in ("embed", "heads", "mlps", "resid", "sources", "attn_mass"):
+        assert torch.allclose(getattr(full, name), getattr(result, name), atol=1e-5), name
+    assert torch.equal(full.mask, result.mask) and torch.equal(full.spans, result.spans)
+    assert torch.allclose(full.dla.heads, result.dla.heads, atol=1e-5)
