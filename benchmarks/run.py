@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32, help="prompts in the fixed batch (half harmful)")
     parser.add_argument("--skip-naive", action="store_true", help="skip the naive TransformerLens route")
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {', '.join(STEPS)}")
     parser.add_argument("--step", choices=STEPS, default=None, help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--scores", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -205,8 +206,12 @@ def main(argv: list[str] | None = None) -> int:
 
     raw: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmpdir:
+        chosen = [x for x in args.steps.split(",") if x] + ["forward"]  # every ratio is against the forward
+        unknown = sorted(set(chosen) - set(STEPS))
+        if unknown:
+            raise SystemExit(f"--steps: unknown {unknown}; choose from {', '.join(STEPS)}")
         for name in STEPS:
-            if name == "naive" and args.skip_naive:
+            if name not in chosen or (name == "naive" and args.skip_naive):
                 continue
             print(f"measuring {name} (fresh process) ...", file=sys.stderr, flush=True)
             cmd = [sys.executable, __file__, "--json", "-", "--step", name, "--model", spec, "--batch",
@@ -217,27 +222,30 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"step {name} failed")
             raw[name] = json.loads(done.stdout.strip().splitlines()[-1])
         equal = None
-        if "naive" in raw:
+        if "naive" in raw and "attribute" in raw:
             from safetensors.torch import load_file
 
             a, b = load_file(str(Path(tmpdir) / "attribute.st")), load_file(str(Path(tmpdir) / "naive.st"))
             m = a["mask"].bool()[None, None].expand_as(a["scores"])
             equal = float((a["scores"] - b["scores"])[m].abs().max())
     fwd = raw["forward"]
-    ratios = {
-        "collect_vs_forward": raw["collect"]["seconds"] / fwd["seconds"],
-        "attribute_vs_forward": raw["attribute"]["seconds"] / fwd["seconds"],
-        "attribute_peak_rss_vs_hf": raw["attribute"]["peak_mib_above"] / fwd["peak_mib_above"],
-        "generate_ablate_vs_plain": raw["generate_ablate"]["seconds"] / raw["generate"]["seconds"],
-        "selection_seconds_per_candidate": raw["selection"]["seconds"] / raw["selection"]["candidates"],
-    }
-    if "naive" in raw:
+    ratios: dict[str, float] = {}
+    if "collect" in raw:
+        ratios["collect_vs_forward"] = raw["collect"]["seconds"] / fwd["seconds"]
+    if "attribute" in raw:
+        ratios["attribute_vs_forward"] = raw["attribute"]["seconds"] / fwd["seconds"]
+        ratios["attribute_peak_rss_vs_hf"] = raw["attribute"]["peak_mib_above"] / fwd["peak_mib_above"]
+    if "generate" in raw and "generate_ablate" in raw:
+        ratios["generate_ablate_vs_plain"] = raw["generate_ablate"]["seconds"] / raw["generate"]["seconds"]
+    if "selection" in raw:
+        ratios["selection_seconds_per_candidate"] = raw["selection"]["seconds"] / raw["selection"]["candidates"]
+    if "naive" in raw and "attribute" in raw:
         ratios["attribute_speedup_vs_naive"] = raw["naive"]["seconds"] / raw["attribute"]["seconds"]
         ratios["attribute_memory_saving_vs_naive"] = raw["naive"]["peak_mib_above"] / raw["attribute"]["peak_mib_above"]
     results = {
         "model": spec, "batch": args.batch, "tokens": fwd["tokens"], "padded_len": fwd["padded_len"],
         "repeats": args.repeats, "ratios": ratios, "naive_vs_ours_max_abs_diff": equal,
-        "attribute_completeness_error": raw["attribute"]["completeness_error"],
+        "attribute_completeness_error": raw.get("attribute", {}).get("completeness_error"),
         "machine": {"cpu_count": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
         "raw": raw,
