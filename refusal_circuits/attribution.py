@@ -841,18 +841,21 @@ def attribute(
         targets = _logit_targets(model, pset, saved, refusal_tokens, compliance_tokens, batch_size)
     norm = final_norm(model) if targets is not None else None
     group_of: dict[str, int] = {}
-    dla_v = dla_const = w_u = b_u = None
+    dla_v = dla_const = u = u_bias = None
     if targets is not None and norm is not None:
         w_u, b_u = _unembedding(model)
         w_u, b_u = w_u.cpu(), (None if b_u is None else b_u.cpu())
         langs = list(dict.fromkeys(r_.lang for r_ in records))
         group_of = {lang: i for i, lang in enumerate(langs)}
+        # Per language: the logit-space direction u (mean refusal row minus mean compliance row of W_U) and the
+        # matching unembedding-bias difference; the model's own logit difference is h_last . u + u_bias.
         u = torch.stack([w_u[list(targets.refusal[lang])].double().mean(0) - w_u[list(targets.compliance[lang])].double().mean(0)
                          for lang in langs])
+        u_bias = (torch.zeros(len(langs), dtype=torch.float64) if b_u is None else
+                  torch.stack([b_u[list(targets.refusal[lang])].double().mean()
+                               - b_u[list(targets.compliance[lang])].double().mean() for lang in langs]))
         dla_v, dla_const = norm.readout(u)
-        if b_u is not None:
-            dla_const = dla_const + torch.stack([b_u[list(targets.refusal[lang])].double().mean()
-                                                 - b_u[list(targets.compliance[lang])].double().mean() for lang in langs])
+        dla_const = dla_const + u_bias
         dla_v = dla_v.to(device_of(model))
 
     n = len(records)
@@ -886,31 +889,24 @@ def attribute(
             hidden = decoder_forward(model, batch, probe.hook_list(model), share_prefix=False)
         lengths = batch.lengths.tolist()
         extra: dict[str, Tensor] = {}
-        if dla_v is not None and norm is not None and targets is not None and w_u is not None:
+        if dla_v is not None and norm is not None and u is not None and u_bias is not None:
             assert probe.final_last is not None and hidden is not None and dla_const is not None
             scale = norm.scale(probe.final_last).cpu()
-            const = dla_const[rows.cpu()]
+            groups = rows.cpu()
+            const = dla_const[groups]
             probe_parts = {"embed": probe.dla_embed.cpu(), "heads": probe.dla_heads.cpu(), "mlps": probe.dla_mlps.cpu()}
             extra = {"dla_embed": probe_parts["embed"] / scale, "dla_heads": probe_parts["heads"] / scale[:, None, None],
                      "dla_mlps": probe_parts["mlps"] / scale[:, None], "dla_const": const, "dla_scale": scale}
             # The model's own logit difference, from its real final norm and unembedding: the parts must add up.
-            h_last = hidden[:, -1].to(torch.float64).cpu()
-            actual = torch.stack([
-                (h_last[j] @ (w_u[list(targets.refusal[records[i].lang])].double().mean(0)
-                              - w_u[list(targets.compliance[records[i].lang])].double().mean(0)))
-                for j, i in enumerate(idx)])
-            if b_u is not None:
-                actual = actual + torch.stack([b_u[list(targets.refusal[records[i].lang])].double().mean()
-                                               - b_u[list(targets.compliance[records[i].lang])].double().mean()
-                                               for i in idx])
+            actual = (hidden[:, -1].to(torch.float64).cpu() * u[groups]).sum(-1) + u_bias[groups]
             extra["dla_logit_diff"] = actual
+            extra["dla_bias"] = _bias_dla(geo, dla_v, rows) / scale[:, None]
             parts = (extra["dla_embed"] + extra["dla_heads"].sum((1, 2)) + extra["dla_mlps"].sum(1) + const
-                     + (_bias_dla(geo, dla_v, rows) / scale[:, None]).sum(1))
+                     + extra["dla_bias"].sum(1))
             err = float((parts - actual).abs().max())
             if err > 1e-3 * (1.0 + float(actual.abs().max())):
                 raise RuntimeError(f"direct logit attribution does not add up (error {err:.3g}): this model's final "
                                    "norm is not a plain RMSNorm/LayerNorm; pass dla=False")
-            extra["dla_bias"] = _bias_dla(geo, dla_v, rows) / scale[:, None]
         for j, i in enumerate(idx):
             k = lengths[j] - n_prefix  # this pass's own positions of row j (all of them without a shared prefix)
 

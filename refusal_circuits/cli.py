@@ -293,15 +293,22 @@ def _splits(prompts, lang: str, max_prompts: int | None):
     return train, val
 
 
-def _refusal_tokens(model, value: str | None, train):
+def _token_strings(value: str, flag: str) -> list[str]:
+    """The comma-separated token strings of ``flag`` (at least one)."""
+    strings = [v for v in value.split(",") if v.strip()]
+    if not strings:
+        raise InputError(f"{flag} needs at least one token")
+    return strings
+
+
+def _refusal_tokens(model, value: str | None, prompts):
+    """``--refusal-tokens`` for every language of ``prompts``; without it, discovered on (up to 32 of) them."""
     from refusal_circuits.scores import discover_refusal_tokens, refusal_tokens_from_strings
 
     if value:
-        strings = [v for v in value.split(",") if v.strip()]
-        if not strings:
-            raise InputError("--refusal-tokens needs at least one token")
-        return refusal_tokens_from_strings(model.tokenizer, strings, langs=train.langs)
-    return discover_refusal_tokens(model, train.head(32), progress=_progress())
+        return refusal_tokens_from_strings(model.tokenizer, _token_strings(value, "--refusal-tokens"),
+                                           langs=prompts.langs)
+    return discover_refusal_tokens(model, prompts.head(32), progress=_progress())
 
 
 def _progress() -> bool:
@@ -423,19 +430,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
-def _token_ids(model, value: str, flag: str) -> list[int]:
-    strings = [v for v in value.split(",") if v.strip()]
-    if not strings:
-        raise InputError(f"{flag} needs at least one token")
-    ids = []
-    for text in strings:
-        enc = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not enc:
-            raise InputError(f"{flag}: {text!r} encodes to no token")
-        ids.append(int(enc[0]))
-    return list(dict.fromkeys(ids))
-
-
 def cmd_attribute(args: argparse.Namespace) -> None:
     from refusal_circuits.attribution import attribute, top_k_heads
     from refusal_circuits.data import load_prompts
@@ -443,7 +437,7 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     from refusal_circuits.io import write_json
     from refusal_circuits.models import ModelSpec, load_model
     from refusal_circuits.patching import total_effects
-    from refusal_circuits.scores import refusal_tokens_from_strings
+    from refusal_circuits.scores import first_token_ids
 
     ModelSpec.parse(args.model)
     out = _out_dir(args.out)
@@ -454,12 +448,14 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     prompts = _split_and_cap(prompts, args)
     model = load_model(args.model)
     check_compatible(direction, model, f"--direction {args.direction}")
-    tokens = None
     if args.refusal_tokens:
-        tokens = refusal_tokens_from_strings(model.tokenizer, args.refusal_tokens.split(","), langs=prompts.langs)
+        tokens = _refusal_tokens(model, args.refusal_tokens, prompts)
     else:
         tokens = _saved_refusal_tokens(direction, f"--direction {args.direction}")
-    compliance = _token_ids(model, args.compliance_tokens, "--compliance-tokens") if args.compliance_tokens else None
+    compliance = None
+    if args.compliance_tokens:
+        compliance = list(first_token_ids(model.tokenizer, _token_strings(args.compliance_tokens, "--compliance-tokens"),
+                                          "--compliance-tokens token")[0])
     result = attribute(model, direction, prompts, adv_suffix=args.adv_suffix, refusal_tokens=tokens,
                        compliance_tokens=compliance, dla=not args.no_dla, batch_size=args.batch_size,
                        progress=_progress())
@@ -581,7 +577,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     obj["separation"] = separation(attribution).to_json()
     if args.directions:
-        obj.update(_directions_study(model, direction, source, [args.base, *langs], args))
+        obj.update(_directions_study(model, direction, prompts, [args.base, *langs], args))
     for lang, pp in patches.items():
         obj["languages"][lang]["patch"] = pp.to_json()
     write_json(out / "divergence.json", obj)
@@ -590,7 +586,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'divergence.json'}")
 
 
-def _directions_study(model, direction, source: str, langs: list[str], args: argparse.Namespace) -> dict:
+def _directions_study(model, direction, prompts, langs: list[str], args: argparse.Namespace) -> dict:
     """Per-language directions at r̂'s site: cosines, shared PCA, transfer matrix (JSON-ready)."""
     from refusal_circuits.crosslingual import (
         direction_cosines,
@@ -599,9 +595,7 @@ def _directions_study(model, direction, source: str, langs: list[str], args: arg
         site_directions,
         transfer_matrix,
     )
-    from refusal_circuits.data import load_prompts
 
-    prompts = load_prompts(source, langs=langs)
     cands = language_candidates(model, prompts, langs, split="train", max_prompts=args.max_prompts,
                                 batch_size=args.batch_size, progress=_progress())
     cos = direction_cosines(cands, direction.layer, direction.position)

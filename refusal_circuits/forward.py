@@ -155,8 +155,9 @@ def last_logits(model: Any, batch: ChatBatch, readers: Sequence[tuple[str, hooks
     """Logits at the last position of every row (the first generated token's distribution).
 
     Hooks registered on the model apply; ``readers`` run on the batch's own positions only (see
-    :func:`decoder_forward`), which is where a hook that patches the post-instruction tokens belongs. For a ``TransformerBridge`` this runs the Hugging Face decoder (with the
-    shared prefix computed once) and unembeds the last position only; other models run a full forward.
+    :func:`decoder_forward`), which is where a hook that patches the post-instruction tokens belongs. For a
+    ``TransformerBridge`` this runs the Hugging Face decoder (with the shared prefix computed once) and unembeds
+    the last position only; other models run a full forward.
     """
     hf = hf_model_of(model)
     out = decoder_forward(model, batch, readers)

@@ -12,7 +12,7 @@ through later layers.
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +44,8 @@ def head_patch_hooks(model: Any, values: Mapping[Head, Tensor | float], *, last:
 
     Args:
         values: ``(layer, head) -> value``; a value is ``0.0`` (zero ablation), a ``[d_head]`` vector (e.g. a
-            mean: mean ablation), or ``[last, d_head]`` per position (broadcast over the batch).
+            mean: mean ablation), ``[last, d_head]`` per position (broadcast over the batch), or
+            ``[batch, last, d_head]`` per row.
         last: only the last ``last`` positions of every row are overwritten (the post-instruction tokens);
             None: every position. With ``last``, pass the hooks as ``readers`` to
             :func:`~refusal_circuits.forward.decoder_forward` (so the shared template prefix is left alone).
@@ -93,6 +94,28 @@ def mean_head_outputs(model: Any, instructions: Sequence[str], layers: Sequence[
     for _, batch in batches(model, instructions, batch_size, fmt=fmt, progress=progress, desc=desc):
         decoder_forward(model, batch, readers, stop_at=hooks.attn_z(max(layers)))
     return {layer: t / len(instructions) for layer, t in total.items()}
+
+
+def _score_and_site(model: Any, direction: Direction, r: Tensor, instructions: Sequence[str],
+                    refusal_tokens: Sequence[int], patch_for: Callable[[list[int]], list[tuple[str, hooks.HookFn]]],
+                    batch_size: int) -> tuple[float, float]:
+    """Mean refusal score and mean projection on r̂ at r̂'s (layer, position) over ``instructions``.
+
+    ``patch_for(idx)`` gives each batch's patching hooks (``idx``: the input indices of its rows); they run as
+    readers of the batch's own positions, so the shared template prefix is left alone.
+    """
+    fmt = chat_format(model.tokenizer)
+    score_total, proj_total = 0.0, 0.0
+    for idx, batch in batches(model, instructions, batch_size, fmt=fmt):
+        got: list[Tensor] = []
+
+        def grab(x: Tensor, _name: str, got: list[Tensor] = got) -> None:
+            got.append(x[:, direction.position].to(torch.float64).cpu() @ r)
+
+        logits = last_logits(model, batch, [*patch_for(idx), (hooks.resid_pre(direction.layer), grab)])
+        score_total += float(refusal_score(logits, refusal_tokens).sum())
+        proj_total += float(got[0].sum())
+    return score_total / len(instructions), proj_total / len(instructions)
 
 
 @dataclass(frozen=True)
@@ -192,19 +215,7 @@ def total_effects(model: Any, direction: Direction, harmful: Sequence[str], harm
         return means[which][layer][:, head * d_head:(head + 1) * d_head]
 
     def scores(instructions: Sequence[str], patch: list[tuple[str, hooks.HookFn]]) -> tuple[float, float]:
-        """Mean refusal score and mean projection on r̂ at (r̂ layer, position)."""
-        total, proj = 0.0, 0.0
-        for _, batch in batches(model, instructions, batch_size, fmt=fmt):
-            got: list[Tensor] = []
-
-            def grab(x: Tensor, _name: str, got: list[Tensor] = got) -> None:
-                got.append(x[:, direction.position].to(torch.float64).cpu() @ r)
-
-            readers = [*patch, (hooks.resid_pre(direction.layer), grab)]
-            logits = last_logits(model, batch, readers)
-            total += float(refusal_score(logits, refusal_tokens).sum())
-            proj += float(got[0].sum())
-        return total / len(instructions), proj / len(instructions)
+        return _score_and_site(model, direction, r, instructions, refusal_tokens, lambda _idx: patch, batch_size)
 
     base_h, base_proj_h = scores(harmful, [])
     base_l, _ = scores(harmless, [])
@@ -293,35 +304,15 @@ def patch_pairs(model: Any, direction: Direction, base: Sequence[str], other: Se
     layers = sorted({a for a, _ in heads})
     source = head_outputs_per_prompt(model, base, layers, batch_size=batch_size) if heads else {}
 
-    def run(instructions: Sequence[str], patched: bool) -> tuple[float, float]:
-        proj_total, score_total = 0.0, 0.0
-        for idx, batch in batches(model, instructions, batch_size, fmt=fmt):
-            got: list[Tensor] = []
-            readers: list[tuple[str, hooks.HookFn]] = []
-            if patched:
-                for layer in layers:
-                    vals = source[layer][idx]  # [b, post, n_heads * d_head]
-                    cols = [h for a, h in heads if a == layer]
+    def from_base(idx: list[int]) -> list[tuple[str, hooks.HookFn]]:
+        """Each row's heads get its own base prompt's outputs (``idx``: the batch rows' input indices)."""
+        return head_patch_hooks(model, {(a, h): source[a][idx][:, :, h * d_head:(h + 1) * d_head] for a, h in heads},
+                                last=n_post)
 
-                    def fn(z: Tensor, _name: str, vals: Tensor = vals, cols: list[int] = cols) -> Tensor:
-                        z = z.clone()
-                        for h in cols:
-                            sl = slice(h * d_head, (h + 1) * d_head)
-                            z[:, -n_post:, sl] = vals[:, :, sl].to(z.dtype)
-                        return z
+    def unpatched(_idx: list[int]) -> list[tuple[str, hooks.HookFn]]:
+        return []
 
-                    readers.append((hooks.attn_z(layer), fn))
-
-            def grab(x: Tensor, _name: str, got: list[Tensor] = got) -> None:
-                got.append(x[:, direction.position].to(torch.float64).cpu() @ r)
-
-            readers.append((hooks.resid_pre(direction.layer), grab))
-            logits = last_logits(model, batch, readers)
-            proj_total += float(got[0].sum())
-            score_total += float(refusal_score(logits, refusal_tokens).sum())
-        return proj_total / len(instructions), score_total / len(instructions)
-
-    base_proj, _ = run(base, False)
-    other_proj, other_score = run(other, False)
-    patched_proj, patched_score = run(other, True)
+    _, base_proj = _score_and_site(model, direction, r, base, refusal_tokens, unpatched, batch_size)
+    other_score, other_proj = _score_and_site(model, direction, r, other, refusal_tokens, unpatched, batch_size)
+    patched_score, patched_proj = _score_and_site(model, direction, r, other, refusal_tokens, from_base, batch_size)
     return PairPatch(heads, base_proj, other_proj, patched_proj, other_score, patched_score, len(base))

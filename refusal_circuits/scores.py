@@ -73,17 +73,26 @@ class RefusalTokens:
         return f"<b>Refusal tokens</b> ({self.source})<table><tr><th>lang</th><th>tokens</th></tr>{rows}</table>"
 
 
-def refusal_tokens_from_strings(tokenizer: Any, strings: Iterable[str], langs: Iterable[str] = ("*",)) -> RefusalTokens:
-    """Refusal tokens given by hand: each string's first token (``"I"`` -> the id of ``I``)."""
+def first_token_ids(tokenizer: Any, strings: Iterable[str], what: str = "refusal token"
+                    ) -> tuple[tuple[int, ...], dict[int, str]]:
+    """Each string's first token id (``"I"`` -> the id of ``I``), without repeats, and id -> token text.
+
+    ``what`` names the strings in the error raised for one that encodes to nothing.
+    """
     ids: list[int] = []
     names: dict[int, str] = {}
     for s in strings:
         enc = tokenizer(s, add_special_tokens=False)["input_ids"]
         if not enc:
-            raise InputError(f"refusal token {s!r} encodes to nothing")
+            raise InputError(f"{what} {s!r} encodes to nothing")
         ids.append(int(enc[0]))
         names[int(enc[0])] = tokenizer.decode([enc[0]])
-    uniq = tuple(dict.fromkeys(ids))
+    return tuple(dict.fromkeys(ids)), names
+
+
+def refusal_tokens_from_strings(tokenizer: Any, strings: Iterable[str], langs: Iterable[str] = ("*",)) -> RefusalTokens:
+    """Refusal tokens given by hand: each string's first token (``"I"`` -> the id of ``I``)."""
+    uniq, names = first_token_ids(tokenizer, strings)
     return RefusalTokens({lang: uniq for lang in langs}, names, {}, "given")
 
 
