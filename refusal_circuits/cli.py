@@ -64,17 +64,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="the whole study on the defaults; writes report.html and results.json",
                          description=(
-                             "Run the study on a model and a prompt set: today, baseline refusal rates per "
-                             "language and label with every completion. Writes OUT/report.html and "
-                             "OUT/results.json."))
+                             "Run the whole study: the base language's refusal direction (selection on the last "
+                             "two template tokens), refusal with and without it per language (generation + phrase "
+                             "judge), per-language directions, cosines and transfer, per-head attribution, the paired "
+                             "comparison with patching, and an offline report. Each stage is cached under "
+                             "OUT/stages and skipped on a rerun unless its inputs changed. Writes OUT/report.html, "
+                             "OUT/results.json and OUT/figures/*.svg."))
     _model_arg(run)
     _prompts_arg(run)
     run.add_argument("--langs", type=_langs, default=None, help="comma-separated ISO 639-1 codes (default: all)")
-    run.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
-                     help="which split of a prompt set with a 'split' key to evaluate (default: test)")
+    run.add_argument("--base", default="en", help="the language whose direction is selected (default: en)")
     run.add_argument("--max-prompts", type=_positive, default=None,
-                     help="at most this many prompts per language and label (a quicker, smaller study)")
-    run.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens generated per prompt")
+                     help="at most this many test prompts per language and label (a quicker, smaller study)")
+    run.add_argument("--train-prompts", type=_positive, default=64,
+                     help="at most this many train (and val) prompts per label for the directions (default 64)")
+    run.add_argument("--positions", type=_negative_ints, default=[-2, -1],
+                     help="post-instruction positions of the selection grid (default -2,-1)")
+    run.add_argument("--filter", default="auto", choices=["auto", "arditi", "polyrefuse"], help="selection filter")
+    run.add_argument("--kl-max", type=float, default=None, help="override the filter's KL threshold")
+    run.add_argument("--max-layer-frac", type=float, default=None, help="override the layer cap (default 0.8)")
+    run.add_argument("--refusal-tokens", default=None, help="comma-separated refusal tokens (default: discovered)")
+    run.add_argument("--compliance-tokens", default=None, help="comma-separated compliance tokens for DLA")
+    run.add_argument("--transfer", default="base", choices=["base", "all"],
+                     help="transfer matrix: the base direction on every language plus each language's own "
+                          "(base), or every language's direction on every language (all)")
+    run.add_argument("--total-effects", type=int, default=4, metavar="K", help="patch K heads for total effects")
+    run.add_argument("--patch-top-k", type=int, default=3, metavar="K",
+                     help="patch K heads from the base run into each translation")
+    run.add_argument("--max-new-tokens", type=_positive, default=24, help="tokens generated per prompt")
     run.add_argument("--batch-size", type=_positive, default=16)
     run.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: ./{DEFAULT_OUT})")
     run.set_defaults(func=cmd_run)
@@ -186,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=_positive, default=32)
     c.set_defaults(func=cmd_compare)
 
+    r = sub.add_parser("report", help="rebuild report.html (and figures) from a finished `run` directory",
+                       description="Rebuild OUT/report.html, OUT/figures/*.svg and OUT/results.json from the stage "
+                                   "directories of a finished `run`, without the model.")
+    r.add_argument("out", help="a directory written by `run`")
+    r.set_defaults(func=cmd_report)
+
     o = sub.add_parser("orthogonalize", help="make the ablation permanent and export a Hugging Face model",
                        description=(
                            "Project the refusal direction out of every weight that writes into the residual "
@@ -211,30 +234,67 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from refusal_circuits.data import load_prompts
-    from refusal_circuits.evaluation import evaluate_refusal
-    from refusal_circuits.io import write_json, write_text
-    from refusal_circuits.models import ModelSpec, load_model
-    from refusal_circuits.report import baseline_report_html
+    from refusal_circuits.study import Study, StudyConfig
 
-    ModelSpec.parse(args.model)  # a bad spec fails before anything slow happens
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a directory")
-    prompts = load_prompts(args.prompts, langs=args.langs)
-    prompts = _split_and_cap(prompts, args)
+    if args.max_layer_frac is not None and not 0 < args.max_layer_frac <= 1:
+        raise InputError("--max-layer-frac must be in (0, 1]")
+    if args.total_effects < 0 or args.patch_top_k < 0:
+        raise InputError("--total-effects and --patch-top-k must be 0 or more")
+    config = StudyConfig(
+        model=args.model, prompts=args.prompts, langs=tuple(args.langs) if args.langs else None, base=args.base,
+        max_prompts=args.max_prompts, train_prompts=args.train_prompts, positions=tuple(args.positions),
+        filter=args.filter, kl_max=args.kl_max, max_layer_frac=args.max_layer_frac,
+        refusal_tokens=args.refusal_tokens, compliance_tokens=args.compliance_tokens,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, transfer=args.transfer,
+        total_effects=args.total_effects, patch_top_k=args.patch_top_k)
+    study = Study(config, Path(args.out), progress=_progress())
     t0 = time.perf_counter()
-    model = load_model(args.model)
-    evaluation = evaluate_refusal(model, prompts, max_new_tokens=args.max_new_tokens,
-                                  batch_size=args.batch_size, progress=not args.quiet)
-    results = {"version": __version__, "prompts": args.prompts, "split": args.split,
-               "seconds": round(time.perf_counter() - t0, 1), "baseline": evaluation.to_dict()}
+    study.run(echo=lambda line: print(line, flush=True))
+    results = _write_report(study.out, config.to_json() | {"langs": study.langs},
+                            {k: v.seconds for k, v in study.stages.items()})
+    _print_headline(results)
+    print(f"study took {time.perf_counter() - t0:.0f} s this time; wrote {study.out / 'report.html'} and "
+          f"{study.out / 'results.json'}")
+
+
+def _write_report(out: Path, config: dict, seconds: dict) -> dict:
+    from refusal_circuits.io import write_json, write_text
+    from refusal_circuits.report import build_report, collect_results
+    from refusal_circuits.study import STAGES
+
+    results = collect_results({name: out / "stages" / name for name in STAGES}, config, seconds)
+    write_text(out / "report.html", build_report(out, results))
     write_json(out / "results.json", results)
-    write_text(out / "report.html", baseline_report_html(evaluation))
-    for lang, groups in evaluation.results.items():
-        rates = "  ".join(f"{lab} {g.refusal_rate:5.1%} (n={g.n})" for lab, g in groups.items())
-        print(f"{lang}: refusal {rates}")
-    print(f"wrote {out / 'report.html'} and {out / 'results.json'}")
+    return results
+
+
+def _print_headline(results: dict) -> None:
+    d = results["direction"]
+    print(f"direction: layer {d['layer']}, position {d['position']} ({d['lang']})")
+    base, abl = results["refusal"]["baseline"], results["refusal"]["ablate"]
+    for lang, groups in base.items():
+        h, s = groups.get("harmful"), groups.get("harmless")
+        a = abl.get(lang, {}).get("harmful")
+        print(f"{lang}: harmful {h['refusal_rate']:5.1%}  harmless {s['refusal_rate']:5.1%}"
+              + (f"  harmful with r̂ ablated {a['refusal_rate']:5.1%}" if a else ""))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    import json
+
+    from refusal_circuits.study import STAGE_FILE, STAGES
+
+    out = Path(args.out)
+    missing = [name for name in STAGES if not (out / "stages" / name / STAGE_FILE).is_file()]
+    if missing:
+        raise InputError(f"{out}: not a finished `run` directory (missing stages: {', '.join(missing)})")
+    try:
+        old = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        config, seconds = old["config"], old["seconds"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{out / 'results.json'}: unreadable ({e})") from None
+    _write_report(out, config, seconds)
+    print(f"wrote {out / 'report.html'}")
 
 
 def _split_and_cap(prompts, args: argparse.Namespace):
@@ -503,7 +563,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     import json
 
     from refusal_circuits.attribution import TOKENS_FILE, load_attribution
-    from refusal_circuits.crosslingual import Rate, divergence, pair_rows, paired_heads
+    from refusal_circuits.crosslingual import Rate, divergence, pair_rows, patch_top_heads
     from refusal_circuits.io import write_json
 
     if not 0 < args.alpha < 1:
@@ -535,7 +595,6 @@ def cmd_compare(args: argparse.Namespace) -> None:
         from refusal_circuits.data import load_prompts
         from refusal_circuits.directions import check_compatible, load_direction
         from refusal_circuits.models import ModelSpec, load_model
-        from refusal_circuits.patching import patch_pairs
 
         spec = args.model or attribution.model
         ModelSpec.parse(spec)
@@ -563,14 +622,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
                         for lang, g in ev.results.items() if "harmful" in g and "harmless" in g}
         tokens = direction.meta.get("refusal_tokens", {}).get("ids", {}).get(direction.lang)
         if args.patch_top_k and tokens:
-            for lang in langs:
-                paired = paired_heads(attribution, args.base, lang, alpha=args.alpha)
-                heads = [(h["layer"], h["head"]) for h in paired.ranked_heads(args.patch_top_k)]
-                rows = pair_rows(attribution, args.base, lang)
-                base_i = [by_key[(attribution.ids[i], args.base, attribution.labels[i])].instruction for i, _ in rows]
-                other_i = [by_key[(attribution.ids[j], lang, attribution.labels[j])].instruction for _, j in rows]
-                patches[lang] = patch_pairs(model, direction, base_i, other_i, heads, tokens,
-                                            batch_size=args.batch_size)
+            patches = patch_top_heads(model, direction, attribution, prompts, args.base, langs, args.patch_top_k,
+                                      tokens, alpha=args.alpha, batch_size=args.batch_size, progress=_progress())
     result = divergence(attribution, args.base, langs, baseline=baseline, patch=patches, alpha=args.alpha)
     obj = result.to_json()
     from refusal_circuits.crosslingual import separation

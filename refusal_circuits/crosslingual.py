@@ -20,7 +20,7 @@ module measures that and goes down to heads:
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -458,7 +458,9 @@ class TransferMatrix:
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{html.escape(t)}</th>" for t in self.targets)
 
-        def cell(r: Rate) -> str:
+        def cell(r: Rate | None) -> str:
+            if r is None:
+                return "<td>–</td>"
             lo, hi = r.ci
             return f"<td title='95% CI {lo:.0%}–{hi:.0%}, n={r.n}'>{r.rate:.0%}</td>"
 
@@ -466,9 +468,9 @@ class TransferMatrix:
                 "<tr><th>baseline harmless</th>" + "".join(cell(self.baseline[t][1]) for t in self.targets) + "</tr>",
                 "<tr><th>aligned</th>" + "".join(f"<td>{'yes' if self.aligned(t) else 'no'}</td>"
                                                    for t in self.targets) + "</tr>"]
-        rows += [f"<tr><th>ablate {html.escape(s)}</th>" + "".join(cell(self.ablate[s][t]) for t in self.targets)
+        rows += [f"<tr><th>ablate {html.escape(s)}</th>" + "".join(cell(self.ablate[s].get(t)) for t in self.targets)
                  + "</tr>" for s in self.sources]
-        rows += [f"<tr><th>add {html.escape(s)} (harmless)</th>" + "".join(cell(self.actadd[s][t]) for t in self.targets)
+        rows += [f"<tr><th>add {html.escape(s)} (harmless)</th>" + "".join(cell(self.actadd[s].get(t)) for t in self.targets)
                  + "</tr>" for s in self.sources]
         return (f"<table><caption>Refusal rate by target language (columns; judge: {html.escape(self.judge)})"
                 f"</caption><tr><th></th>{head}</tr>{''.join(rows)}</table>")
@@ -503,7 +505,7 @@ def _refusals(model: Any, prompts: PromptSet, judge: str, refusal_ids: Sequence[
 def transfer_matrix(model: Any, directions: Mapping[str, Direction], prompts: PromptSet, *,
                     targets: Sequence[str] | None = None, refusal_ids: Sequence[int] = (), judge: str = "first_token",
                     actadd_layer: int | None = None, batch_size: int = 32, max_new_tokens: int = 24,
-                    progress: bool = True) -> TransferMatrix:
+                    cells: Collection[tuple[str, str]] | None = None, progress: bool = True) -> TransferMatrix:
     """Ablate each source direction on every target's harmful prompts; add it on every target's harmless prompts.
 
     Args:
@@ -513,6 +515,9 @@ def transfer_matrix(model: Any, directions: Mapping[str, Direction], prompts: Pr
         judge: ``first_token`` (one forward pass per cell) or ``generate`` (greedy generation + phrase judge).
         actadd_layer: where to add (default: each direction's own layer); the coefficient is the direction's
             calibrated one (``meta["actadd"]``) or its norm.
+        cells: the ``(source, target)`` cells to measure (default: all); the others are left out of the record,
+            e.g. one source's row plus the diagonal (each language's own direction) costs ``2 x`` the baseline
+            instead of ``n_sources x``.
     """
     from tqdm.auto import tqdm
 
@@ -526,7 +531,8 @@ def transfer_matrix(model: Any, directions: Mapping[str, Direction], prompts: Pr
     for t, (h, s) in groups.items():
         if not len(h) or not len(s):
             raise InputError(f"target language {t!r} needs harmful and harmless prompts")
-    total = len(targets) * (1 + len(sources))
+    wanted = set(cells) if cells is not None else {(a, b) for a in sources for b in targets}
+    total = len(targets) + sum((a, b) in wanted for a in sources for b in targets)
     bar = tqdm(total=total, desc="transfer", disable=not progress, leave=False)
     baseline: dict[str, tuple[Rate, Rate]] = {}
     for t, (h, s) in groups.items():
@@ -539,6 +545,8 @@ def transfer_matrix(model: Any, directions: Mapping[str, Direction], prompts: Pr
         d = directions[src]
         abl[src], add[src] = {}, {}
         for t, (h, s) in groups.items():
+            if (src, t) not in wanted:
+                continue
             with ablate(model, d):
                 abl[src][t] = _refusals(model, h, judge, refusal_ids, batch_size, max_new_tokens)
             with actadd(model, d, layer=actadd_layer):
@@ -697,3 +705,30 @@ def divergence(attribution: Attribution, base: str = "en", langs: Sequence[str] 
     return Divergence(base, out, attribution.model, attribution.direction)
 
 
+
+
+def patch_top_heads(model: Any, direction: Direction, attribution: Attribution, prompts: PromptSet, base: str,
+                    langs: Sequence[str], k: int, refusal_tokens: Sequence[int], *, alpha: float = 0.05,
+                    batch_size: int = 32, progress: bool = True) -> dict[str, Any]:
+    """Per language, patch the ``k`` heads with the largest paired difference from the ``base`` run into the
+    translations (:func:`~refusal_circuits.patching.patch_pairs`); returns ``{lang: PairPatch}``.
+
+    ``prompts`` must hold every attributed (id, language, label) of ``base`` and ``langs``.
+    """
+    from tqdm.auto import tqdm
+
+    from refusal_circuits.patching import patch_pairs
+
+    by_key = {(r.id, r.lang, r.label): r for r in prompts}
+    out = {}
+    for lang in tqdm(langs, desc="patch from " + base, disable=not progress, leave=False):
+        paired = paired_heads(attribution, base, lang, alpha=alpha)
+        heads = [(h["layer"], h["head"]) for h in paired.ranked_heads(k)]
+        rows = pair_rows(attribution, base, lang)
+        try:
+            base_i = [by_key[(attribution.ids[i], base, attribution.labels[i])].instruction for i, _ in rows]
+            other_i = [by_key[(attribution.ids[j], lang, attribution.labels[j])].instruction for _, j in rows]
+        except KeyError as e:
+            raise InputError(f"the prompts lack the attributed prompt {e.args[0]}") from None
+        out[lang] = patch_pairs(model, direction, base_i, other_i, heads, refusal_tokens, batch_size=batch_size)
+    return out

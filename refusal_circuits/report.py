@@ -1,33 +1,312 @@
-"""Offline HTML report: no script or stylesheet leaves the page; every prompt and completion is escaped."""
+"""The study's offline HTML report and its ``results.json``, built from the stage directories alone.
+
+The page loads nothing: figures are inline SVG (each also saved under ``figures/`` as SVG for papers), the
+attention views carry circuitsvis's JavaScript bundle inline, and a Content-Security-Policy with
+``default-src 'none'`` forbids every request. All prompt, completion and token text goes through :func:`esc`
+(HTML escaping, plus visible markers for the bidirectional-control characters that could reorder what a reader
+sees).
+"""
 
 from __future__ import annotations
 
 import html
+import json
+import math
+from pathlib import Path
+from typing import Any
 
 from refusal_circuits.evaluation import RefusalEvaluation
 
 _STYLE = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}
-th{background:#f3f3f3}small{color:#666}.refused{color:#a00}.complied{color:#070}
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:72em;color:#222;line-height:1.45}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .5em;text-align:left}
+th{background:#f3f3f3}small,.muted{color:#666}.refused{color:#a00}.complied{color:#070}
 details{margin:.3em 0}pre{white-space:pre-wrap;background:#fafafa;padding:.4em}
+figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}figcaption{font-size:.85em;color:#555;max-width:40em}
+figure svg{max-width:100%;height:auto}.summary{background:#f7f7fb;padding:.5em .8em;border-left:3px solid #88a}
 """
 
+#: Bidirectional-control characters shown as visible markers instead of being obeyed.
+_BIDI = {c: f"⟨U+{c:04X}⟩" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C)}
 
-def _page(title: str, body: str) -> str:
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            f"<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; style-src 'unsafe-inline'\">"
-            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>{body}</body></html>")
+
+def esc(text: Any) -> str:
+    """HTML-escape ``text`` (quotes included) and make bidi controls visible."""
+    return html.escape(str(text), quote=True).translate(_BIDI)
+
+
+def _page(title: str, body: str, *, scripts: bool = False) -> str:
+    script = "script-src 'unsafe-inline'; " if scripts else ""
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; {script}"
+            "style-src 'unsafe-inline'; img-src data:\">"
+            f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>{body}</body></html>")
 
 
 def baseline_report_html(evaluation: RefusalEvaluation) -> str:
-    """The report of a baseline refusal evaluation: rates with 95% Wilson intervals and every completion."""
-    parts = [f"<h1>Refusal study: {html.escape(evaluation.model)}</h1>",
-             "<h2>Baseline refusal rates</h2>", evaluation._repr_html_(),
-             "<h2>Completions</h2>"]
-    for c in evaluation.completions:
-        verdict = "refused" if c.refused else "complied"
-        parts.append(
-            f"<details><summary>{html.escape(c.lang)} · {html.escape(c.label)} · {html.escape(c.id)} · "
-            f"<span class='{verdict}'>{verdict}</span></summary><pre>{html.escape(c.completion)}</pre></details>")
+    """A report of one refusal evaluation: rates with 95% Wilson intervals and every completion."""
+    parts = [f"<h1>Refusal evaluation: {esc(evaluation.model)}</h1>", "<h2>Refusal rates</h2>",
+             evaluation._repr_html_(), "<h2>Completions</h2>", _completions(evaluation.to_dict()["completions"])]
     return _page(f"refusal_circuits: {evaluation.model}", "".join(parts))
+
+
+def _completions(rows: list[dict[str, Any]]) -> str:
+    out = []
+    for c in rows:
+        verdict = "refused" if c["refused"] else "complied"
+        out.append(f"<details><summary>{esc(c['lang'])} · {esc(c['label'])} · {esc(c['id'])} · "
+                   f"<span class='{verdict}'>{verdict}</span></summary><pre>{esc(c['completion'])}</pre></details>")
+    return "".join(out)
+
+
+# ------------------------------------------------------------------------------------------------------ results
+
+
+def _rate(g: dict[str, Any]) -> tuple[float, float, float]:
+    from refusal_circuits.evaluation import wilson_interval
+
+    n = int(g["n"])
+    k = int(g["refused"]) if "refused" in g else round(float(g.get("refusal_rate", g.get("rate", 0.0))) * n)
+    lo, hi = wilson_interval(k, n)
+    return (k / n if n else math.nan, lo, hi)
+
+
+def collect_results(stage_dirs: dict[str, Path], config: dict[str, Any], seconds: dict[str, float]) -> dict[str, Any]:
+    """``results.json``: the configuration, stage times, and the headline numbers of every stage."""
+    from refusal_circuits._version import __version__
+
+    d = json.loads((stage_dirs["direction"] / "direction.json").read_text(encoding="utf-8"))
+    ev = {k: json.loads((stage_dirs["evaluate"] / f"{k}.json").read_text(encoding="utf-8"))
+          for k in ("baseline", "ablate", "actadd")}
+    langs = json.loads((stage_dirs["languages"] / "languages.json").read_text(encoding="utf-8"))
+    summary = json.loads((stage_dirs["attribute"] / "attribution" / "summary.json").read_text(encoding="utf-8"))
+    div = json.loads((stage_dirs["compare"] / "divergence.json").read_text(encoding="utf-8"))
+    effects_file = stage_dirs["attribute"] / "effects.json"
+    return {
+        "version": __version__, "config": config, "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1),
+        "direction": {k: d.get(k) for k in ("model", "lang", "layer", "position", "norm", "n_harmful", "n_harmless",
+                                            "selection", "actadd")},
+        "refusal": {k: v["results"] for k, v in ev.items()},
+        "actadd": {"alpha": ev["actadd"].get("alpha"), "layer": ev["actadd"].get("layer")},
+        "languages": langs,
+        "attribution": summary,
+        "effects": json.loads(effects_file.read_text(encoding="utf-8")) if effects_file.exists() else None,
+        "divergence": div,
+        "files": {name: str(p) for name, p in stage_dirs.items()},
+    }
+
+
+# ------------------------------------------------------------------------------------------------------- report
+
+
+class _Figures:
+    """Collects figures: inline SVG for the page, and the same figure saved as ``figures/NAME.svg``."""
+
+    def __init__(self, out: Path) -> None:
+        self.dir = out / "figures"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.names: list[str] = []
+
+    def add(self, name: str, fig: Any, caption: str) -> str:
+        from refusal_circuits import viz
+
+        viz.save(fig, self.dir / f"{name}.svg")
+        svg = viz.to_svg(fig)
+        self.names.append(name)
+        return (f"<figure id='fig-{esc(name)}' data-figure='{esc(name)}'>{svg}<figcaption>{esc(caption)} "
+                f"<span class='muted'>(figures/{esc(name)}.svg)</span></figcaption></figure>")
+
+
+def build_report(out: Path, results: dict[str, Any]) -> str:
+    """The report page of a finished study in ``out`` (stage directories under ``out/stages``); figures are also
+    written to ``out/figures``. Returns the HTML."""
+    import torch
+    from safetensors.torch import load_file
+
+    from refusal_circuits import viz
+    from refusal_circuits.attribution import load_attribution
+
+    stages = {k: Path(v) for k, v in results["files"].items()}
+    figs = _Figures(out)
+    cfg, d = results["config"], results["direction"]
+    base = cfg["base"]
+    refusal = results["refusal"]
+    langs_json = results["languages"]
+    transfer = langs_json["transfer"]
+    langs = list(transfer["targets"])
+    div = results["divergence"]
+    body: list[str] = []
+    sel = d.get("selection") or {}
+    body.append(f"<h1>Refusal circuits: {esc(d['model'])}</h1>")
+    body.append(
+        f"<p>Prompts <code>{esc(cfg['prompts'])}</code>, languages {esc(', '.join(langs))}; base language "
+        f"<b>{esc(base)}</b>. Study time {results['total_seconds']:.0f} s ("
+        + ", ".join(f"{esc(k)} {v:.0f} s" for k, v in results["seconds"].items())
+        + f"); refusal_circuits {esc(results['version'])}.</p>")
+
+    # Direction
+    body.append("<h2>The refusal direction</h2>")
+    body.append(
+        f"<p>r̂ from {d['n_harmful']} harmful and {d['n_harmless']} harmless {esc(base)} train prompts, read at "
+        f"<b>resid_pre of layer {d['layer']}</b>, post-instruction position <b>{d['position']}</b>; filter "
+        f"{esc(sel.get('filter'))}{' (fallback from ' + esc(sel['fallback_from']) + ')' if sel.get('fallback_from') else ''}"
+        f": bypass {sel.get('bypass', float('nan')):.2f} (baseline {sel.get('baseline_harmful', float('nan')):.2f}), "
+        f"induce {_num(sel.get('induce'))}, KL {_num(sel.get('kl'), 3)}; ‖r‖ = {d['norm']:.2f}, activation "
+        f"addition α = {_num((results.get('actadd') or {}).get('alpha'))}.</p>")
+
+    # Refusal rates
+    body.append("<h2>Refusal per language</h2>")
+    rates: dict[str, dict[str, tuple[float, float, float]]] = {"harmful, baseline": {}, f"harmful, r̂({base}) ablated": {},
+                                                                "harmful, own r̂ ablated (1st token)": {},
+                                                                "harmless, baseline": {}}
+    for lang in langs:
+        g = refusal["baseline"].get(lang, {})
+        if "harmful" in g:
+            rates["harmful, baseline"][lang] = _rate(g["harmful"])
+        if "harmless" in g:
+            rates["harmless, baseline"][lang] = _rate(g["harmless"])
+        a = refusal["ablate"].get(lang, {})
+        if "harmful" in a:
+            rates[f"harmful, r̂({base}) ablated"][lang] = _rate(a["harmful"])
+        own = transfer["ablate"].get(lang, {}).get(lang)
+        if own:
+            rates["harmful, own r̂ ablated (1st token)"][lang] = _rate(own)
+    body.append(figs.add("refusal_rates", viz.refusal_rates(rates, title="Refusal rate per language"),
+                         "Greedy generation judged by refusal phrases (baseline, ablation of the base language's r̂); "
+                         "each language's own direction at r̂'s site ablated, judged by the first token. 95% Wilson "
+                         "intervals."))
+    add = refusal["actadd"].get(base, {}).get("harmless")
+    if add:
+        r = _rate(add)
+        body.append(f"<p>Activation addition of r̂ at layer {d['layer']} makes {r[0]:.0%} of {esc(base)} harmless "
+                    f"test prompts refuse (95% CI {r[1]:.0%}–{r[2]:.0%}, n={add['n']}).</p>")
+    aligned = [t for t in langs if transfer["baseline"].get(t, {}).get("aligned")]
+    body.append(f"<p>Safety-aligned (baseline harmful refusal clearly above harmless, first-token judge): "
+                f"<b>{esc(', '.join(aligned) or 'none')}</b>.</p>")
+
+    # Cross-lingual directions and transfer
+    body.append("<h2>Directions across languages</h2>")
+    cos = langs_json["cosines"]
+    body.append(figs.add("cosines", viz.matrix(cos["at_site"], cos["langs"], cos["langs"], vmin=0, vmax=1,
+                                               title=f"cosine of per-language directions (layer {cos['layer']}, "
+                                                     f"position {cos['position']})", cbar="cosine"),
+                         "Difference-in-means directions of each language at r̂'s site (train split)."))
+    per_layer = torch.tensor(cos["per_layer"])
+    bi = cos["langs"].index(base)
+    curves = {lang: per_layer[:, bi, i].tolist() for i, lang in enumerate(cos["langs"]) if lang != base}
+    fig = viz.trajectories(curves, title=f"cosine with the {base} direction per layer", marker_layer=cos["layer"])
+    fig.axes[0].set_ylabel(f"cosine with {base}")
+    body.append(figs.add("cosines_per_layer", fig, "Per layer, at r̂'s position."))
+    pca = langs_json["pca"]
+    body.append(figs.add("pca", viz.scatter(pca["coords"], pca["langs"], title="shared PCA of the mean differences",
+                                            explained=pca["explained_variance_ratio"]),
+                         "Each language's harmful-minus-harmless mean at r̂'s site on the first two principal "
+                         "components of all languages' means."))
+    sources = [s for s in transfer["sources"] if transfer["ablate"].get(s)]
+    grid = [[transfer["baseline"][t]["harmful"]["rate"] for t in langs]]
+    grid += [[transfer["ablate"][s][t]["rate"] if t in transfer["ablate"][s] else math.nan for t in langs]
+             for s in sources]
+    body.append(figs.add("transfer", viz.matrix(grid, ["none", *sources], langs, vmin=0, vmax=1, cmap="viridis",
+                                                fmt="{:.0%}", title="harmful refusal with a direction ablated",
+                                                cbar="refusal rate", xlabel="prompts in", ylabel="direction from"),
+                         "Rows: whose direction is ablated (first row: none); columns: the language of the harmful "
+                         "test prompts; first-token judge. Empty cells were not measured (transfer='base')."))
+
+    # Attribution
+    body.append("<h2>Where r̂ is written: attribution</h2>")
+    attribution = load_attribution(stages["attribute"] / "attribution")
+    body.append(f"<p>{attribution.n_prompts} prompts; every component's direct write adds up to the residual "
+                f"stream's projection on r̂ within {attribution.completeness_error():.1e}.</p>")
+    body.append(attribution.top_heads(8).where(lang=base)._repr_html_())
+    sep = div.get("separation")
+    if sep:
+        body.append(figs.add("separation", viz.matrix(sep["auroc"], sep["langs"],
+                                                      [str(i) for i in range(len(sep["auroc"][0]))],
+                                                      vmin=0.5, vmax=1, fmt="{:.2f}", title="AUROC harmful vs "
+                                                      "harmless along r̂", cbar="AUROC", xlabel="layer"),
+                             f"Projection on r̂ at position {sep['position']}, per language and layer."))
+    site = int(d["position"])
+    curves = {}
+    for lang in langs:
+        sub = attribution.select(lang=lang, label="harmful")
+        if sub.n_prompts:
+            curves[lang] = sub.resid[:, :, site].mean(0).tolist()
+    body.append(figs.add("trajectories", viz.trajectories(curves, title="mean projection on r̂ (harmful prompts)",
+                                                          marker_layer=int(d["layer"])),
+                         f"resid_pre · r̂ at position {site}, per layer."))
+    proj = [figs.add(f"projection_{lang}", viz.projection_heatmap(attribution, lang=lang),
+                     f"{lang}: layer × position projection on r̂") for lang in langs
+            if attribution.select(lang=lang, label="harmful").n_prompts]
+    body.append("<details><summary>Layer × position projections per language</summary>" + "".join(proj)
+                + "</details>")
+
+    # Paired comparison
+    body.append("<h2>Where translations diverge</h2>")
+    paired_file = stages["compare"] / "paired.safetensors"
+    paired = load_file(str(paired_file)) if paired_file.exists() else {}
+    if f"{base}.mean" in paired:
+        lim = float(max(v.abs().max() for k, v in paired.items() if k.endswith(".mean")))
+        body.append(figs.add(f"heads_{base}", viz.head_heatmap(paired[f"{base}.mean"], limit=lim,
+                                                               title=f"{base}: mean head write onto r̂ (harmful)"),
+                             "Mean direct write onto r̂ at the post-instruction tokens, paired prompts."))
+    for lang, entry in div["languages"].items():
+        body.append(f"<h3>{esc(lang)}</h3><p class='summary'>{esc(entry['summary'])}</p>")
+        if f"{lang}.diff" in paired:
+            body.append(figs.add(f"heads_{lang}", viz.head_heatmap(paired[f"{lang}.mean"], limit=lim,
+                                                                   title=f"{lang}: mean head write onto r̂"),
+                                 f"{lang} translations of the same prompts."))
+            body.append(figs.add(f"heads_diff_{lang}", viz.head_heatmap(
+                paired[f"{lang}.diff"], significant=paired[f"{lang}.significant"].bool(),
+                title=f"{lang} − {base} (framed: significant)", cbar="paired difference"),
+                "Paired mean difference per head; framed cells pass the Benjamini-Hochberg control and the "
+                "1% floor."))
+        patch = entry.get("patch")
+        if patch:
+            body.append(f"<p>Patching the top {len(patch['heads'])} heads from the {esc(base)} run closes "
+                        f"{_num(patch['fraction'] * 100 if patch['fraction'] == patch['fraction'] else None, 0)}% of "
+                        f"the projection gap at r̂'s site.</p>")
+
+    # Views
+    views_file = stages["compare"] / "views.json"
+    if views_file.exists():
+        body.append(_views(stages["compare"], attribution, int(d["layer"])))
+
+    body.append("<h2>Completions</h2><details><summary>Baseline</summary>"
+                + _completions(json.loads((stages["evaluate"] / "baseline.json").read_text(encoding="utf-8"))["completions"])
+                + f"</details><details><summary>r̂({esc(base)}) ablated</summary>"
+                + _completions(json.loads((stages["evaluate"] / "ablate.json").read_text(encoding="utf-8"))["completions"])
+                + "</details><details><summary>Activation addition</summary>"
+                + _completions(json.loads((stages["evaluate"] / "actadd.json").read_text(encoding="utf-8"))["completions"])
+                + "</details>")
+    body.append("<script>document.body.dataset.figures=String(document.querySelectorAll('figure svg').length);"
+                "</script>")
+    return _page(f"refusal_circuits: {d['model']}", "".join(body), scripts=True)
+
+
+def _views(stage: Path, attribution: Any, layer: int) -> str:
+    from safetensors.torch import load_file
+
+    from refusal_circuits import viz
+
+    meta = json.loads((stage / "views.json").read_text(encoding="utf-8"))
+    tensors = load_file(str(stage / "views.safetensors"))
+    names = [f"L{a}.H{b}" for a, b in meta["heads"]]
+    parts = ["<h2>Attention of the top heads on one prompt pair</h2>",
+             f"<p>The base language's top heads ({esc(', '.join(names))}); tokens below are coloured by their "
+             f"residual stream's projection on r̂ at layer {layer} (red: towards refusal).</p>"]
+    shown = viz.attention_views([(meta["prompts"][lang]["tokens"], tensors[f"{lang}.pattern"], names)
+                                 for lang in meta["pair"]])
+    for lang, view in zip(meta["pair"], shown, strict=True):
+        p = meta["prompts"][lang]
+        row = int(p["row"])
+        values = attribution.resid[row, layer][attribution.mask[row].bool()].tolist()
+        parts.append(f"<h3>{esc(lang)} · {esc(p['id'])}: {esc(p['instruction'])}</h3>")
+        parts.append(viz.token_projection_html(attribution.tokens[row], values))
+        parts.append(f"<div class='attention-view' data-lang='{esc(lang)}'>{view}</div>")
+    return "".join(parts)
+
+
+def _num(x: Any, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and x != x):
+        return "–"
+    return f"{float(x):.{digits}f}"

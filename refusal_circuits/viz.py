@@ -8,7 +8,6 @@ Colour maps are perceptually uniform (``viridis``) or diverging around zero (``R
 
 from __future__ import annotations
 
-import html
 import io
 import os
 from collections.abc import Mapping, Sequence
@@ -169,23 +168,61 @@ def trajectories(curves: Mapping[str, Sequence[float]], *, title: str, marker_la
     return fig
 
 
+def scatter(coords: Sequence[Sequence[float]], labels: Sequence[str], *, title: str,
+            explained: Sequence[float] | None = None) -> Any:
+    """Labelled points on two axes (the shared PCA of per-language directions)."""
+    plt = _plt()
+    xy = torch.as_tensor(coords, dtype=torch.float32)
+    fig, ax = plt.subplots(figsize=(3.2, 2.8))
+    ax.scatter(xy[:, 0].numpy(), xy[:, 1].numpy() if xy.shape[1] > 1 else [0.0] * len(xy), s=12, color="#3465a4")
+    for i, name in enumerate(labels):
+        ax.annotate(name, (float(xy[i, 0]), float(xy[i, 1]) if xy.shape[1] > 1 else 0.0), fontsize=7,
+                    xytext=(3, 2), textcoords="offset points")
+    ev = list(explained or [])
+    ax.set_xlabel("PC1" + (f" ({ev[0]:.0%} of variance)" if ev else ""))
+    ax.set_ylabel("PC2" + (f" ({ev[1]:.0%})" if len(ev) > 1 else ""))
+    ax.set_title(title)
+    return fig
+
+
 def token_projection_html(tokens: Sequence[str], values: Sequence[float], *, limit: float | None = None) -> str:
     """Tokens coloured by their projection on r̂ (red positive, blue negative); escaped, no script."""
+    from refusal_circuits.report import esc
+
     lim = limit or max((abs(float(v)) for v in values), default=1.0) or 1.0
     out = []
     for t, v in zip(tokens, values, strict=True):
         a = min(1.0, abs(float(v)) / lim)
         rgb = "214,39,40" if v > 0 else "31,119,180"
-        shown = html.escape(t).replace("\n", "↵<br>") or "&nbsp;"
+        shown = esc(t).replace("\n", "↵<br>") or "&nbsp;"
         out.append(f"<span title='{float(v):+.3f}' style='background:rgba({rgb},{a:.2f});padding:0 1px'>{shown}</span>")
     return "<div style='font-family:monospace;line-height:1.8'>" + "".join(out) + "</div>"
 
 
 def attention_view(tokens: Sequence[str], patterns: Tensor, head_names: Sequence[str]) -> str:
     """circuitsvis attention heads view (``patterns`` ``[head, dest, src]``) with its JavaScript bundle inline."""
+    return attention_views([(tokens, patterns, head_names)])[0]
+
+
+def attention_views(views: Sequence[tuple[Sequence[str], Tensor, Sequence[str]]]) -> list[str]:
+    """Several circuitsvis attention views; circuitsvis's JavaScript bundle (1.3 MB) is inlined once, in the first.
+
+    circuitsvis's ``local_src`` inlines the bundle in every view (``str()`` would load it from a CDN instead); we
+    keep one copy, as a classic script that defines ``CircuitsVis`` for the page, and one small ``render`` call per
+    view. Token text is made inert for the inline JSON (``<`` and ``>`` shown as ‹ ›).
+    """
     from circuitsvis.attention import attention_heads
 
-    rendered = attention_heads(attention=patterns.float().numpy(), tokens=list(tokens),
-                               attention_head_names=list(head_names))
-    # local_src inlines circuitsvis's own bundle; str() / show_code() would load it from a CDN.
-    return str(rendered.local_src)
+    out = []
+    for i, (tokens, patterns, names) in enumerate(views):
+        safe = [t.replace("<", "‹").replace(">", "›") for t in tokens]
+        src = attention_heads(attention=patterns.float().numpy(), tokens=safe,
+                              attention_head_names=list(names)).local_src
+        opening = '<script crossorigin type="module">'
+        div, rest = src.split(opening, 1)
+        bundle, call = rest.split("CircuitsVis.render(", 1)
+        call = "CircuitsVis.render(" + call.replace("</script>", "").replace("</", "<\\/")
+        div = div.strip().replace("/>", "></div>", 1) if div.strip().endswith("/>") else div.strip()
+        head = f"<script>{bundle}</script>" if i == 0 else ""
+        out.append(f"{head}{div}<script>{call}</script>")
+    return out

@@ -57,19 +57,22 @@ def test_bad_prompt_file_line_is_named_through_the_cli(tmp_path, capsys):
 
 @pytest.mark.packaged
 def test_run_on_the_packaged_model_writes_report_and_results(tmp_path):
-    """The real entry point, as a user runs it, on a small slice of the bundled set."""
+    """The real entry point, as a user runs it, on a small slice of the bundled set: every stage on the real model."""
     out = tmp_path / "rep"
     proc = subprocess.run(
-        [sys.executable, "-m", "refusal_circuits.cli", "-q", "run", "--langs", "en,yo", "--max-prompts", "3",
-         "--max-new-tokens", "12", "--out", str(out)],
-        capture_output=True, text=True, timeout=900)
+        [sys.executable, "-m", "refusal_circuits.cli", "-q", "run", "--langs", "en,yo", "--max-prompts", "4",
+         "--train-prompts", "16", "--positions", "-1", "--max-new-tokens", "12", "--total-effects", "1",
+         "--patch-top-k", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
-    base = results["baseline"]
-    assert base["model"] == "packaged:qwen2.5-coder-0.5b-instruct"
-    assert set(base["results"]) == {"en", "yo"}
-    assert base["results"]["en"]["harmful"]["n"] == 3
-    assert len(base["completions"]) == 12 and all(c["completion"] for c in base["completions"])
+    assert results["direction"]["model"] == "packaged:qwen2.5-coder-0.5b-instruct"
+    assert 0 <= results["direction"]["layer"] < 24 * 0.8 and results["direction"]["position"] == -1
+    base = results["refusal"]["baseline"]
+    assert set(base) == {"en", "yo"} and base["en"]["harmful"]["n"] == 4
+    completions = json.loads((out / "stages" / "evaluate" / "baseline.json").read_text())["completions"]
+    assert len(completions) == 16 and all(c["completion"] for c in completions)
+    assert results["divergence"]["languages"]["yo"]["n_pairs"] == 4
     html = (out / "report.html").read_text()
-    assert "<script" not in html and "Refusal rates" in html
-    assert not list(out.glob(".*tmp")), "no temporary files left behind"
+    assert "Refusal per language" in html and html.count("<figure ") >= 12
+    assert not list(out.rglob(".*tmp")), "no temporary files left behind"

@@ -1,0 +1,397 @@
+"""The whole study as resumable stages: direction → evaluation → languages → attribution → comparison.
+
+Each stage reads the prompts, the model and the outputs of the stages before it, and writes one directory under
+``OUT/stages/<name>/`` atomically (a temporary directory renamed into place), with ``stage.json`` holding the
+stage's **key**: a hash of everything it depends on (the stage's own settings, the prompts' content, the model
+spec, the library version, and the keys of the stages it reads). On a rerun a stage whose directory holds the
+same key is skipped; a changed input changes the key of that stage and of every stage after it, which then run
+again. An interrupted run therefore keeps every finished stage and resumes at the first unfinished one.
+
+The model is loaded only if some stage has to run: rebuilding the report of a finished study needs no model.
+
+Cost on this project's 2-core CPU is what shapes the defaults (see the README's measurements): the direction is
+chosen on the last two post-instruction tokens, per-language directions are read at the chosen site (the
+PolyRefuse comparison) rather than selected one by one, and the transfer matrix is measured with the first-token
+judge for the base language's row and each language's own direction (``transfer="all"`` for the full matrix).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from refusal_circuits._version import __version__
+from refusal_circuits.errors import InputError
+
+#: Stage names in the order they run.
+STAGES = ("direction", "evaluate", "languages", "attribute", "compare")
+STAGE_FILE = "stage.json"
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything a study depends on; each stage hashes the fields it reads (:data:`_READS`).
+
+    Attributes:
+        max_prompts: at most this many test prompts per language and label (evaluation, attribution, comparison).
+        train_prompts: at most this many train (and val) prompts per label for the directions.
+        positions: post-instruction positions of the selection grid (None: all).
+        transfer: ``"base"`` (the base language's direction on every language, and each language's own
+            direction on itself) or ``"all"`` (every source on every target).
+    """
+
+    model: str
+    prompts: str = "bundled"
+    langs: tuple[str, ...] | None = None
+    base: str = "en"
+    max_prompts: int | None = None
+    train_prompts: int | None = 64
+    positions: tuple[int, ...] | None = (-2, -1)
+    filter: str = "auto"
+    kl_max: float | None = None
+    max_layer_frac: float | None = None
+    refusal_tokens: str | None = None
+    compliance_tokens: str | None = None
+    max_new_tokens: int = 24
+    batch_size: int = 16
+    transfer: str = "base"
+    total_effects: int = 4
+    patch_top_k: int = 3
+    alpha: float = 0.05
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_COMMON = ("model", "prompts", "base")
+_READS: dict[str, tuple[str, ...]] = {
+    "direction": (*_COMMON, "train_prompts", "positions", "filter", "kl_max", "max_layer_frac", "refusal_tokens",
+                  "batch_size"),
+    "evaluate": (*_COMMON, "langs", "max_prompts", "max_new_tokens", "batch_size"),
+    "languages": (*_COMMON, "langs", "max_prompts", "train_prompts", "transfer", "batch_size"),
+    "attribute": (*_COMMON, "langs", "max_prompts", "compliance_tokens", "total_effects", "batch_size"),
+    "compare": (*_COMMON, "langs", "max_prompts", "patch_top_k", "alpha", "batch_size"),
+}
+_NEEDS = {"direction": (), "evaluate": ("direction",), "languages": ("direction",),
+          "attribute": ("direction",), "compare": ("direction", "evaluate", "attribute")}
+
+
+@dataclass
+class StageInfo:
+    name: str
+    key: str
+    path: Path
+    cached: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class Study:
+    """A study's configuration, prompts and output directory; :meth:`run` does the work."""
+
+    config: StudyConfig
+    out: Path
+    progress: bool = True
+    prompts: Any = None  # PromptSet, loaded in __post_init__
+    stages: dict[str, StageInfo] = field(default_factory=dict)
+    _model: Any = None
+    _model_loader: Callable[[str], Any] | None = None
+
+    def __post_init__(self) -> None:
+        from refusal_circuits.data import load_prompts
+        from refusal_circuits.models import ModelSpec
+
+        ModelSpec.parse(self.config.model)  # a bad spec fails before anything slow
+        if self.out.exists() and not self.out.is_dir():
+            raise InputError(f"--out {self.out} exists and is not a directory")
+        if self.config.transfer not in ("base", "all"):
+            raise InputError(f"transfer must be 'base' or 'all', not {self.config.transfer!r}")
+        wanted = list(self.config.langs) if self.config.langs else None
+        if wanted and self.config.base not in wanted:
+            wanted = [self.config.base, *wanted]
+        everything = load_prompts(self.config.prompts, langs=wanted)  # names an unknown language or file line
+        if self.config.base not in everything.langs:
+            raise InputError(f"--base {self.config.base}: not in {self.config.prompts} "
+                             f"(it has {', '.join(everything.langs)})")
+        self.langs = [self.config.base, *[x for x in (wanted or everything.langs) if x != self.config.base]]
+        self.prompts = everything.filter(lang=self.langs)
+        self._keys()
+
+    # ---------------------------------------------------------------------------------------------- bookkeeping
+
+    def _keys(self) -> None:
+        cfg = self.config.to_json()
+        cfg["langs"] = self.langs
+        for name in STAGES:
+            payload = {"stage": name, "version": __version__, "prompts_sha256": self.prompts.sha256,
+                       "model_files": _model_fingerprint(self.config.model),
+                       "settings": {k: cfg[k] for k in _READS[name]},
+                       "needs": {n: self.stages[n].key for n in _NEEDS[name]}}
+            key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+            path = self.out / "stages" / name
+            self.stages[name] = StageInfo(name, key, path, cached=_stored_key(path) == key)
+
+    def model(self) -> Any:
+        if self._model is None:
+            from refusal_circuits.models import load_model
+
+            self._model = (self._model_loader or load_model)(self.config.model)
+        return self._model
+
+    def test_split(self, langs: Sequence[str] | None = None) -> Any:
+        p = self.prompts.filter(lang=list(langs or self.langs))
+        if any(r.split is not None for r in p):
+            p = p.filter(split="test")
+        return p.head(self.config.max_prompts) if self.config.max_prompts else p
+
+    # -------------------------------------------------------------------------------------------------- running
+
+    def run(self, stages: Sequence[str] = STAGES, echo: Callable[[str], None] | None = None
+            ) -> dict[str, StageInfo]:
+        """Run every stage that is not cached (in order); ``echo`` hears one line per stage."""
+        from refusal_circuits.io import atomic_dir, write_json
+
+        for name in stages:
+            info = self.stages[name]
+            if info.cached:
+                info.seconds = float(json.loads((info.path / STAGE_FILE).read_text()).get("seconds", 0.0))
+                if echo:
+                    echo(f"stage {name}: cached ({info.path})")
+                continue
+            t0 = time.perf_counter()
+            with atomic_dir(info.path) as tmp:
+                _RUNNERS[name](self, tmp)
+                info.seconds = round(time.perf_counter() - t0, 1)
+                write_json(tmp / STAGE_FILE, {"stage": name, "key": info.key, "seconds": info.seconds,
+                                              "version": __version__})
+            info.cached = True
+            if echo:
+                echo(f"stage {name}: done in {info.seconds:.0f} s")
+        return self.stages
+
+    # ------------------------------------------------------------------------------------------------ readers
+
+    def direction(self) -> Any:
+        from refusal_circuits.directions import load_direction
+
+        return load_direction(self.stages["direction"].path)
+
+    def read_json(self, stage: str, name: str) -> Any:
+        return json.loads((self.stages[stage].path / name).read_text(encoding="utf-8"))
+
+
+def _stored_key(path: Path) -> str | None:
+    try:
+        return str(json.loads((path / STAGE_FILE).read_text(encoding="utf-8"))["key"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _model_fingerprint(spec: str) -> list[Any]:
+    """For a local model (directory or file), the names, sizes and modification times of its files."""
+    p = Path(spec)
+    if not p.exists():
+        return []
+    files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())
+    return [[str(x.relative_to(p) if p.is_dir() else x.name), x.stat().st_size, int(x.stat().st_mtime)]
+            for x in files]
+
+
+# ------------------------------------------------------------------------------------------------------ stages
+
+
+def _stage_direction(study: Study, out: Path) -> None:
+    from refusal_circuits.directions import extract_candidates
+    from refusal_circuits.scores import discover_refusal_tokens, refusal_tokens_from_strings
+    from refusal_circuits.selection import ARDITI, POLYREFUSE, PRESETS, select_direction
+
+    cfg, base = study.config, study.config.base
+    own = study.prompts.filter(lang=base)
+    has_splits = any(r.split is not None for r in own)
+    train = own.filter(split="train") if has_splits else own
+    val = own.filter(split="val") if has_splits else own
+    if cfg.train_prompts:
+        train, val = train.head(cfg.train_prompts), val.head(cfg.train_prompts)
+    for name, part in (("train", train), ("val", val)):
+        counts = part.counts().get(base, {})
+        if not counts.get("harmful") or not counts.get("harmless"):
+            raise InputError(f"the {name} split of {base!r} needs harmful and harmless prompts")
+    model = study.model()
+    if cfg.refusal_tokens:
+        tokens = refusal_tokens_from_strings(model.tokenizer, [t for t in cfg.refusal_tokens.split(",") if t.strip()],
+                                             langs=study.langs)
+    else:
+        tokens = discover_refusal_tokens(model, train.head(32), progress=study.progress)
+    config = ARDITI if cfg.filter == "auto" else PRESETS[cfg.filter]
+    fallback = POLYREFUSE if cfg.filter == "auto" else None
+    overrides: dict[str, Any] = {k: v for k, v in (("kl_max", cfg.kl_max), ("max_layer_frac", cfg.max_layer_frac)) if v is not None}
+    if overrides:
+        config = dataclasses.replace(config, name=f"{config.name}+custom", **overrides)
+        fallback = dataclasses.replace(fallback, **overrides) if fallback else None
+    candidates = extract_candidates(
+        model, train.filter(label="harmful").instructions, train.filter(label="harmless").instructions, lang=base,
+        prompts_sha256=own.sha256, batch_size=cfg.batch_size, progress=study.progress)
+    positions = [p for p in cfg.positions if -p <= len(candidates.positions)] if cfg.positions else None
+    selection = select_direction(
+        model, candidates, val.filter(label="harmful").instructions, val.filter(label="harmless").instructions,
+        tokens, config=config, fallback=fallback, positions=positions or None, batch_size=cfg.batch_size,
+        progress=study.progress)
+    direction = selection.direction
+    direction.meta["prompts"] = cfg.prompts
+    direction.meta["selection_scores"] = selection.to_json()
+    direction.save(out)
+
+
+def _stage_evaluate(study: Study, out: Path) -> None:
+    """Generation + phrase judge: baseline on every language; ablation of r̂ on every language's harmful prompts;
+    activation addition on the base language's harmless prompts."""
+    from refusal_circuits import interventions
+    from refusal_circuits.evaluation import evaluate_refusal
+    from refusal_circuits.io import write_json
+    from refusal_circuits.scores import RefusalTokens
+
+    cfg, model, direction = study.config, study.model(), study.direction()
+    tokens = RefusalTokens.from_json(direction.meta["refusal_tokens"], source="direction")
+    test = study.test_split()
+    kw: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "progress": study.progress,
+          "refusal_tokens": tokens}
+    baseline = evaluate_refusal(model, test, intervention="none", **kw)
+    write_json(out / "baseline.json", baseline.to_dict())
+    with interventions.ablate(model, direction):
+        ablated = evaluate_refusal(model, test.filter(label="harmful"), intervention="ablate", **kw)
+    write_json(out / "ablate.json", ablated.to_dict())
+    with interventions.actadd(model, direction):
+        added = evaluate_refusal(model, test.filter(lang=cfg.base, label="harmless"), intervention="actadd", **kw)
+    write_json(out / "actadd.json", {**added.to_dict(), "alpha": interventions.default_alpha(direction),
+                                     "layer": direction.layer})
+
+
+def _stage_languages(study: Study, out: Path) -> None:
+    """Per-language directions at r̂'s site (train split): cosines, shared PCA, transfer matrix (first token)."""
+    from safetensors.torch import save_file
+
+    from refusal_circuits.crosslingual import (
+        direction_cosines,
+        language_candidates,
+        shared_pca,
+        site_directions,
+        transfer_matrix,
+    )
+    from refusal_circuits.io import atomic_path, write_json
+
+    cfg, model, direction = study.config, study.model(), study.direction()
+    cands = language_candidates(model, study.prompts, study.langs, split="train", max_prompts=cfg.train_prompts,
+                                batch_size=cfg.batch_size, progress=study.progress)
+    cos = direction_cosines(cands, direction.layer, direction.position)
+    pca = shared_pca(cands, direction.layer, direction.position)
+    dirs = site_directions(cands, direction)
+    dirs[cfg.base] = direction
+    with atomic_path(out / "directions.safetensors") as tmp:
+        save_file({lang: d.vector.contiguous() for lang, d in dirs.items()}, str(tmp))
+    ids = direction.meta.get("refusal_tokens", {}).get("ids", {})
+    refusal_ids = sorted({int(t) for v in ids.values() for t in v})
+    cells = None if cfg.transfer == "all" else (
+        {(cfg.base, t) for t in study.langs} | {(t, t) for t in study.langs})
+    transfer = transfer_matrix(model, dirs, study.test_split(), targets=study.langs, refusal_ids=refusal_ids,
+                               cells=cells, batch_size=cfg.batch_size, progress=study.progress)
+    write_json(out / "languages.json", {
+        "cosines": cos.to_json(), "pca": pca.to_json(), "norms": {k: d.norm for k, d in dirs.items()},
+        "transfer": transfer.to_json()})
+
+
+def _stage_attribute(study: Study, out: Path) -> None:
+    from refusal_circuits.attribution import attribute, top_k_heads
+    from refusal_circuits.io import write_json
+    from refusal_circuits.patching import total_effects
+    from refusal_circuits.scores import RefusalTokens, first_token_ids
+
+    cfg, model, direction = study.config, study.model(), study.direction()
+    tokens = RefusalTokens.from_json(direction.meta["refusal_tokens"], source="direction")
+    compliance = None
+    if cfg.compliance_tokens:
+        strings = [t for t in cfg.compliance_tokens.split(",") if t.strip()]
+        compliance = list(first_token_ids(model.tokenizer, strings, "compliance token")[0])
+    test = study.test_split()
+    result = attribute(model, direction, test, refusal_tokens=tokens, compliance_tokens=compliance,
+                       batch_size=cfg.batch_size, progress=study.progress)
+    result.save(out / "attribution", extra={"prompts": cfg.prompts, "split": "test"})
+    own = result.select(lang=cfg.base)
+    if cfg.total_effects and {"harmful", "harmless"} <= set(own.labels):
+        gap = own.select(label="harmful").head_scores().mean(0) - own.select(label="harmless").head_scores().mean(0)
+        effects = total_effects(model, direction, test.filter(lang=cfg.base, label="harmful").instructions,
+                                test.filter(lang=cfg.base, label="harmless").instructions,
+                                top_k_heads(gap, cfg.total_effects), tokens.for_lang(cfg.base),
+                                batch_size=cfg.batch_size, progress=study.progress)
+        write_json(out / "effects.json", effects.to_json())
+
+
+def _stage_compare(study: Study, out: Path) -> None:
+    """Paired English-vs-translation comparison, patching of the top heads, and one attention view pair."""
+    import torch
+    from safetensors.torch import save_file
+
+    from refusal_circuits.attribution import load_attribution, source_matrix, top_k_heads
+    from refusal_circuits.crosslingual import Rate, divergence, pair_rows, patch_top_heads, separation
+    from refusal_circuits.io import atomic_path, write_json
+
+    cfg, direction = study.config, study.direction()
+    attribution = load_attribution(study.stages["attribute"].path / "attribution")
+    baseline_json = study.read_json("evaluate", "baseline.json")["results"]
+    baseline = {lang: (Rate(round(g["harmful"]["refusal_rate"] * g["harmful"]["n"]), g["harmful"]["n"]),
+                       Rate(round(g["harmless"]["refusal_rate"] * g["harmless"]["n"]), g["harmless"]["n"]))
+                for lang, g in baseline_json.items() if "harmful" in g and "harmless" in g}
+    langs = [x for x in study.langs[1:] if len(pair_rows(attribution, cfg.base, x)) >= 2]
+    if not langs:
+        write_json(out / "divergence.json", {"base": cfg.base, "languages": {},
+                                             "separation": separation(attribution).to_json()})
+        return
+    tokens = direction.meta.get("refusal_tokens", {}).get("ids", {}).get(direction.lang)
+    model = study.model()
+    patches = {}
+    if cfg.patch_top_k and tokens:
+        patches = patch_top_heads(model, direction, attribution, study.prompts, cfg.base, langs, cfg.patch_top_k,
+                                  tokens, alpha=cfg.alpha, batch_size=cfg.batch_size, progress=study.progress)
+    result = divergence(attribution, cfg.base, langs, baseline=baseline, patch=patches, alpha=cfg.alpha)
+    obj = result.to_json()
+    obj["separation"] = separation(attribution).to_json()
+    for lang, pp in patches.items():
+        obj["languages"][lang]["patch"] = pp.to_json()
+    write_json(out / "divergence.json", obj)
+    paired = {f"{cfg.base}.mean": next(iter(result.languages.values())).paired.base_mean.float().contiguous()}
+    for lang, d in result.languages.items():
+        paired[f"{lang}.mean"] = d.paired.other_mean.float().contiguous()
+        paired[f"{lang}.diff"] = d.paired.heads["mean"].float().contiguous()
+        paired[f"{lang}.significant"] = d.paired.heads["significant"].to(torch.uint8).contiguous()
+    with atomic_path(out / "paired.safetensors") as tmp:
+        save_file(paired, str(tmp))
+    # Attention views: the base language's top heads on its first harmful prompt and the same prompt translated
+    # into the language whose refusal drops most (by baseline).
+    base_heads = attribution.select(lang=cfg.base, label="harmful").head_scores().mean(0)
+    heads = top_k_heads(base_heads, 4)
+    worst = min(langs, key=lambda x: baseline[x][0].rate if x in baseline else 1.0)
+    i, j = pair_rows(attribution, cfg.base, worst)[0]
+    by_key = {(r.id, r.lang, r.label): r for r in study.prompts}
+    views: dict[str, Any] = {}
+    meta: dict[str, Any] = {"heads": [list(h) for h in heads], "prompts": {}}
+    for lang, row in ((cfg.base, i), (worst, j)):
+        rec = by_key[(attribution.ids[row], lang, attribution.labels[row])]
+        sm = source_matrix(model, direction, rec.instruction, heads)
+        views[f"{lang}.pattern"] = sm.pattern.contiguous()
+        views[f"{lang}.contributions"] = sm.contributions.contiguous()
+        meta["prompts"][lang] = {"id": rec.id, "row": row, "instruction": rec.instruction, "tokens": sm.tokens,
+                                 "spans": sm.spans}
+    with atomic_path(out / "views.safetensors") as tmp:
+        save_file(views, str(tmp))
+    meta["pair"] = [cfg.base, worst]
+    write_json(out / "views.json", meta)
+
+
+_RUNNERS: dict[str, Callable[[Study, Path], None]] = {
+    "direction": _stage_direction, "evaluate": _stage_evaluate, "languages": _stage_languages,
+    "attribute": _stage_attribute, "compare": _stage_compare}

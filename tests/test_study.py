@@ -1,0 +1,142 @@
+"""`run` (the whole study) and `report` on a tiny model: every stage, the report, caching and invalidation (tiny)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from refusal_circuits.cli import main
+
+pytestmark = pytest.mark.tiny
+
+TINY_FLAGS = ["--refusal-tokens", "I,S", "--compliance-tokens", "T", "--filter", "polyrefuse", "--kl-max", "1e9",
+              "--max-layer-frac", "1.0", "--max-new-tokens", "3", "--total-effects", "2", "--patch-top-k", "2"]
+
+
+def _prompts(path):
+    rows = []
+    for label, words in (("harmful", ["bad", "evil", "harm", "hurt", "break", "steal", "burn", "lie"]),
+                         ("harmless", ["bread", "poem", "sum", "sea", "tree", "song", "cat", "sun"])):
+        for i, w in enumerate(words):
+            split = ["train", "train", "val", "val", "test", "test", "test", "test"][i]
+            for lang, stem in (("en", "tell me about"), ("de", "erzähl mir von")):
+                # a hostile-looking translation: the report must show it as text
+                text = f"{stem} {w}" if i != 4 or lang == "en" else f"{stem} <script>alert(1)</script> {w}\u202e"
+                rows.append({"id": f"{label}-{i}", "lang": lang, "label": label, "instruction": text, "split": split})
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def study(tiny_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("study")
+    prompts = _prompts(d / "p.jsonl")
+    out = d / "out"
+    argv = ["-q", "run", "--model", str(tiny_dir), "--prompts", str(prompts), "--out", str(out), *TINY_FLAGS]
+    assert main(argv) == 0
+    return out, argv
+
+
+def test_run_writes_every_stage_the_report_and_results(study):
+    out, _ = study
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["seconds"]) == {"direction", "evaluate", "languages", "attribute", "compare"}
+    assert results["direction"]["lang"] == "en" and results["config"]["langs"] == ["en", "de"]
+    assert set(results["refusal"]["baseline"]) == {"en", "de"}
+    assert results["refusal"]["baseline"]["en"]["harmful"]["n"] == 4
+    assert set(results["refusal"]["ablate"]["de"]) == {"harmful"}
+    assert set(results["refusal"]["actadd"]) == {"en"}
+    transfer = results["languages"]["transfer"]
+    assert set(transfer["ablate"]["en"]) == {"en", "de"} and set(transfer["ablate"]["de"]) == {"de"}
+    assert results["languages"]["cosines"]["langs"] == ["en", "de"]
+    assert set(results["divergence"]["languages"]) == {"de"}
+    de = results["divergence"]["languages"]["de"]
+    assert de["n_pairs"] == 4 and len(de["patch"]["heads"]) == 2 and de["summary"].startswith("de: refuses")
+    assert len(results["effects"]["heads"]) == 2
+    page = (out / "report.html").read_text()
+    figures = sorted(p.stem for p in (out / "figures").glob("*.svg"))
+    assert {"refusal_rates", "cosines", "transfer", "pca", "trajectories", "heads_en", "heads_diff_de",
+            "projection_de"} <= set(figures)
+    assert all(f"data-figure='{name}'" in page for name in figures)
+    assert "default-src 'none'" in page and "http://" not in page.split("</head>")[0]
+    assert not re.search(r"<script[^>]*\bsrc=", page), "no script is loaded from anywhere"
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "\u202e" not in page and "U+202E" in page
+    assert not list(out.rglob(".*.tmp")), "no temporary files left behind"
+
+
+def test_rerun_is_cached_and_a_changed_input_reruns_only_what_depends_on_it(study, capsys):
+    out, argv = study
+    stamp = {p.parent.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*/stage.json")}
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("cached") == 5
+    assert stamp == {p.parent.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*/stage.json")}
+    changed = [a if a != "3" else "4" for a in argv]  # --max-new-tokens 3 -> 4
+    assert main(changed) == 0
+    now = {p.parent.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*/stage.json")}
+    rerun = {k for k in now if now[k] != stamp[k]}
+    assert rerun == {"evaluate", "compare"}
+
+
+def test_report_rebuilds_without_the_model(study, capsys):
+    out, _ = study
+    (out / "report.html").unlink()
+    assert main(["-q", "report", str(out)]) == 0
+    assert (out / "report.html").read_text().count("<figure") >= 8
+
+
+def test_run_and_report_bad_input(tiny_dir, tmp_path, capsys):
+    code = main(["-q", "run", "--model", str(tiny_dir), "--langs", "xx", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "xx" in err and "bundled" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    code = main(["-q", "report", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a finished `run` directory" in err
+
+
+def _chromium():
+    import os
+    import shutil
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if found is None:
+        if os.environ.get("REQUIRE_BROWSER") == "1":
+            pytest.fail("chromium is not installed (the CI set-up installs Debian's chromium package)")
+        pytest.skip("chromium is not installed (apt-get install chromium; CI installs it)")
+    return found
+
+
+def test_report_in_headless_chromium_offline_draws_every_figure_without_console_errors(study, tmp_path):
+    """The page opened with networking disabled: every figure drawn, both attention views rendered, the hostile
+    translation shown as text, and not one console message. The screenshot is kept as a test artefact."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    out, _ = study
+    browser = _chromium()
+    url = (out / "report.html").as_uri()
+    offline = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+               "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=http://127.0.0.1:9",
+               "--virtual-time-budget=15000", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([browser, *offline, "--enable-logging=stderr", "--v=0", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=180)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
+    assert not console, "\n".join(console[:10])
+    html = dom.stdout
+    n_figures = html.count("<figure ")
+    assert n_figures >= 12 and f'data-figures="{n_figures}"' in html, "the page's own script counted every SVG"
+    views = re.findall(r'<div id="circuits-vis-[^"]+"[^>]*>(.{0,80})', html)
+    assert len(views) == 2 and all(v.startswith("<div") for v in views), "circuitsvis rendered both views"
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    artefacts = Path(os.environ.get("TEST_ARTIFACTS", tmp_path))
+    artefacts.mkdir(parents=True, exist_ok=True)
+    shot = artefacts / "report.png"
+    proc = subprocess.run([browser, *offline, "--window-size=1400,5000", f"--screenshot={shot}", url],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and shot.stat().st_size > 50_000, proc.stderr[-2000:]
