@@ -91,7 +91,9 @@ def measure(fn: Callable[[], Any], repeats: int) -> dict[str, Any]:
     return {"seconds": statistics.median(times), "peak_mib_above": peak, "times": times, "result": out}
 
 
-STEPS = ("forward", "collect", "attribute", "generate", "generate_ablate", "selection", "naive")
+STEPS = ("forward", "collect", "attribute", "generate", "generate_ablate", "selection", "naive", "study")
+#: The languages of the ``study`` step (the default ``run`` on three languages, measured once, end to end).
+STUDY_LANGS = "en,de,ja"
 
 
 def run_step(name: str, spec: str, n_prompts: int, repeats: int, scores_path: str | None) -> dict[str, Any]:
@@ -183,6 +185,24 @@ def run_step(name: str, spec: str, n_prompts: int, repeats: int, scores_path: st
     return {**m, **extra}
 
 
+def _study_step(spec: str, tmpdir: str) -> dict[str, Any]:
+    """The default ``refusal-circuits run`` on :data:`STUDY_LANGS`, from a fresh output directory, once (the
+    study takes minutes; its stages are cached, so a repeat in the same directory would measure nothing)."""
+    import subprocess
+
+    out = Path(tmpdir) / "study"
+    cmd = [sys.executable, "-m", "refusal_circuits.cli", "-q", "run", "--model", spec, "--langs", STUDY_LANGS,
+           "--out", str(out)]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr)
+        raise SystemExit("step study failed")
+    stages = json.loads((out / "results.json").read_text())["seconds"]
+    return {"seconds": seconds, "langs": STUDY_LANGS, "stages": stages, "times": [seconds]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", required=True, help="where to write the results")
@@ -214,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
             if name not in chosen or (name == "naive" and args.skip_naive):
                 continue
             print(f"measuring {name} (fresh process) ...", file=sys.stderr, flush=True)
+            if name == "study":
+                raw[name] = _study_step(spec, tmpdir)
+                continue
             cmd = [sys.executable, __file__, "--json", "-", "--step", name, "--model", spec, "--batch",
                    str(args.batch), "--repeats", str(args.repeats), "--scores", str(Path(tmpdir) / f"{name}.st")]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -239,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         ratios["generate_ablate_vs_plain"] = raw["generate_ablate"]["seconds"] / raw["generate"]["seconds"]
     if "selection" in raw:
         ratios["selection_seconds_per_candidate"] = raw["selection"]["seconds"] / raw["selection"]["candidates"]
+    if "study" in raw:
+        ratios["study_seconds"] = raw["study"]["seconds"]
     if "naive" in raw and "attribute" in raw:
         ratios["attribute_speedup_vs_naive"] = raw["naive"]["seconds"] / raw["attribute"]["seconds"]
         ratios["attribute_memory_saving_vs_naive"] = raw["naive"]["peak_mib_above"] / raw["attribute"]["peak_mib_above"]

@@ -590,6 +590,7 @@ class LanguageDivergence:
     patched_fraction: float | None = None
     patched_heads: list[tuple[int, int]] = field(default_factory=list)
     site: tuple[int, int] = (0, -1)
+    patched_score_fraction: float | None = None
 
     @property
     def aligned(self) -> bool | None:
@@ -633,9 +634,11 @@ class LanguageDivergence:
                      f"({float(spans[j]):+.2f}).")
         if self.patched_fraction is not None and self.patched_heads:
             hs = ", ".join(f"L{a}.H{b}" for a, b in self.patched_heads)
-            parts.append(f"Patching the top {len(self.patched_heads)} heads ({hs}) from the {self.base} run into the "
-                         f"{self.lang} run closes {self.patched_fraction:.0%} of the gap in the r̂ projection at layer "
-                         f"{layer}.")
+            score = ("" if self.patched_score_fraction is None or self.patched_score_fraction != self.patched_score_fraction
+                     else f" and {self.patched_score_fraction:.0%} of the gap in the refusal score")
+            parts.append(f"Patching the {len(self.patched_heads)} heads that lose most ({hs}) from the {self.base} run "
+                         f"into the {self.lang} run closes {self.patched_fraction:.0%} of the gap in the r̂ projection "
+                         f"at layer {layer}{score}.")
         return " ".join(parts)
 
     def to_json(self, k: int = 20) -> dict[str, Any]:
@@ -653,6 +656,7 @@ class LanguageDivergence:
             "auroc_at_site": self.auroc_at_site, "gap_at_site": self.gap_at_site,
             "trajectories": self.trajectories, "layers": self.paired.to_json()["layers"],
             "spans": self.paired.to_json()["spans"], "patched_fraction": self.patched_fraction,
+            "patched_score_fraction": self.patched_score_fraction,
             "patched_heads": [list(h) for h in self.patched_heads], "floor": self.paired.floor,
             "method": self.paired.method,
         }
@@ -698,22 +702,33 @@ def divergence(attribution: Attribution, base: str = "en", langs: Sequence[str] 
         i, bi = sep.langs.index(lang), sep.langs.index(base)
         h, s = (baseline or {}).get(lang, (None, None))
         pp = (patch or {}).get(lang)
-        frac, heads = (pp.fraction, pp.heads) if pp is not None else (None, [])
+        frac, sfrac, heads = (pp.fraction, pp.score_fraction, pp.heads) if pp is not None else (None, None, [])
         out[lang] = LanguageDivergence(
             lang, base, paired.n_pairs, h, s, float(sep.auroc[i, layer]), float(sep.auroc[bi, layer]), split, traj,
-            paired, traj["base"][layer] - traj["other"][layer], frac, list(heads), (layer, pos))
+            paired, traj["base"][layer] - traj["other"][layer], frac, list(heads), (layer, pos), sfrac)
     return Divergence(base, out, attribution.model, attribution.direction)
 
 
 
 
+def losing_heads(paired: PairedHeads, k: int) -> list[tuple[int, int]]:
+    """The ``k`` heads with the most negative paired difference (translation minus base), negative ones only."""
+    flat = paired.heads["mean"].flatten()
+    order = torch.argsort(flat)[:k].tolist()
+    n_heads = paired.heads["mean"].shape[1]
+    return [(i // n_heads, i % n_heads) for i in order if float(flat[i]) < 0]
+
+
 def patch_top_heads(model: Any, direction: Direction, attribution: Attribution, prompts: PromptSet, base: str,
                     langs: Sequence[str], k: int, refusal_tokens: Sequence[int], *, alpha: float = 0.05,
                     batch_size: int = 32, progress: bool = True) -> dict[str, Any]:
-    """Per language, patch the ``k`` heads with the largest paired difference from the ``base`` run into the
-    translations (:func:`~refusal_circuits.patching.patch_pairs`); returns ``{lang: PairPatch}``.
+    """Per language, patch the ``k`` heads where the translation loses most of r̂ (the most negative paired
+    differences) from the ``base`` run into the translations (:func:`~refusal_circuits.patching.patch_pairs`);
+    returns ``{lang: PairPatch}``.
 
-    ``prompts`` must hold every attributed (id, language, label) of ``base`` and ``langs``.
+    Heads where the translation writes *more* r̂ than the base language cannot explain a loss: patching them
+    widens the gap, so they are not chosen (an earlier version ranked by ``|difference|`` and got negative
+    fractions). ``prompts`` must hold every attributed (id, language, label) of ``base`` and ``langs``.
     """
     from tqdm.auto import tqdm
 
@@ -723,7 +738,7 @@ def patch_top_heads(model: Any, direction: Direction, attribution: Attribution, 
     out = {}
     for lang in tqdm(langs, desc="patch from " + base, disable=not progress, leave=False):
         paired = paired_heads(attribution, base, lang, alpha=alpha)
-        heads = [(h["layer"], h["head"]) for h in paired.ranked_heads(k)]
+        heads = losing_heads(paired, k)
         rows = pair_rows(attribution, base, lang)
         try:
             base_i = [by_key[(attribution.ids[i], base, attribution.labels[i])].instruction for i, _ in rows]

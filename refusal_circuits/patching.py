@@ -263,7 +263,9 @@ def head_outputs_per_prompt(model: Any, instructions: Sequence[str], layers: Seq
 class PairPatch:
     """Patching heads from a base-language run into its translations (paired prompts).
 
-    ``fraction``: share of the base-minus-translation gap in the r̂ projection at r̂'s site that the patch closes.
+    ``fraction``: share of the base-minus-translation gap in the r̂ projection at r̂'s site that the patch closes
+    (only heads below r̂'s layer can move it); ``score_fraction``: share of the gap in the refusal score (every
+    patched head can move it).
     """
 
     heads: list[Head]
@@ -273,15 +275,21 @@ class PairPatch:
     other_score: float
     patched_score: float
     n_pairs: int
+    base_score: float = float("nan")
 
     @property
     def fraction(self) -> float:
         gap = self.base_projection - self.other_projection
         return (self.patched_projection - self.other_projection) / gap if abs(gap) > 1e-9 else float("nan")
 
+    @property
+    def score_fraction(self) -> float:
+        gap = self.base_score - self.other_score
+        return (self.patched_score - self.other_score) / gap if abs(gap) > 1e-9 else float("nan")
+
     def to_json(self) -> dict[str, Any]:
         return {**{k: v for k, v in self.__dict__.items() if k != "heads"}, "heads": [list(h) for h in self.heads],
-                "fraction": self.fraction}
+                "fraction": self.fraction, "score_fraction": self.score_fraction}
 
 
 @torch.inference_mode()
@@ -312,7 +320,7 @@ def patch_pairs(model: Any, direction: Direction, base: Sequence[str], other: Se
     def unpatched(_idx: list[int]) -> list[tuple[str, hooks.HookFn]]:
         return []
 
-    _, base_proj = _score_and_site(model, direction, r, base, refusal_tokens, unpatched, batch_size)
+    base_score, base_proj = _score_and_site(model, direction, r, base, refusal_tokens, unpatched, batch_size)
     other_score, other_proj = _score_and_site(model, direction, r, other, refusal_tokens, unpatched, batch_size)
     patched_score, patched_proj = _score_and_site(model, direction, r, other, refusal_tokens, from_base, batch_size)
-    return PairPatch(heads, base_proj, other_proj, patched_proj, other_score, patched_score, len(base))
+    return PairPatch(heads, base_proj, other_proj, patched_proj, other_score, patched_score, len(base), base_score)

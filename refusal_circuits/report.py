@@ -260,11 +260,6 @@ def build_report(out: Path, results: dict[str, Any]) -> str:
                 title=f"{lang} − {base} (framed: significant)", cbar="paired difference"),
                 "Paired mean difference per head; framed cells pass the Benjamini-Hochberg control and the "
                 "1% floor."))
-        patch = entry.get("patch")
-        if patch:
-            body.append(f"<p>Patching the top {len(patch['heads'])} heads from the {esc(base)} run closes "
-                        f"{_num(patch['fraction'] * 100 if patch['fraction'] == patch['fraction'] else None, 0)}% of "
-                        f"the projection gap at r̂'s site.</p>")
 
     # Views
     views_file = stages["compare"] / "views.json"

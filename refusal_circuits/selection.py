@@ -59,26 +59,34 @@ class CandidateScore:
 
     @property
     def scored(self) -> bool:
-        return self.induce is not None and self.kl is not None
+        return self.kl is not None
 
     def failures(self, config: SelectionConfig) -> list[str]:
         """Why ``config`` rejects this candidate (empty if it passes)."""
-        if self.induce is None or self.kl is None:
+        if self.kl is None:
             return ["not scored (its bypass score ranks below the chosen candidates)"]
         out = []
         if not math.isfinite(self.bypass):
             out.append("bypass not finite")
         if config.kl_max is not None and not self.kl < config.kl_max:
             out.append(f"kl {self.kl:.3f} >= {config.kl_max}")
-        if config.induce_min is not None and not self.induce > config.induce_min:
-            out.append(f"induce {self.induce:.2f} <= {config.induce_min}")
+        if config.induce_min is not None:
+            if self.induce is None:
+                if not out:  # induce is skipped only when KL already fails; say so if that ever changes
+                    out.append("induce not scored")
+            elif not self.induce > config.induce_min:
+                out.append(f"induce {self.induce:.2f} <= {config.induce_min}")
         return out
 
     def describe(self) -> str:
-        if self.induce is None or self.kl is None:
-            return f"pos {self.position} layer {self.layer}: bypass {self.bypass:.2f}"
-        return (f"pos {self.position} layer {self.layer}: bypass {self.bypass:.2f}, induce {self.induce:.2f}, "
-                f"kl {self.kl:.3f}")
+        out = f"pos {self.position} layer {self.layer}: bypass {self.bypass:.2f}"
+        if self.induce is not None:
+            out += f", induce {self.induce:.2f}"
+        return out + (f", kl {self.kl:.3f}" if self.kl is not None else "")
+
+
+def _fmt(x: float | None, digits: int) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
 
 
 class SelectionError(InputError):
@@ -132,8 +140,8 @@ class Selection:
                 + (f" (fallback: no candidate passed {html.escape(self.fallback_from)})" if self.fallback_from else "")
                 + f"<br>baseline refusal score: harmful {self.baseline_harmful:.2f}, harmless "
                   f"{self.baseline_harmless:.2f}")
-        rows = "".join(f"<tr><td>{s.position}</td><td>{s.layer}</td><td>{s.bypass:.2f}</td><td>{s.induce or 0:.2f}</td>"
-                       f"<td>{s.kl or 0:.3f}</td></tr>" for s in self.top(10))
+        rows = "".join(f"<tr><td>{s.position}</td><td>{s.layer}</td><td>{s.bypass:.2f}</td><td>{_fmt(s.induce, 2)}</td>"
+                       f"<td>{_fmt(s.kl, 3)}</td></tr>" for s in self.top(10))
         return (f"{head}<table><tr><th>pos</th><th>layer</th><th>bypass</th><th>induce</th><th>kl</th></tr>{rows}"
                 "</table>")
 
@@ -149,14 +157,17 @@ def score_candidates(
     positions: Sequence[int] | None = None,
     layers: Sequence[int] | None = None,
     enough: Callable[[list[CandidateScore]], bool] | None = None,
+    induce_needed: Callable[[float], bool] | None = None,
     batch_size: int = 32,
     progress: bool = True,
 ) -> tuple[list[CandidateScore], float, float]:
     """Score candidates; returns them (grid order) with the baseline refusal scores of both groups.
 
-    Every candidate gets its bypass score. Induce and KL, which cost twice as much, are computed in order of
+    Every candidate gets its bypass score. KL and induce, which cost twice as much, are computed in order of
     increasing bypass score until ``enough(scored_so_far)`` is true (all of them when ``enough`` is None).
     The lowest-bypass candidate that passes a filter is therefore the same as with exhaustive scoring.
+    ``induce_needed(kl)`` (default: always) says whether a candidate with that KL needs its induce score: a
+    candidate whose KL already fails every filter that looks at induce is left with ``induce=None``.
     """
     base_harmful = first_token_logits(model, harmful, batch_size=batch_size)
     base_harmless = first_token_logits(model, harmless, batch_size=batch_size)
@@ -173,11 +184,12 @@ def score_candidates(
         direction = candidates.direction(*key)
         with interventions.ablate(model, direction):
             ablated = first_token_logits(model, harmless, batch_size=batch_size)
-        with interventions.actadd(model, direction):
-            added = first_token_logits(model, harmless, batch_size=batch_size)
-        done[key] = CandidateScore(key[0], key[1], bypass[key],
-                                   induce=float(refusal_score(added, tokens).mean()),
-                                   kl=float(kl_divergence(base_harmless, ablated).mean()))
+        kl = float(kl_divergence(base_harmless, ablated).mean())
+        induce = None
+        if induce_needed is None or induce_needed(kl):
+            with interventions.actadd(model, direction):
+                induce = float(refusal_score(first_token_logits(model, harmless, batch_size=batch_size), tokens).mean())
+        done[key] = CandidateScore(key[0], key[1], bypass[key], induce=induce, kl=kl)
         if enough is not None and enough(list(done.values())):
             break
     out = [done.get(key, CandidateScore(key[0], key[1], bypass[key])) for key in grid]
@@ -228,9 +240,14 @@ def select_direction(
     def enough(scored: list[CandidateScore]) -> bool:
         return sum(not s.failures(config) and s.layer < config.max_layer(n_layers) for s in scored) >= top_k
 
+    def induce_needed(kl: float) -> bool:
+        """Only a filter with an induce threshold whose KL threshold this candidate meets needs induce."""
+        return exhaustive or any(c.induce_min is not None and (c.kl_max is None or kl < c.kl_max)
+                                 for c in (config, fallback) if c is not None)
+
     scores, base_h, base_s = score_candidates(model, candidates, harmful, harmless, tokens, positions=positions,
                                               layers=eligible, enough=None if exhaustive else enough,
-                                              batch_size=batch_size, progress=progress)
+                                              induce_needed=induce_needed, batch_size=batch_size, progress=progress)
     chosen_config, fallback_from = config, None
     passing = [s for s in scores if not s.failures(config) and s.layer < config.max_layer(n_layers)]
     if not passing and fallback is not None:
@@ -243,6 +260,11 @@ def select_direction(
             + "; ".join(f"{s.describe()} ({', '.join(s.failures(config))})" for s in leaders)
             + ". Try a looser filter (--filter polyrefuse) or more validation prompts")
     best = min(passing, key=lambda s: s.bypass)
+    if best.induce is None:  # chosen by a filter without induce: still report it
+        with interventions.actadd(model, candidates.direction(best.position, best.layer)):
+            induce = float(refusal_score(first_token_logits(model, harmless, batch_size=batch_size), tokens).mean())
+        best = CandidateScore(best.position, best.layer, best.bypass, induce=induce, kl=best.kl)
+        scores = [best if (s.position, s.layer) == (best.position, best.layer) else s for s in scores]
     top = sorted(passing, key=lambda s: s.bypass)[:10]
     meta = {"selection": {"filter": chosen_config.name, "fallback_from": fallback_from,
                           "bypass": best.bypass, "induce": best.induce, "kl": best.kl,

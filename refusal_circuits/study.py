@@ -237,10 +237,14 @@ def _stage_direction(study: Study, out: Path) -> None:
     candidates = extract_candidates(
         model, train.filter(label="harmful").instructions, train.filter(label="harmless").instructions, lang=base,
         prompts_sha256=own.sha256, batch_size=cfg.batch_size, progress=study.progress)
-    positions = [p for p in cfg.positions if -p <= len(candidates.positions)] if cfg.positions else None
+    positions = list(cfg.positions) if cfg.positions else None
+    bad = [p for p in positions or () if -p > len(candidates.positions)]
+    if bad:
+        raise InputError(f"--positions {bad} out of range: the chat template has {len(candidates.positions)} "
+                         "post-instruction tokens")
     selection = select_direction(
         model, candidates, val.filter(label="harmful").instructions, val.filter(label="harmless").instructions,
-        tokens, config=config, fallback=fallback, positions=positions or None, batch_size=cfg.batch_size,
+        tokens, config=config, fallback=fallback, positions=positions, batch_size=cfg.batch_size,
         progress=study.progress)
     direction = selection.direction
     direction.meta["prompts"] = cfg.prompts

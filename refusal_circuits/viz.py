@@ -75,7 +75,7 @@ def refusal_rates(rates: Mapping[str, Mapping[str, tuple[float, float, float]]],
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("refusal rate (95% Wilson CI)")
     ax.set_title(title)
-    ax.legend(frameon=False, ncol=min(4, len(conditions)), loc="upper right")
+    ax.legend(frameon=False, ncol=min(4, len(conditions)), loc="upper center", bbox_to_anchor=(0.5, -0.1))
     return fig
 
 

@@ -151,3 +151,28 @@ def test_refusal_tokens_round_trip_through_json():
     back = RefusalTokens.from_json(tokens.to_json())
     assert back.by_lang == tokens.by_lang and back.strings == tokens.strings and back.ids == (40, 7)
     assert back.for_lang("de") == (40, 7)  # no tokens of its own: every language's
+
+
+@pytest.mark.tiny
+def test_induce_is_scored_only_where_a_filter_needs_it_and_the_choice_is_unchanged(tiny_model):
+    tokens = refusal_tokens_from_strings(tiny_model.tokenizer, ["I"], langs=["en"])
+    cands = extract_candidates(tiny_model, HARMFUL, HARMLESS, lang="en", progress=False)
+    positions = [-1, -2, -3, -4]
+    full = select_direction(tiny_model, cands, HARMFUL, HARMLESS, tokens, exhaustive=True, positions=positions,
+                            config=SelectionConfig("loose", None, None, 1.0), progress=False)
+    kls = sorted(s.kl for s in full.scores)
+    cut = kls[len(kls) // 2] + 1e-9
+    # Arditi-like (KL and an induce threshold nothing meets) falling back to a filter without induce.
+    strict = SelectionConfig("strict", kl_max=cut, induce_min=1e9, max_layer_frac=1.0)
+    loose = SelectionConfig("loose", kl_max=None, induce_min=None, max_layer_frac=1.0)
+    lazy = select_direction(tiny_model, cands, HARMFUL, HARMLESS, tokens, config=strict, fallback=loose,
+                            positions=positions, progress=False)
+    want = min(full.scores, key=lambda s: s.bypass)
+    assert (lazy.direction.position, lazy.direction.layer) == (want.position, want.layer)
+    assert lazy.fallback_from == "strict"
+    for s in lazy.scores:
+        assert s.kl is not None
+        chosen = (s.position, s.layer) == (want.position, want.layer)
+        assert (s.induce is None) == (s.kl >= cut and not chosen)
+    assert lazy.direction.meta["selection"]["induce"] == pytest.approx(
+        next(s.induce for s in full.scores if (s.position, s.layer) == (want.position, want.layer)), abs=1e-5)

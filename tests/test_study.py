@@ -140,3 +140,31 @@ def test_report_in_headless_chromium_offline_draws_every_figure_without_console_
     proc = subprocess.run([browser, *offline, "--window-size=1400,5000", f"--screenshot={shot}", url],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0 and shot.stat().st_size > 50_000, proc.stderr[-2000:]
+
+
+def test_ctrl_c_mid_stage_keeps_finished_stages_and_the_rerun_resumes_there(tiny_dir, tmp_path, monkeypatch, capsys):
+    from refusal_circuits import study as study_mod
+
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "out"
+    argv = ["-q", "run", "--model", str(tiny_dir), "--prompts", str(prompts), "--out", str(out), *TINY_FLAGS]
+    real = study_mod._RUNNERS["attribute"]
+
+    def interrupted(study, tmp):
+        real(study, tmp)  # the stage's files are written into its temporary directory ...
+        raise KeyboardInterrupt  # ... and Ctrl-C arrives before the stage finishes
+
+    monkeypatch.setitem(study_mod._RUNNERS, "attribute", interrupted)
+    assert main(argv) == 130
+    assert "finished outputs are intact" in capsys.readouterr().err
+    done = {p.parent.name for p in (out / "stages").glob("*/stage.json")}
+    assert done == {"direction", "evaluate", "languages"}
+    assert not (out / "stages" / "attribute").exists() and not (out / "report.html").exists()
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")], "no temporary files or directories left"
+    stamp = {p.parent.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*/stage.json")}
+    monkeypatch.setitem(study_mod._RUNNERS, "attribute", real)
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("cached") == 3 and "stage attribute: done" in printed and "stage compare: done" in printed
+    assert all(p.stat().st_mtime_ns == stamp[p.parent.name] for p in (out / "stages").glob("*/stage.json")
+               if p.parent.name in stamp)
