@@ -140,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive, default=32)
     e.add_argument("--refusal-tokens", default=None, help="comma-separated refusal tokens (default: the "
                    "direction's, else discovered on the train split)")
+    e.add_argument("--backend", default="hf", choices=["hf", "vllm"],
+                   help="generation backend: hf (the model itself; interventions act through hooks) or vllm (a "
+                        "serving engine for big models: no hooks, so --intervention none; evaluate an "
+                        "`orthogonalize` export for the ablated model; needs the vllm extra and a GPU)")
+    e.add_argument("--tensor-parallel-size", type=_positive, default=1, help="vllm: GPUs per model")
     e.add_argument("--out", required=True, help="output JSON file")
     e.set_defaults(func=cmd_evaluate)
 
@@ -439,12 +444,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     ModelSpec.parse(args.model)
     if Path(args.out).is_dir():
         raise InputError(f"--out {args.out} is a directory; give a .json file path")
+    if args.backend != "hf" and (args.intervention != "none" or args.direction):
+        raise InputError(f"--backend {args.backend} runs no hooks: use --intervention none, and evaluate an "
+                         "`orthogonalize` export (--model EXPORT_DIR) for the ablated model")
     if args.intervention != "none" and args.direction is None:
         raise InputError(f"--intervention {args.intervention} needs --direction")
     direction = load_direction(args.direction) if args.direction else None
     all_prompts = load_prompts(args.prompts, langs=args.langs)
     prompts = all_prompts
     prompts = _split_and_cap(prompts, args)
+    if args.backend != "hf":
+        _evaluate_on_backend(args, prompts)
+        return
     model = load_model(args.model)
     if direction is not None:
         check_compatible(direction, model, f"--direction {args.direction}")
@@ -487,6 +498,25 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if result.get("capability"):
         c = result["capability"]
         print(f"capability: KL {c['kl_harmless']:.3f}, CE {c['ce_harmless_base']:.3f} -> {c['ce_harmless_intervened']:.3f}")
+    print(f"wrote {args.out}")
+
+
+def _evaluate_on_backend(args: argparse.Namespace, prompts) -> None:
+    """``evaluate --backend vllm``: generation by a serving engine, judged the same way; no hooks, no scores."""
+    from refusal_circuits.backends import make_generator
+    from refusal_circuits.evaluation import evaluate_refusal
+    from refusal_circuits.io import write_json
+
+    if args.model.startswith("packaged:"):
+        raise InputError(f"--backend {args.backend} needs a Hugging Face id or model directory, not {args.model}")
+    generator = make_generator(args.backend, args.model, tensor_parallel_size=args.tensor_parallel_size)
+    ev = evaluate_refusal(None, prompts, max_new_tokens=args.max_new_tokens, generator=generator,
+                          progress=_progress())
+    write_json(args.out, {**ev.to_dict(), "direction": None, "backend": args.backend, "prompts": args.prompts,
+                          "split": args.split})
+    for lang, groups in ev.results.items():
+        print(f"{lang} [{args.backend}]: " + "  ".join(f"{lab} {g.refusal_rate:5.1%} (n={g.n})"
+                                                     for lab, g in groups.items()))
     print(f"wrote {args.out}")
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from refusal_circuits.backends import Generator
 from refusal_circuits.chat import ChatFormat
 from refusal_circuits.data import LABELS, PromptSet
 from refusal_circuits.forward import batches
@@ -191,20 +192,27 @@ def evaluate_refusal(
     batch_size: int = 16,
     intervention: str = "none",
     refusal_tokens: RefusalTokens | None = None,
+    generator: Generator | None = None,
     progress: bool = True,
 ) -> RefusalEvaluation:
     """Generate greedily for every prompt and judge refusal; rates per (language, label).
 
     Hooks already registered on the model (an intervention's context manager) apply; ``intervention`` only
     names them in the record. With ``refusal_tokens`` each group also gets its mean first-token refusal score
-    (log-odds, see :mod:`refusal_circuits.scores`).
+    (log-odds, see :mod:`refusal_circuits.scores`). ``generator`` replaces the model's own generation (e.g. a
+    :class:`~refusal_circuits.backends.VLLMGenerator` serving an orthogonalized export); hooks do not reach it.
     """
     from refusal_circuits.scores import first_token_logits, refusal_score
 
     judge = judge or PhraseJudge()
     records = list(prompts)
-    texts = generate(model, [r.instruction for r in records], max_new_tokens=max_new_tokens,
-                     batch_size=batch_size, progress=progress, desc=f"generate ({intervention})")
+    if generator is not None:
+        texts = list(generator([r.instruction for r in records], max_new_tokens=max_new_tokens))
+        if len(texts) != len(records):
+            raise ValueError(f"generator {generator.name!r} returned {len(texts)} completions for {len(records)} prompts")
+    else:
+        texts = generate(model, [r.instruction for r in records], max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, progress=progress, desc=f"generate ({intervention})")
     verdicts = judge.judge(texts, [r.lang for r in records])
     scores: list[float] = []
     if refusal_tokens is not None:
@@ -221,7 +229,8 @@ def evaluate_refusal(
         completions.append(Completion(r.id, r.lang, r.label, text, bool(refused)))
     results = {lang: {lab: GroupRate(int(n), int(k), sc / n if scores else None)
                       for lab, (n, k, sc) in groups.items()} for lang, groups in counts.items()}
-    return RefusalEvaluation(model_id(model), intervention, judge.name, results, tuple(completions),
+    name = model_id(model) if model is not None else str(getattr(generator, "model", "unknown"))
+    return RefusalEvaluation(name, intervention, judge.name, results, tuple(completions),
                              prompts.sha256, max_new_tokens)
 
 
