@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--total-effects", type=int, default=4, metavar="K", help="patch K heads for total effects")
     run.add_argument("--patch-top-k", type=int, default=3, metavar="K",
                      help="patch K heads from the base run into each translation")
-    run.add_argument("--max-new-tokens", type=_positive, default=24, help="tokens generated per prompt")
+    run.add_argument("--max-new-tokens", type=_positive, default=16,
+                     help="tokens generated per prompt (default 16: enough for the phrase judge to see the opening)")
     run.add_argument("--batch-size", type=_positive, default=16)
     run.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: ./{DEFAULT_OUT})")
     run.set_defaults(func=cmd_run)
@@ -276,12 +277,13 @@ def _write_report(out: Path, config: dict, seconds: dict) -> dict:
 def _print_headline(results: dict) -> None:
     d = results["direction"]
     print(f"direction: layer {d['layer']}, position {d['position']} ({d['lang']})")
-    base, abl = results["refusal"]["baseline"], results["refusal"]["ablate"]
+    base = results["refusal"]["baseline"]
+    first = results["languages"]["transfer"]["ablate"].get(d["lang"], {})
     for lang, groups in base.items():
         h, s = groups.get("harmful"), groups.get("harmless")
-        a = abl.get(lang, {}).get("harmful")
-        print(f"{lang}: harmful {h['refusal_rate']:5.1%}  harmless {s['refusal_rate']:5.1%}"
-              + (f"  harmful with r̂ ablated {a['refusal_rate']:5.1%}" if a else ""))
+        a = first.get(lang)
+        print(f"{lang}: refusal harmful {h['refusal_rate']:5.1%}  harmless {s['refusal_rate']:5.1%}"
+              + (f"  harmful with r̂({d['lang']}) ablated {a['rate']:5.1%} (first token)" if a else ""))
 
 
 def cmd_report(args: argparse.Namespace) -> None:

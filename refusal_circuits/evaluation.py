@@ -33,15 +33,20 @@ def generate_ids(
     adv_suffix: str | None = None,
     progress: bool = True,
     desc: str = "generate",
+    first_logits: list[torch.Tensor | None] | None = None,
 ) -> list[list[int]]:
     """Greedy new token ids for chat-formatted ``instructions``, in input order (padding after EOS removed).
 
     Any hooks registered on ``model`` (for example an intervention) act during generation: for a
     TransformerBridge the Hugging Face ``generate`` runs through the bridge's hook points, with its KV cache.
-    Models without a Hugging Face twin fall back to a plain greedy loop without a cache.
+    Models without a Hugging Face twin fall back to a plain greedy loop without a cache. Pass a list as
+    ``first_logits`` to receive each prompt's first-step logits (float32 ``[vocab]``, in input order; the
+    refusal score needs no second forward pass then).
     """
     tokenizer = model.tokenizer
     out: list[list[int]] = [[] for _ in instructions]
+    if first_logits is not None:
+        first_logits[:] = [None] * len(instructions)
     hf = hf_model_of(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = _eos_ids(model)
@@ -49,8 +54,13 @@ def generate_ids(
                               desc=desc):
         ids, mask = batch.input_ids, batch.attention_mask
         if hf is not None:
-            gen = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                              pad_token_id=pad_id, top_p=None, top_k=None, temperature=None)
+            res = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=pad_id, top_p=None, top_k=None, temperature=None,
+                              output_logits=first_logits is not None, return_dict_in_generate=True)
+            gen = res.sequences
+            if first_logits is not None:
+                for row, i in enumerate(idx):
+                    first_logits[i] = res.logits[0][row].float().cpu()
         else:
             gen = _greedy_loop(model, ids, mask, max_new_tokens, tokenizer.eos_token_id)
         for row, i in enumerate(idx):
@@ -207,16 +217,22 @@ def evaluate_refusal(
     judge = judge or PhraseJudge()
     records = list(prompts)
     if generator is not None:
-        texts = list(generator([r.instruction for r in records], max_new_tokens=max_new_tokens))
+        texts: list[str] = list(generator([r.instruction for r in records], max_new_tokens=max_new_tokens))
         if len(texts) != len(records):
             raise ValueError(f"generator {generator.name!r} returned {len(texts)} completions for {len(records)} prompts")
-    else:
-        texts = generate(model, [r.instruction for r in records], max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, progress=progress, desc=f"generate ({intervention})")
+    first: list[torch.Tensor | None] = []
+    if generator is None:
+        ids = generate_ids(model, [r.instruction for r in records], max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, progress=progress, desc=f"generate ({intervention})",
+                           first_logits=first if refusal_tokens is not None else None)
+        texts = [model.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
     verdicts = judge.judge(texts, [r.lang for r in records])
     scores: list[float] = []
     if refusal_tokens is not None:
-        logits = first_token_logits(model, [r.instruction for r in records], batch_size=batch_size)
+        if first and all(x is not None for x in first):
+            logits = torch.stack([x for x in first if x is not None])  # generation's own first step
+        else:
+            logits = first_token_logits(model, [r.instruction for r in records], batch_size=batch_size)
         scores = [float(refusal_score(logits[i : i + 1], refusal_tokens.for_lang(r.lang))[0])
                   for i, r in enumerate(records)]
     counts: dict[str, dict[str, list[float]]] = {}

@@ -156,8 +156,8 @@ def build_report(out: Path, results: dict[str, Any]) -> str:
 
     # Refusal rates
     body.append("<h2>Refusal per language</h2>")
-    rates: dict[str, dict[str, tuple[float, float, float]]] = {"harmful, baseline": {}, f"harmful, r̂({base}) ablated": {},
-                                                                "harmful, own r̂ ablated (1st token)": {},
+    abl_name, own_name = f"harmful, r̂({base}) ablated (1st token)", "harmful, own r̂ ablated (1st token)"
+    rates: dict[str, dict[str, tuple[float, float, float]]] = {"harmful, baseline": {}, abl_name: {}, own_name: {},
                                                                 "harmless, baseline": {}}
     for lang in langs:
         g = refusal["baseline"].get(lang, {})
@@ -165,16 +165,22 @@ def build_report(out: Path, results: dict[str, Any]) -> str:
             rates["harmful, baseline"][lang] = _rate(g["harmful"])
         if "harmless" in g:
             rates["harmless, baseline"][lang] = _rate(g["harmless"])
-        a = refusal["ablate"].get(lang, {})
-        if "harmful" in a:
-            rates[f"harmful, r̂({base}) ablated"][lang] = _rate(a["harmful"])
+        transferred = transfer["ablate"].get(base, {}).get(lang)
+        if transferred:
+            rates[abl_name][lang] = _rate(transferred)
         own = transfer["ablate"].get(lang, {}).get(lang)
         if own:
-            rates["harmful, own r̂ ablated (1st token)"][lang] = _rate(own)
+            rates[own_name][lang] = _rate(own)
     body.append(figs.add("refusal_rates", viz.refusal_rates(rates, title="Refusal rate per language"),
-                         "Greedy generation judged by refusal phrases (baseline, ablation of the base language's r̂); "
-                         "each language's own direction at r̂'s site ablated, judged by the first token. 95% Wilson "
-                         "intervals."))
+                         "Baseline: greedy generation judged by refusal phrases. Ablated: the base language's r̂, and "
+                         "each language's own direction at r̂'s site, judged by the first token (greedy decoding "
+                         "would start with a refusal token). 95% Wilson intervals."))
+    generated = refusal["ablate"].get(base, {}).get("harmful")
+    if generated:
+        r = _rate(generated)
+        body.append(f"<p>With r̂ ablated, greedy generation refuses {r[0]:.0%} of {esc(base)} harmful test prompts "
+                    f"(95% CI {r[1]:.0%}–{r[2]:.0%}, n={generated['n']}; baseline "
+                    f"{_rate(refusal['baseline'][base]['harmful'])[0]:.0%}).</p>")
     add = refusal["actadd"].get(base, {}).get("harmless")
     if add:
         r = _rate(add)

@@ -58,7 +58,7 @@ class StudyConfig:
     max_layer_frac: float | None = None
     refusal_tokens: str | None = None
     compliance_tokens: str | None = None
-    max_new_tokens: int = 24
+    max_new_tokens: int = 16
     batch_size: int = 16
     transfer: str = "base"
     total_effects: int = 4
@@ -253,8 +253,9 @@ def _stage_direction(study: Study, out: Path) -> None:
 
 
 def _stage_evaluate(study: Study, out: Path) -> None:
-    """Generation + phrase judge: baseline on every language; ablation of r̂ on every language's harmful prompts;
-    activation addition on the base language's harmless prompts."""
+    """Generation + phrase judge: baseline on every language; ablation of r̂ on the base language's harmful
+    prompts and activation addition on its harmless ones. (Ablation in the other languages is measured with the
+    first-token judge in the ``languages`` stage's transfer matrix: generation is the study's largest cost.)"""
     from refusal_circuits import interventions
     from refusal_circuits.evaluation import evaluate_refusal
     from refusal_circuits.io import write_json
@@ -268,7 +269,7 @@ def _stage_evaluate(study: Study, out: Path) -> None:
     baseline = evaluate_refusal(model, test, intervention="none", **kw)
     write_json(out / "baseline.json", baseline.to_dict())
     with interventions.ablate(model, direction):
-        ablated = evaluate_refusal(model, test.filter(label="harmful"), intervention="ablate", **kw)
+        ablated = evaluate_refusal(model, test.filter(lang=cfg.base, label="harmful"), intervention="ablate", **kw)
     write_json(out / "ablate.json", ablated.to_dict())
     with interventions.actadd(model, direction):
         added = evaluate_refusal(model, test.filter(lang=cfg.base, label="harmless"), intervention="actadd", **kw)

@@ -176,3 +176,20 @@ def test_induce_is_scored_only_where_a_filter_needs_it_and_the_choice_is_unchang
         assert (s.induce is None) == (s.kl >= cut and not chosen)
     assert lazy.direction.meta["selection"]["induce"] == pytest.approx(
         next(s.induce for s in full.scores if (s.position, s.layer) == (want.position, want.layer)), abs=1e-5)
+
+
+@pytest.mark.tiny
+def test_evaluation_scores_come_from_generation_first_step_and_equal_a_separate_forward(tiny_model):
+    from refusal_circuits.data import PromptRecord, PromptSet
+    from refusal_circuits.evaluation import evaluate_refusal, generate_ids
+
+    tokens = refusal_tokens_from_strings(tiny_model.tokenizer, ["I", "S"], langs=["en"])
+    first: list = []
+    generate_ids(tiny_model, HARMFUL + HARMLESS, max_new_tokens=3, batch_size=3, progress=False, first_logits=first)
+    separate = first_token_logits(tiny_model, HARMFUL + HARMLESS)
+    assert torch.allclose(torch.stack(first), separate.float(), atol=1e-4)
+    records = tuple(PromptRecord(f"p{i}", "en", "harmful", text) for i, text in enumerate(HARMFUL))
+    ev = evaluate_refusal(tiny_model, PromptSet(records, "t"), max_new_tokens=3, refusal_tokens=tokens,
+                          progress=False)
+    want = float(refusal_score(separate[: len(HARMFUL)], tokens.ids).mean())
+    assert ev.results["en"]["harmful"].refusal_score == pytest.approx(want, abs=1e-4)
