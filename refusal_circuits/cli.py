@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--base", default="en", help="the language whose direction is selected (default: en)")
     run.add_argument("--max-prompts", type=_positive, default=None,
                      help="at most this many test prompts per language and label (a quicker, smaller study)")
-    run.add_argument("--train-prompts", type=_positive, default=64,
-                     help="at most this many train (and val) prompts per label for the directions (default 64)")
+    run.add_argument("--train-prompts", type=_positive, default=None,
+                     help="at most this many train (and val) prompts per label for the directions (default: all, "
+                          "as `directions` does)")
     run.add_argument("--positions", type=_negative_ints, default=[-2, -1],
                      help="post-instruction positions of the selection grid (default -2,-1)")
     run.add_argument("--filter", default="auto", choices=["auto", "arditi", "polyrefuse"], help="selection filter")

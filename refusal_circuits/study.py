@@ -51,7 +51,7 @@ class StudyConfig:
     langs: tuple[str, ...] | None = None
     base: str = "en"
     max_prompts: int | None = None
-    train_prompts: int | None = 64
+    train_prompts: int | None = None
     positions: tuple[int, ...] | None = (-2, -1)
     filter: str = "auto"
     kl_max: float | None = None
