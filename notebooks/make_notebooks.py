@@ -29,8 +29,8 @@ PARAMS = '''# Parameters (fast defaults for CI on 2 CPU cores). The full selecti
 MODEL = "packaged:qwen2.5-coder-0.5b-instruct"
 N_TRAIN = 32          # train prompts (harmful + harmless) for the difference in means
 N_VAL = 16            # val prompts for the selection
-POSITIONS = [-2, -1]  # post-instruction positions of the selection grid
-LAYERS = range(10, 18)'''
+POSITIONS = [-2]      # post-instruction positions of the selection grid
+LAYERS = range(11, 17)  # layers of the selection grid'''
 
 SETUP = '''import refusal_circuits as rc
 from refusal_circuits import viz
@@ -84,7 +84,7 @@ print(f"components add up to resid · r̂ within {attr.completeness_error():.1e}
 top = attr.select(label="harmful").top_heads(5)
 display(top)
 display(SVG(viz.to_svg(viz.head_heatmap(attr.select(label="harmful").head_scores().mean(0),
-                                         title="mean head write onto r̂ (harmful)")))))'''),
+                                         title="mean head write onto r̂ (harmful)"))))'''),
         code('''heads = rc.top_k_heads(attr.select(label="harmful").head_scores().mean(0), 3)
 m = rc.source_matrix(model, direction, sample[0].instruction, heads)
 display(m)  # the source tokens feeding r̂ at the last position
@@ -110,7 +110,7 @@ attr'''),
     display(paired)
     display(SVG(viz.to_svg(viz.head_heatmap(paired.heads["mean"], significant=paired.heads["significant"],
                                              title=f"{lang} − en (framed: significant)",
-                                             cbar="paired difference")))))'''),
+                                             cbar="paired difference"))))'''),
         md("The plain-words summary per language (no baseline refusal here: see `refusal-circuits compare`)."),
         code('''div = divergence(attr, "en", LANGS[1:])
 for d in div.languages.values():
