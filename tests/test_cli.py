@@ -63,7 +63,7 @@ def test_run_on_the_packaged_model_writes_report_and_results(tmp_path):
         [sys.executable, "-m", "refusal_circuits.cli", "-q", "run", "--langs", "en,yo", "--max-prompts", "4",
          "--train-prompts", "16", "--positions", "-1", "--max-new-tokens", "12", "--total-effects", "1",
          "--patch-top-k", "2", "--out", str(out)],
-        capture_output=True, text=True, timeout=1800)
+        capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     assert results["direction"]["model"] == "packaged:qwen2.5-coder-0.5b-instruct"
