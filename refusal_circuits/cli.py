@@ -241,10 +241,10 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from refusal_circuits.selection import filter_configs
     from refusal_circuits.study import Study, StudyConfig
 
-    if args.max_layer_frac is not None and not 0 < args.max_layer_frac <= 1:
-        raise InputError("--max-layer-frac must be in (0, 1]")
+    filter_configs(args.filter, kl_max=args.kl_max, max_layer_frac=args.max_layer_frac)  # fail before any work
     if args.total_effects < 0 or args.patch_top_k < 0:
         raise InputError("--total-effects and --patch-top-k must be 0 or more")
     config = StudyConfig(
@@ -389,22 +389,13 @@ def cmd_directions(args: argparse.Namespace) -> None:
     from refusal_circuits.data import load_prompts
     from refusal_circuits.directions import extract_candidates
     from refusal_circuits.models import ModelSpec, load_model
-    from refusal_circuits.selection import ARDITI, POLYREFUSE, PRESETS, select_direction
+    from refusal_circuits.selection import filter_configs, select_direction
 
     ModelSpec.parse(args.model)
     out = _out_dir(args.out)
     prompts = load_prompts(args.prompts)
     train, val = _splits(prompts, args.lang, args.max_prompts)
-    config = ARDITI if args.filter == "auto" else PRESETS[args.filter]
-    fallback = POLYREFUSE if args.filter == "auto" else None
-    overrides = {k: v for k, v in (("kl_max", args.kl_max), ("max_layer_frac", args.max_layer_frac)) if v is not None}
-    if overrides:
-        import dataclasses
-
-        if "max_layer_frac" in overrides and not 0 < overrides["max_layer_frac"] <= 1:
-            raise InputError("--max-layer-frac must be in (0, 1]")
-        config = dataclasses.replace(config, name=f"{config.name}+custom", **overrides)
-        fallback = dataclasses.replace(fallback, **overrides) if fallback else None
+    config, fallback = filter_configs(args.filter, kl_max=args.kl_max, max_layer_frac=args.max_layer_frac)
     model = load_model(args.model)
     if args.positions:
         from refusal_circuits.chat import chat_format

@@ -47,6 +47,24 @@ POLYREFUSE = SelectionConfig("polyrefuse", kl_max=0.2, induce_min=None, max_laye
 PRESETS = {"arditi": ARDITI, "polyrefuse": POLYREFUSE}
 
 
+def filter_configs(name: str, *, kl_max: float | None = None, max_layer_frac: float | None = None
+                   ) -> tuple[SelectionConfig, SelectionConfig | None]:
+    """The filter and its fallback for a ``--filter`` name (``auto``: Arditi, falling back to PolyRefuse), with
+    the KL threshold and layer cap overridden where given (the filter's name then ends in ``+custom``)."""
+    import dataclasses
+
+    if max_layer_frac is not None and not 0 < max_layer_frac <= 1:
+        raise InputError("--max-layer-frac must be in (0, 1]")
+    config = ARDITI if name == "auto" else PRESETS[name]
+    fallback = POLYREFUSE if name == "auto" else None
+    overrides: dict[str, Any] = {k: v for k, v in (("kl_max", kl_max), ("max_layer_frac", max_layer_frac))
+                                 if v is not None}
+    if overrides:
+        config = dataclasses.replace(config, name=f"{config.name}+custom", **overrides)
+        fallback = dataclasses.replace(fallback, **overrides) if fallback else None
+    return config, fallback
+
+
 @dataclass(frozen=True)
 class CandidateScore:
     """One candidate's scores; ``induce`` and ``kl`` are None where a lazy scan never needed them."""

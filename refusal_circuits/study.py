@@ -209,7 +209,7 @@ def _model_fingerprint(spec: str) -> list[Any]:
 def _stage_direction(study: Study, out: Path) -> None:
     from refusal_circuits.directions import extract_candidates
     from refusal_circuits.scores import discover_refusal_tokens, refusal_tokens_from_strings
-    from refusal_circuits.selection import ARDITI, POLYREFUSE, PRESETS, select_direction
+    from refusal_circuits.selection import filter_configs, select_direction
 
     cfg, base = study.config, study.config.base
     own = study.prompts.filter(lang=base)
@@ -228,12 +228,7 @@ def _stage_direction(study: Study, out: Path) -> None:
                                              langs=study.langs)
     else:
         tokens = discover_refusal_tokens(model, train.head(32), progress=study.progress)
-    config = ARDITI if cfg.filter == "auto" else PRESETS[cfg.filter]
-    fallback = POLYREFUSE if cfg.filter == "auto" else None
-    overrides: dict[str, Any] = {k: v for k, v in (("kl_max", cfg.kl_max), ("max_layer_frac", cfg.max_layer_frac)) if v is not None}
-    if overrides:
-        config = dataclasses.replace(config, name=f"{config.name}+custom", **overrides)
-        fallback = dataclasses.replace(fallback, **overrides) if fallback else None
+    config, fallback = filter_configs(cfg.filter, kl_max=cfg.kl_max, max_layer_frac=cfg.max_layer_frac)
     candidates = extract_candidates(
         model, train.filter(label="harmful").instructions, train.filter(label="harmless").instructions, lang=base,
         prompts_sha256=own.sha256, batch_size=cfg.batch_size, progress=study.progress)
