@@ -214,6 +214,29 @@ def discover_compliance_tokens(model: Any, instructions: Sequence[str], refusal_
     return tuple(ranked)
 
 
+def _discover_for_lang(model: Any, harmless: PromptSet, lang: str, refusal: Sequence[int],
+                       batch_size: int) -> tuple[int, ...]:
+    """Compliance tokens for ``lang`` from its own harmless prompts, else borrowed from the other languages'.
+
+    A model that does not understand a language may refuse every prompt in it, harmless ones included (the
+    packaged 0.5B answers every Yoruba prompt with an English refusal). The logit difference still needs a
+    compliance side; the tokens the model starts its answers with elsewhere are the natural one, and the log says so.
+    """
+    own = harmless.filter(lang=lang)
+    if len(own):
+        try:
+            return discover_compliance_tokens(model, own.instructions, refusal, batch_size=batch_size)
+        except InputError:
+            if len(own) == len(harmless):
+                raise
+            log.warning("every greedy first token on %r harmless prompts is a refusal token: its compliance tokens "
+                        "are taken from the other languages' harmless prompts", lang)
+    others = harmless.filter(lang=[lg for lg in harmless.langs if lg != lang])
+    if not len(others):
+        return ()
+    return discover_compliance_tokens(model, others.instructions, refusal, batch_size=batch_size)
+
+
 def _logit_targets(model: Any, prompts: PromptSet, saved: dict[str, Any] | None, refusal_tokens: RefusalTokens | None,
                    compliance: dict[str, Sequence[int]] | Sequence[int] | None, batch_size: int) -> LogitTargets | None:
     tok = model.tokenizer
@@ -233,12 +256,11 @@ def _logit_targets(model: Any, prompts: PromptSet, saved: dict[str, Any] | None,
         elif compliance is not None:
             comp[lang] = tuple(int(t) for t in compliance)
         else:
-            pool = harmless_all.filter(lang=lang) or harmless_all
-            if not len(pool):
+            comp[lang] = _discover_for_lang(model, harmless_all, lang, refusal[lang], batch_size)
+            if not comp[lang]:
                 log.warning("no harmless prompts to discover compliance tokens from: skipping direct logit "
                             "attribution (pass compliance_tokens)")
                 return None
-            comp[lang] = discover_compliance_tokens(model, pool.instructions, refusal[lang], batch_size=batch_size)
         overlap = set(comp[lang]) & set(refusal[lang])
         if overlap:
             raise InputError(f"tokens {sorted(overlap)} are both refusal and compliance tokens for {lang!r}")

@@ -288,3 +288,29 @@ def test_shared_prefix_pass_equals_the_full_pass(tiny_model, r, result, targets,
         assert torch.allclose(getattr(full, name), getattr(result, name), atol=1e-5), name
     assert torch.equal(full.mask, result.mask) and torch.equal(full.spans, result.spans)
     assert torch.allclose(full.dla.heads, result.dla.heads, atol=1e-5)
+
+
+def test_a_language_refusing_every_harmless_prompt_borrows_compliance_tokens(tiny_model, monkeypatch, caplog):
+    """The packaged 0.5B refuses every Yoruba prompt, harmless ones too: DLA must still have a compliance side."""
+    from refusal_circuits import scores
+    from refusal_circuits.scores import RefusalTokens
+
+    vocab = int(tiny_model.cfg.d_vocab)
+
+    def fake_first_token_logits(model, instructions, **kwargs):
+        logits = torch.zeros(len(instructions), vocab)
+        for i, text in enumerate(instructions):  # Yoruba prompts start with token 5 (a refusal), others with 7 or 8
+            logits[i, 5 if text.startswith("yo") else (7 if i % 2 else 8)] = 1.0
+        return logits
+
+    monkeypatch.setattr(scores, "first_token_logits", fake_first_token_logits)
+    recs = [PromptRecord(f"{lang}{i}", lang, "harmless", f"{lang} prompt {i}") for lang in ("en", "yo")
+            for i in range(8)]
+    refusal = RefusalTokens({"en": (5, 6), "yo": (5,)})
+    with caplog.at_level("WARNING", logger="refusal_circuits"):
+        got = attr._logit_targets(tiny_model, PromptSet(tuple(recs)), None, refusal, None, batch_size=4)
+    assert got is not None and set(got.compliance["yo"]) == {7, 8} and set(got.compliance["en"]) == {7, 8}
+    assert any("'yo'" in r.getMessage() and "other languages" in r.getMessage() for r in caplog.records)
+    only_yo = PromptSet(tuple(r for r in recs if r.lang == "yo"))
+    with pytest.raises(InputError, match="every greedy first token was a refusal token"):
+        attr._logit_targets(tiny_model, only_yo, None, refusal, None, batch_size=4)
