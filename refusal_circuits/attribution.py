@@ -891,7 +891,7 @@ def attribute(
                               desc="attribution"):
         rows = torch.tensor([group_of.get(records[i].lang, 0) for i in idx], dtype=torch.long, device=device)
         b = len(idx)
-        n_prefix = fwd._shared_prefix_length(batch) if (fwd.SHARE_PREFIX and hf_model_of(model) is not None) else 0
+        n_prefix = fwd.shared_prefix_length(batch) if (fwd.SHARE_PREFIX and hf_model_of(model) is not None) else 0
         prefix: _BatchProbe | None = None
         if n_prefix:
             # The template prefix is the same for every row: attribute it once (a batch of one), and let every row

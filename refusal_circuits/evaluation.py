@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from refusal_circuits import forward as fwd
 from refusal_circuits.backends import Generator
 from refusal_circuits.chat import ChatFormat
 from refusal_circuits.data import LABELS, PromptSet
@@ -54,9 +55,14 @@ def generate_ids(
                               desc=desc):
         ids, mask = batch.input_ids, batch.attention_mask
         if hf is not None:
+            extra: dict[str, Any] = {}
+            if fwd.SHARE_PREFIX and (n_prefix := fwd.shared_prefix_length(batch)):
+                # The template prefix runs once (interventions apply to it); every row's prefill starts after it.
+                cont = fwd.prefix_continuation(model, batch, n_prefix)
+                ids, mask, extra = cont.full_input_ids, cont.attention_mask, {"past_key_values": cont.cache}
             res = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                               pad_token_id=pad_id, top_p=None, top_k=None, temperature=None,
-                              output_logits=first_logits is not None, return_dict_in_generate=True)
+                              output_logits=first_logits is not None, return_dict_in_generate=True, **extra)
             gen = res.sequences
             if first_logits is not None:
                 for row, i in enumerate(idx):

@@ -20,6 +20,7 @@ for other models.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from refusal_circuits import hooks
 from refusal_circuits.chat import ChatBatch, ChatFormat, Span, chat_format, position_ids, tokenize_chat
+from refusal_circuits.data import PromptSet
 from refusal_circuits.models import hf_model_of
 
 
@@ -42,6 +44,22 @@ def context_length(model: Any) -> int | None:
     """The model's context window, when its config states one."""
     n_ctx = getattr(model.cfg, "n_ctx", None)
     return int(n_ctx) if n_ctx else None
+
+
+def check_context(model: Any, prompts: PromptSet, *, adv_suffix: str | None = None) -> None:
+    """Raise :class:`InputError` naming the first prompt (id, language, source) longer than the model's context.
+
+    Commands call this on every prompt they will use before the first forward pass, so a prompt that is too long
+    stops them before any work is done or any file is written.
+    """
+    n_ctx = context_length(model)
+    if n_ctx is None or not len(prompts):
+        return
+    fmt = chat_format(model.tokenizer)
+    for start in range(0, len(prompts), 256):
+        part = prompts[start : start + 256]
+        tokenize_chat(model.tokenizer, part.instructions, fmt=fmt, adv_suffix=adv_suffix, max_length=n_ctx,
+                      names=[f"{r.id!r} ({r.lang}) of {prompts.source}" for r in part])
 
 
 def device_of(model: Any) -> torch.device:
@@ -76,7 +94,7 @@ class _StopForward(Exception):
 SHARE_PREFIX = True
 
 
-def _shared_prefix_length(batch: ChatBatch) -> int:
+def shared_prefix_length(batch: ChatBatch) -> int:
     """Length of the template prefix every row starts with (0 if the rows do not share one)."""
     is_prefix = batch.spans == int(Span.PREFIX)
     counts = is_prefix.sum(-1)
@@ -85,6 +103,42 @@ def _shared_prefix_length(batch: ChatBatch) -> int:
         return 0
     first = batch.input_ids[is_prefix].view(len(batch), n)
     return n if bool((first == first[0]).all()) else 0
+
+
+@dataclass
+class PrefixContinuation:
+    """A batch split into its shared template prefix (already run, in ``cache``) and each row's own tokens.
+
+    Rows stay left-padded: the pads move between the prefix and the rest, masked out, and positions are counted
+    as if they were not there. ``attention_mask`` covers prefix + rest; ``input_ids`` and ``position_ids`` the
+    rest only (``full_input_ids`` is prefix + rest, what ``generate`` expects next to the cache).
+    """
+
+    cache: Any
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    full_input_ids: Tensor
+
+
+def prefix_continuation(model: Any, batch: ChatBatch, n_prefix: int,
+                        prefix_readers: Sequence[tuple[str, hooks.HookFn]] = ()) -> PrefixContinuation:
+    """Run the first ``n_prefix`` tokens (shared by every row, see :func:`shared_prefix_length`) once, with the
+    model's own hooks and ``prefix_readers``, and return what every row continues from."""
+    hf = hf_model_of(model)
+    is_prefix = batch.spans == int(Span.PREFIX)
+    prefix_ids = batch.input_ids[is_prefix].view(len(batch), n_prefix)[:1]
+    with hooks.add_hooks(model, prefix_readers):
+        cache = hf.model(input_ids=prefix_ids, use_cache=True).past_key_values
+    cache.batch_repeat_interleave(len(batch))
+    own = ~is_prefix & batch.attention_mask.bool()
+    rest_len = int(own.sum(-1).max())
+    rest_mask = own[:, -rest_len:].to(batch.attention_mask.dtype)  # a shorter row's prefix tail is masked too
+    ones = torch.ones(len(batch), n_prefix, dtype=rest_mask.dtype, device=rest_mask.device)
+    rest_ids = batch.input_ids[:, -rest_len:]
+    return PrefixContinuation(cache, rest_ids, torch.cat([ones, rest_mask], 1),
+                              (n_prefix + rest_mask.long().cumsum(-1) - 1).clamp(min=n_prefix),
+                              torch.cat([prefix_ids.expand(len(batch), -1), rest_ids], 1))
 
 
 def decoder_forward(model: Any, batch: ChatBatch, readers: Sequence[tuple[str, hooks.HookFn]] = (),
@@ -106,26 +160,15 @@ def decoder_forward(model: Any, batch: ChatBatch, readers: Sequence[tuple[str, h
     run: Callable[[], Tensor]
     if hf is None or not hasattr(hf, "model"):
         run = partial(model, batch.input_ids, attention_mask=batch.attention_mask)
-    elif not (SHARE_PREFIX and share_prefix and (n_prefix := _shared_prefix_length(batch))):
+    elif not (SHARE_PREFIX and share_prefix and (n_prefix := shared_prefix_length(batch))):
         run = partial(_decoder, hf, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                       position_ids=batch.position_ids)
     else:
         # The prefix once, with the model's own hooks (interventions) but not the readers; then every row
-        # continues from its cache. Rows stay left-padded: the pads move between the prefix and the rest,
-        # masked out, with positions counted as if they were not there.
-        is_prefix = batch.spans == int(Span.PREFIX)
-        prefix_ids = batch.input_ids[is_prefix].view(len(batch), n_prefix)[:1]
-        with hooks.add_hooks(model, prefix_readers):
-            cache = hf.model(input_ids=prefix_ids, use_cache=True).past_key_values
-        cache.batch_repeat_interleave(len(batch))
-        own = ~is_prefix & batch.attention_mask.bool()
-        rest_len = int(own.sum(-1).max())
-        rest_mask = own[:, -rest_len:].to(batch.attention_mask.dtype)  # a shorter row's prefix tail is masked too
-        ones = torch.ones(len(batch), n_prefix, dtype=rest_mask.dtype, device=rest_mask.device)
-        run = partial(_decoder, hf, input_ids=batch.input_ids[:, -rest_len:],
-                      attention_mask=torch.cat([ones, rest_mask], 1),
-                      position_ids=(n_prefix + rest_mask.long().cumsum(-1) - 1).clamp(min=n_prefix),
-                      past_key_values=cache)
+        # continues from its cache.
+        cont = prefix_continuation(model, batch, n_prefix, prefix_readers)
+        run = partial(_decoder, hf, input_ids=cont.input_ids, attention_mask=cont.attention_mask,
+                      position_ids=cont.position_ids, past_key_values=cont.cache)
 
     def stop(_x: Tensor, _name: str) -> None:
         raise _StopForward

@@ -280,7 +280,7 @@ def test_shared_prefix_pass_equals_the_full_pass(tiny_model, r, result, targets,
 
     refusal, compliance = targets
     _, batch = next(iter(batches(tiny_model, PROMPTS[:2], 2)))
-    assert forward._shared_prefix_length(batch) > 10  # the Qwen template's system prompt: the fast path ran
+    assert forward.shared_prefix_length(batch) > 10  # the Qwen template's system prompt: the fast path ran
     monkeypatch.setattr(forward, "SHARE_PREFIX", False)
     full = attr.attribute(tiny_model, r, PROMPTS, refusal_tokens=refusal, compliance_tokens=compliance,
                           batch_size=2, adv_suffix=" zz!", progress=False)

@@ -112,7 +112,7 @@ def test_shared_prefix_forward_equals_a_plain_forward_under_an_intervention(tiny
     from refusal_circuits import forward, interventions
 
     batch = tokenize_chat(tiny_model.tokenizer, HARMFUL + HARMLESS)
-    assert forward._shared_prefix_length(batch) > 0
+    assert forward.shared_prefix_length(batch) > 0
     r = torch.randn(tiny_model.cfg.d_model)
     with torch.inference_mode(), interventions.ablate(tiny_model, r):
         fast = forward.last_logits(tiny_model, batch)
@@ -124,3 +124,24 @@ def test_shared_prefix_forward_equals_a_plain_forward_under_an_intervention(tiny
             forward.SHARE_PREFIX = True
     torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(plain, full, rtol=1e-5, atol=1e-5)
+
+
+def test_generation_from_the_shared_prefix_equals_plain_generation_under_an_intervention(tiny_model, monkeypatch):
+    """Prompts of different lengths (pads between prefix and instruction), an ablation hook, 6 greedy tokens."""
+    from refusal_circuits import forward, interventions
+    from refusal_circuits.evaluation import generate_ids
+    from refusal_circuits.hooks import count_hooks
+
+    prompts = [*HARMFUL, *HARMLESS, "a much longer instruction than any other one in this small batch of prompts"]
+    r = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(5))
+    runs = {}
+    for share in (True, False):
+        monkeypatch.setattr(forward, "SHARE_PREFIX", share)
+        first: list = []
+        with interventions.ablate(tiny_model, r):
+            ids = generate_ids(tiny_model, prompts, max_new_tokens=6, batch_size=4, progress=False,
+                               first_logits=first)
+        runs[share] = (ids, torch.stack(first))
+    assert runs[True][0] == runs[False][0] and all(len(x) == 6 for x in runs[True][0])
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-4, atol=1e-4)
+    assert count_hooks(tiny_model) == 0
