@@ -126,6 +126,8 @@ def prefix_continuation(model: Any, batch: ChatBatch, n_prefix: int,
     """Run the first ``n_prefix`` tokens (shared by every row, see :func:`shared_prefix_length`) once, with the
     model's own hooks and ``prefix_readers``, and return what every row continues from."""
     hf = hf_model_of(model)
+    if hf is None:
+        raise TypeError("prefix_continuation needs a model with a Hugging Face twin (a TransformerBridge)")
     is_prefix = batch.spans == int(Span.PREFIX)
     prefix_ids = batch.input_ids[is_prefix].view(len(batch), n_prefix)[:1]
     with hooks.add_hooks(model, prefix_readers):
