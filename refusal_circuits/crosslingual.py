@@ -505,7 +505,8 @@ def _refusals(model: Any, prompts: PromptSet, judge: str, refusal_ids: Sequence[
 def transfer_matrix(model: Any, directions: Mapping[str, Direction], prompts: PromptSet, *,
                     targets: Sequence[str] | None = None, refusal_ids: Sequence[int] = (), judge: str = "first_token",
                     actadd_layer: int | None = None, batch_size: int = 32, max_new_tokens: int = 24,
-                    cells: Collection[tuple[str, str]] | None = None, progress: bool = True) -> TransferMatrix:
+                    cells: Collection[tuple[str, str]] | None = None,
+                    baseline: Mapping[str, tuple[Rate, Rate]] | None = None, progress: bool = True) -> TransferMatrix:
     """Ablate each source direction on every target's harmful prompts; add it on every target's harmless prompts.
 
     Args:
@@ -518,6 +519,9 @@ def transfer_matrix(model: Any, directions: Mapping[str, Direction], prompts: Pr
         cells: the ``(source, target)`` cells to measure (default: all); the others are left out of the record,
             e.g. one source's row plus the diagonal (each language's own direction) costs ``2 x`` the baseline
             instead of ``n_sources x``.
+        baseline: the no-intervention (harmful, harmless) rates per target, where they are known already (e.g.
+            from the greedy first tokens of an earlier generation, which is what ``first_token`` judges); targets
+            missing from it are measured.
     """
     from tqdm.auto import tqdm
 
@@ -532,12 +536,16 @@ def transfer_matrix(model: Any, directions: Mapping[str, Direction], prompts: Pr
         if not len(h) or not len(s):
             raise InputError(f"target language {t!r} needs harmful and harmless prompts")
     wanted = set(cells) if cells is not None else {(a, b) for a in sources for b in targets}
-    total = len(targets) + sum((a, b) in wanted for a in sources for b in targets)
+    known = {t: baseline[t] for t in targets if baseline and t in baseline}
+    total = len(targets) - len(known) + sum((a, b) in wanted for a in sources for b in targets)
     bar = tqdm(total=total, desc="transfer", disable=not progress, leave=False)
-    baseline: dict[str, tuple[Rate, Rate]] = {}
+    base: dict[str, tuple[Rate, Rate]] = {}
     for t, (h, s) in groups.items():
-        baseline[t] = (_refusals(model, h, judge, refusal_ids, batch_size, max_new_tokens),
-                       _refusals(model, s, judge, refusal_ids, batch_size, max_new_tokens))
+        if t in known:
+            base[t] = known[t]
+            continue
+        base[t] = (_refusals(model, h, judge, refusal_ids, batch_size, max_new_tokens),
+                   _refusals(model, s, judge, refusal_ids, batch_size, max_new_tokens))
         bar.update()
     abl: dict[str, dict[str, Rate]] = {}
     add: dict[str, dict[str, Rate]] = {}
@@ -553,7 +561,7 @@ def transfer_matrix(model: Any, directions: Mapping[str, Direction], prompts: Pr
                 add[src][t] = _refusals(model, s, judge, refusal_ids, batch_size, max_new_tokens)
             bar.update()
     bar.close()
-    return TransferMatrix(sources, targets, baseline, abl, add, judge)
+    return TransferMatrix(sources, targets, base, abl, add, judge)
 
 
 def site_directions(candidates: Mapping[str, DirectionCandidates], like: Direction) -> dict[str, Direction]:

@@ -154,6 +154,7 @@ class Completion:
     label: str
     completion: str
     refused: bool
+    first_token: int | None = None  # the greedy first token's id (None from a generator backend)
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,7 @@ def evaluate_refusal(
         if len(texts) != len(records):
             raise ValueError(f"generator {generator.name!r} returned {len(texts)} completions for {len(records)} prompts")
     first: list[torch.Tensor | None] = []
+    ids: list[list[int]] = []
     if generator is None:
         ids = generate_ids(model, [r.instruction for r in records], max_new_tokens=max_new_tokens,
                            batch_size=batch_size, progress=progress, desc=f"generate ({intervention})",
@@ -248,7 +250,8 @@ def evaluate_refusal(
         c[0] += 1
         c[1] += int(refused)
         c[2] += scores[i] if scores else 0.0
-        completions.append(Completion(r.id, r.lang, r.label, text, bool(refused)))
+        completions.append(Completion(r.id, r.lang, r.label, text, bool(refused),
+                                      int(ids[i][0]) if ids and ids[i] else None))
     results = {lang: {lab: GroupRate(int(n), int(k), sc / n if scores else None)
                       for lab, (n, k, sc) in groups.items()} for lang, groups in counts.items()}
     name = model_id(model) if model is not None else str(getattr(generator, "model", "unknown"))

@@ -40,7 +40,13 @@ class StudyConfig:
 
     Attributes:
         max_prompts: at most this many test prompts per language and label (evaluation, attribution, comparison).
-        train_prompts: at most this many train (and val) prompts per label for the directions.
+        train_prompts: at most this many train (and val) prompts per label for the base direction.
+        lang_train_prompts: at most this many train prompts per label for every language's own direction (the
+            cosines, PCA and transfer sources; also capped by ``train_prompts``). Each language costs one forward
+            pass per prompt: the whole bundled train split of 14 languages is the study's largest single cost.
+        filter: the selection filter. ``polyrefuse`` by default: the multilingual study follows Wang et al., and
+            on the packaged 0.5B Arditi's KL < 0.1 rejects every template-token candidate anyway (``auto`` then
+            falls back to the same choice after scoring KL for every candidate instead of the few best).
         positions: post-instruction positions of the selection grid (None: all).
         transfer: ``"base"`` (the base language's direction on every language, and each language's own
             direction on itself) or ``"all"`` (every source on every target).
@@ -52,8 +58,9 @@ class StudyConfig:
     base: str = "en"
     max_prompts: int | None = None
     train_prompts: int | None = None
+    lang_train_prompts: int | None = 64
     positions: tuple[int, ...] | None = (-2, -1)
-    filter: str = "auto"
+    filter: str = "polyrefuse"
     kl_max: float | None = None
     max_layer_frac: float | None = None
     refusal_tokens: str | None = None
@@ -74,11 +81,11 @@ _READS: dict[str, tuple[str, ...]] = {
     "direction": (*_COMMON, "train_prompts", "positions", "filter", "kl_max", "max_layer_frac", "refusal_tokens",
                   "batch_size"),
     "evaluate": (*_COMMON, "langs", "max_prompts", "max_new_tokens", "batch_size"),
-    "languages": (*_COMMON, "langs", "max_prompts", "train_prompts", "transfer", "batch_size"),
+    "languages": (*_COMMON, "langs", "max_prompts", "train_prompts", "lang_train_prompts", "transfer", "batch_size"),
     "attribute": (*_COMMON, "langs", "max_prompts", "compliance_tokens", "total_effects", "batch_size"),
     "compare": (*_COMMON, "langs", "max_prompts", "patch_top_k", "alpha", "batch_size"),
 }
-_NEEDS = {"direction": (), "evaluate": ("direction",), "languages": ("direction",),
+_NEEDS = {"direction": (), "evaluate": ("direction",), "languages": ("direction", "evaluate"),
           "attribute": ("direction",), "compare": ("direction", "evaluate", "attribute")}
 
 
@@ -286,7 +293,8 @@ def _stage_languages(study: Study, out: Path) -> None:
     from refusal_circuits.io import atomic_path, write_json
 
     cfg, model, direction = study.config, study.model(), study.direction()
-    cands = language_candidates(model, study.prompts, study.langs, split="train", max_prompts=cfg.train_prompts,
+    caps = [n for n in (cfg.train_prompts, cfg.lang_train_prompts) if n]
+    cands = language_candidates(model, study.prompts, study.langs, split="train", max_prompts=min(caps, default=None),
                                 batch_size=cfg.batch_size, progress=study.progress)
     cos = direction_cosines(cands, direction.layer, direction.position)
     pca = shared_pca(cands, direction.layer, direction.position)
@@ -298,11 +306,35 @@ def _stage_languages(study: Study, out: Path) -> None:
     refusal_ids = sorted({int(t) for v in ids.values() for t in v})
     cells = None if cfg.transfer == "all" else (
         {(cfg.base, t) for t in study.langs} | {(t, t) for t in study.langs})
-    transfer = transfer_matrix(model, dirs, study.test_split(), targets=study.langs, refusal_ids=refusal_ids,
-                               cells=cells, batch_size=cfg.batch_size, progress=study.progress)
+    test = study.test_split()
+    transfer = transfer_matrix(model, dirs, test, targets=study.langs, refusal_ids=refusal_ids, cells=cells,
+                               baseline=_first_token_baseline(study, test, refusal_ids),
+                               batch_size=cfg.batch_size, progress=study.progress)
     write_json(out / "languages.json", {
         "cosines": cos.to_json(), "pca": pca.to_json(), "norms": {k: d.norm for k, d in dirs.items()},
         "transfer": transfer.to_json()})
+
+
+def _first_token_baseline(study: Study, test: Any, refusal_ids: Sequence[int]) -> dict[str, tuple[Any, Any]]:
+    """The transfer matrix's baseline row from the evaluate stage's generation: its greedy first tokens are
+    what the first-token judge looks at, so the row costs no forward pass (languages whose records lack them,
+    or whose prompts differ, are measured again by :func:`~refusal_circuits.crosslingual.transfer_matrix`)."""
+    from refusal_circuits.crosslingual import Rate
+
+    completions = study.read_json("evaluate", "baseline.json")["completions"]
+    first = {(c["lang"], c["id"]): c.get("first_token") for c in completions}
+    refusal = set(int(t) for t in refusal_ids)
+    out: dict[str, tuple[Any, Any]] = {}
+    for lang in study.langs:
+        rates = []
+        for label in ("harmful", "harmless"):
+            toks = [first.get((lang, r.id)) for r in test.filter(lang=lang, label=label)]
+            if not toks or any(t is None for t in toks):
+                break
+            rates.append(Rate(sum(t in refusal for t in toks), len(toks)))
+        if len(rates) == 2:
+            out[lang] = (rates[0], rates[1])
+    return out
 
 
 def _stage_attribute(study: Study, out: Path) -> None:

@@ -78,7 +78,24 @@ def test_rerun_is_cached_and_a_changed_input_reruns_only_what_depends_on_it(stud
     assert main(changed) == 0
     now = {p.parent.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*/stage.json")}
     rerun = {k for k in now if now[k] != stamp[k]}
-    assert rerun == {"evaluate", "compare"}
+    assert rerun == {"evaluate", "languages", "compare"}  # languages reads evaluate's first tokens
+
+
+def test_transfer_baseline_from_generation_equals_the_first_token_judge(study, tiny_model):
+    """The baseline row reuses the evaluate stage's greedy first tokens: it must equal a fresh measurement."""
+    from refusal_circuits.crosslingual import first_token_refusals
+    from refusal_circuits.data import load_prompts
+
+    out, argv = study
+    results = json.loads((out / "results.json").read_text())
+    ids = json.loads((out / "stages" / "direction" / "direction.json").read_text())["refusal_tokens"]["ids"]
+    refusal_ids = sorted({int(t) for v in ids.values() for t in v})
+    prompts = load_prompts(argv[argv.index("--prompts") + 1]).filter(split="test")
+    for lang in ("en", "de"):
+        for label in ("harmful", "harmless"):
+            got = first_token_refusals(tiny_model, prompts.filter(lang=lang, label=label).instructions, refusal_ids)
+            want = results["languages"]["transfer"]["baseline"][lang][label]
+            assert (want["refused"], want["n"]) == (sum(got), len(got)), (lang, label)
 
 
 def test_report_rebuilds_without_the_model(study, capsys):
