@@ -7,6 +7,7 @@ Exit codes: 0 on success, 2 on bad input (one line ``error: ...`` naming what wa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -241,6 +242,7 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from refusal_circuits.forward import check_context
     from refusal_circuits.selection import filter_configs
     from refusal_circuits.study import Study, StudyConfig
 
@@ -254,9 +256,21 @@ def cmd_run(args: argparse.Namespace) -> None:
         refusal_tokens=args.refusal_tokens, compliance_tokens=args.compliance_tokens,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, transfer=args.transfer,
         total_effects=args.total_effects, patch_top_k=args.patch_top_k)
-    study = Study(config, Path(args.out), progress=_progress())
-    t0 = time.perf_counter()
-    study.run(echo=lambda line: print(line, flush=True))
+    out = Path(args.out)
+    fresh = not out.exists()
+    try:
+        study = Study(config, out, progress=_progress())
+        if not all(info.cached for info in study.stages.values()):  # bad input fails here, before any stage
+            _check_positions(study.model(), args.positions)
+            check_context(study.model(), study.prompts)
+        t0 = time.perf_counter()
+        study.run(echo=lambda line: print(line, flush=True))
+    except BaseException:
+        if fresh:  # finished stages stay (the next run resumes); directories with nothing in them go
+            for d in (out / "stages", out):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        raise
     results = _write_report(study.out, config.to_json() | {"langs": study.langs},
                             {k: v.seconds for k, v in study.stages.items()})
     _print_headline(results)
@@ -301,7 +315,10 @@ def cmd_report(args: argparse.Namespace) -> None:
         config, seconds = old["config"], old["seconds"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"{out / 'results.json'}: unreadable ({e})") from None
-    _write_report(out, config, seconds)
+    try:
+        _write_report(out, config, seconds)
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError) as e:  # a stage file deleted or damaged
+        raise InputError(f"{out}: a stage's files are missing or damaged ({e})") from None
     print(f"wrote {out / 'report.html'}")
 
 
@@ -385,9 +402,20 @@ def _progress() -> bool:
     return os.environ.get("TQDM_DISABLE") != "1"
 
 
+def _check_positions(model, positions: list[int] | None) -> None:
+    """``--positions`` must name post-instruction tokens of the model's chat template."""
+    from refusal_circuits.chat import chat_format
+
+    n_post = chat_format(model.tokenizer).n_post
+    bad = [p for p in positions or () if p < -n_post]
+    if bad:
+        raise InputError(f"--positions {bad} out of range: the chat template has {n_post} post-instruction tokens")
+
+
 def cmd_directions(args: argparse.Namespace) -> None:
     from refusal_circuits.data import load_prompts
     from refusal_circuits.directions import extract_candidates
+    from refusal_circuits.forward import check_context
     from refusal_circuits.models import ModelSpec, load_model
     from refusal_circuits.selection import filter_configs, select_direction
 
@@ -397,13 +425,9 @@ def cmd_directions(args: argparse.Namespace) -> None:
     train, val = _splits(prompts, args.lang, args.max_prompts)
     config, fallback = filter_configs(args.filter, kl_max=args.kl_max, max_layer_frac=args.max_layer_frac)
     model = load_model(args.model)
-    if args.positions:
-        from refusal_circuits.chat import chat_format
-
-        n_post = chat_format(model.tokenizer).n_post
-        bad = [p for p in args.positions if p < -n_post]
-        if bad:
-            raise InputError(f"--positions {bad} out of range: the chat template has {n_post} post-instruction tokens")
+    _check_positions(model, args.positions)
+    for part in (train, val):
+        check_context(model, part)
     tokens = _refusal_tokens(model, args.refusal_tokens, train)
     candidates = extract_candidates(
         model, train.filter(label="harmful").instructions, train.filter(label="harmless").instructions,
@@ -432,6 +456,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from refusal_circuits.data import load_prompts
     from refusal_circuits.directions import Direction, check_compatible, load_direction
     from refusal_circuits.evaluation import evaluate_with_scores
+    from refusal_circuits.forward import check_context
     from refusal_circuits.io import write_json
     from refusal_circuits.models import ModelSpec, load_model
 
@@ -455,9 +480,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         check_compatible(direction, model, f"--direction {args.direction}")
         if args.layer is not None and not 0 <= args.layer < int(model.cfg.n_layers):
             raise InputError(f"--layer {args.layer} out of range; the model has {int(model.cfg.n_layers)} layers")
+    check_context(model, prompts)
     if args.refusal_tokens or direction is None or "refusal_tokens" not in direction.meta:
         train = all_prompts.filter(split="train") if any(r.split for r in all_prompts) else prompts
-        tokens = _refusal_tokens(model, args.refusal_tokens, train if len(train) else prompts)
+        train = train if len(train) else prompts
+        if not args.refusal_tokens:
+            check_context(model, train.head(32))  # the prompts the refusal tokens are discovered on
+        tokens = _refusal_tokens(model, args.refusal_tokens, train)
         if not tokens.ids:
             logging.getLogger(__name__).warning(
                 "the model refused none of the discovery prompts, so no refusal tokens were found: refusal scores "
@@ -518,6 +547,7 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     from refusal_circuits.attribution import attribute, top_k_heads
     from refusal_circuits.data import load_prompts
     from refusal_circuits.directions import check_compatible, load_direction
+    from refusal_circuits.forward import check_context
     from refusal_circuits.io import write_json
     from refusal_circuits.models import ModelSpec, load_model
     from refusal_circuits.patching import total_effects
@@ -532,6 +562,7 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     prompts = _split_and_cap(prompts, args)
     model = load_model(args.model)
     check_compatible(direction, model, f"--direction {args.direction}")
+    check_context(model, prompts, adv_suffix=args.adv_suffix)
     if args.refusal_tokens:
         tokens = _refusal_tokens(model, args.refusal_tokens, prompts)
     else:
@@ -543,8 +574,10 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     result = attribute(model, direction, prompts, adv_suffix=args.adv_suffix, refusal_tokens=tokens,
                        compliance_tokens=compliance, dla=not args.no_dla, batch_size=args.batch_size,
                        progress=_progress())
-    result.save(out, extra={"prompts": args.prompts, "split": args.split,
-                            "direction_path": str(Path(args.direction).resolve())})
+    # `compare` reads the prompts again from what is recorded here, maybe from another directory.
+    local = args.prompts != "bundled" and not args.prompts.startswith("hf:")
+    result.save(out, extra={"prompts": str(Path(args.prompts).resolve()) if local else args.prompts,
+                            "split": args.split, "direction_path": str(Path(args.direction).resolve())})
     err = result.completeness_error()
     print(f"attributed {result.n_prompts} prompts ({', '.join(prompts.langs)}); completeness error {err:.2e}")
     print(repr(result.top_heads(5, positions="post").where(label="harmful")))
@@ -616,8 +649,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if args.evaluation:
         baseline = _baseline_from_evaluation(args.evaluation)
     if not args.no_model:
-        from refusal_circuits.data import load_prompts
+        from refusal_circuits.data import PromptSet, load_prompts
         from refusal_circuits.directions import check_compatible, load_direction
+        from refusal_circuits.forward import check_context
         from refusal_circuits.models import ModelSpec, load_model
 
         spec = args.model or attribution.model
@@ -635,12 +669,12 @@ def cmd_compare(args: argparse.Namespace) -> None:
             raise InputError(f"--prompts {source}: lacks {len(missing)} attributed prompts, e.g. {missing[0]}")
         model = load_model(spec)
         check_compatible(direction, model, f"--direction {dpath}")
+        chosen = PromptSet(tuple(by_key[k] for k in zip(attribution.ids, attribution.langs, attribution.labels,
+                                                        strict=True) if k[1] in (args.base, *langs)), source)
+        check_context(model, prompts if args.directions else chosen)
         if baseline is None:
-            from refusal_circuits.data import PromptSet
             from refusal_circuits.evaluation import evaluate_refusal
 
-            chosen = PromptSet(tuple(by_key[k] for k in zip(attribution.ids, attribution.langs, attribution.labels,
-                                                            strict=True) if k[1] in (args.base, *langs)), source)
             ev = evaluate_refusal(model, chosen, max_new_tokens=24, batch_size=args.batch_size, progress=_progress())
             baseline = {lang: (Rate(g["harmful"].refused, g["harmful"].n), Rate(g["harmless"].refused, g["harmless"].n))
                         for lang, g in ev.results.items() if "harmful" in g and "harmless" in g}

@@ -153,6 +153,13 @@ def _validate_record(obj: Any, path: object, line: int, extra_required: Sequence
     for k in REQUIRED_KEYS:
         if not isinstance(obj[k], str):
             raise PromptFileError(path, f"{k!r} must be a string, got {type(obj[k]).__name__}", line)
+    if not obj["id"].strip():
+        raise PromptFileError(path, "empty id", line)
+    try:  # JSON can spell an unpaired surrogate (\ud800); such text cannot be hashed, tokenized or written
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise PromptFileError(path, "text with an unpaired surrogate escape such as \\ud800 (not valid Unicode)",
+                              line) from None
     lang = obj["lang"].strip()
     if lang not in ISO_639_1:
         raise PromptFileError(path, f"unknown language code {obj['lang']!r} (expected ISO 639-1, e.g. en, de)", line)
@@ -199,6 +206,8 @@ def parse_jsonl(text: str, path: object = "<string>") -> list[tuple[int, PromptR
             obj = json.loads(raw)
         except json.JSONDecodeError as e:
             raise PromptFileError(path, f"malformed JSON ({e.msg})", n) from None
+        except RecursionError:
+            raise PromptFileError(path, "malformed JSON (nested too deeply)", n) from None
         out.append((n, _validate_record(obj, path, n)))
     return out
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from refusal_circuits._version import __version__
 from refusal_circuits.activations import MeanActivations, mean_resid_pre
+from refusal_circuits.chat import chat_format
 from refusal_circuits.errors import InputError
 from refusal_circuits.models import model_id
 
@@ -161,18 +163,21 @@ class Direction:
                 **self.meta}
 
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
-        """Write ``direction.safetensors`` and ``direction.json`` into ``out_dir``, each atomically."""
-        from safetensors.torch import save_file
+        """Write ``direction.safetensors`` and ``direction.json`` into ``out_dir``, together and atomically.
 
-        from refusal_circuits.io import atomic_path, write_json
+        Both files are written before either replaces an older pair, so an interrupted save never leaves the
+        tensors of one direction beside the metadata (layer, position) of another.
+        """
+        from refusal_circuits.io import atomic_paths, json_text, safetensors_bytes
 
         out = Path(out_dir)
         tensors = {"direction": self.vector.detach().to(torch.float32).contiguous()}
         if self.candidates is not None:
             tensors["candidates"] = self.candidates.detach().to(torch.float32).contiguous()
-        with atomic_path(out / "direction.safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "refusal_circuits.direction", "version": __version__})
-        write_json(out / "direction.json", self.to_json())
+        metadata = {"format": "refusal_circuits.direction", "version": __version__}
+        with atomic_paths(out / "direction.safetensors", out / "direction.json") as (st_tmp, json_tmp):
+            st_tmp.write_bytes(safetensors_bytes(tensors, metadata))
+            json_tmp.write_text(json_text(self.to_json()), encoding="utf-8")
         return out
 
     def _repr_html_(self) -> str:
@@ -225,10 +230,22 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
         vector = vector / vector.norm()
     known = {"model", "lang", "layer", "position", "norm", "d_model", "n_harmful", "n_harmless", "n_prompts",
              "prompts_sha256", "estimator", "version"}
+
+    def number(value: Any, what: str, whole: bool = False) -> Any:
+        # json reads NaN, Infinity and 1.5 as numbers; caught here, not after an hour of generation.
+        ok = isinstance(value, int) if whole else isinstance(value, (int, float)) and math.isfinite(value)
+        if isinstance(value, bool) or not ok:
+            raise InputError(f"{json_path}: {what} must be a {'whole' if whole else 'finite'} number, got {value!r}")
+        return value
+
+    actadd = meta.get("actadd")
+    if isinstance(actadd, dict) and actadd.get("alpha") is not None:
+        number(actadd["alpha"], "actadd alpha")
+    norm = float(number(meta.get("norm", 1.0), "norm"))
+    layer, position = number(meta["layer"], "layer", whole=True), number(meta["position"], "position", whole=True)
     try:
         return Direction(
-            vector=vector, norm=float(meta.get("norm", 1.0)), layer=int(meta["layer"]),
-            position=int(meta["position"]), model=str(meta["model"]), lang=str(meta["lang"]),
+            vector=vector, norm=norm, layer=layer, position=position, model=str(meta["model"]), lang=str(meta["lang"]),
             n_harmful=int(meta.get("n_harmful", 0)), n_harmless=int(meta.get("n_harmless", 0)),
             prompts_sha256=str(meta.get("prompts_sha256", "")), estimator=str(meta.get("estimator", "")),
             candidates=tensors.get("candidates"), meta={k: v for k, v in meta.items() if k not in known},
@@ -239,10 +256,17 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
 
 
 def check_compatible(direction: Direction, model: Any, where: str = "the direction") -> None:
-    """Raise :class:`InputError` if ``direction`` cannot apply to ``model`` (width or layer out of range)."""
+    """Raise :class:`InputError` if ``direction`` cannot apply to ``model``: another width, or a layer or
+    post-instruction position the model does not have."""
     d_model, n_layers = int(model.cfg.d_model), int(model.cfg.n_layers)
     if direction.d_model != d_model:
         raise InputError(f"{where} has d_model {direction.d_model} (from {direction.model}) but the model has "
                          f"{d_model}: it comes from another model")
     if not 0 <= direction.layer < n_layers:
         raise InputError(f"{where} is at layer {direction.layer}, out of range for a model with {n_layers} layers")
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        n_post = chat_format(tokenizer).n_post
+        if not -n_post <= direction.position < 0:
+            raise InputError(f"{where} is at position {direction.position}, out of range for this model's chat "
+                             f"template: its {n_post} post-instruction tokens are positions -{n_post}..-1")

@@ -25,7 +25,9 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
 import re
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -245,13 +247,20 @@ def materialise_packaged(name: str, cache_dir: str | os.PathLike[str] | None = N
 def materialise_gguf(path: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Return a cached Hugging Face directory for a user's GGUF file (keyed by path, size and mtime)."""
     p = Path(path)
+    with open(p, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelSpecError(f"{p}: not a GGUF file (it does not start with the GGUF magic bytes)")
     st = p.stat()
     key = hashlib.sha256(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     target = _cached_dir(f"gguf-{p.stem}-{key}", cache_dir)
     if _cache_complete(target):
         return target
     with atomic_dir(target) as tmp:
-        _dequantise_gguf_to(p, tmp)
+        try:
+            _dequantise_gguf_to(p, tmp)
+        except (ValueError, KeyError, struct.error) as e:  # what the GGUF reader raises on a malformed file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelSpecError(f"{p}: not a GGUF file transformers can load ({first})") from e
         meta = {"format": _CACHE_FORMAT, "source": str(p.resolve()), "size": st.st_size}
         (tmp / "refusal_circuits.json").write_text(json.dumps(meta, indent=2))
     return target
@@ -264,6 +273,7 @@ def load_hf(spec: str | ModelSpec = DEFAULT_MODEL, *, dtype: torch.dtype = torch
 
     ``source`` is what the bridge is booted from: a local directory, or the hub id.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     parsed = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec)
@@ -279,7 +289,10 @@ def load_hf(spec: str | ModelSpec = DEFAULT_MODEL, *, dtype: torch.dtype = torch
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code
         )
-    except OSError as e:
+    except pickle.UnpicklingError as e:  # transformers reads .bin checkpoints as weights only, never objects
+        raise ModelSpecError(f"could not load model {parsed}: its checkpoint is a pickle that holds more than "
+                             "weights, refused (only safetensors and plain-weights checkpoints load)") from e
+    except (OSError, ValueError, SafetensorError) as e:  # missing, malformed or unsupported files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelSpecError(f"could not load model {parsed}: {first}") from e
     model.to(torch.device(device))  # type: ignore[arg-type]
@@ -315,7 +328,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
     model, tokenizer, source = load_hf(parsed, dtype=dtype, device=device, cache_dir=cache_dir,
                                        trust_remote_code=trust_remote_code)
     bridge = TransformerBridge.boot_transformers(source, hf_model=model, tokenizer=tokenizer, device=device,
-                                                 dtype=dtype)
+                                                 dtype=dtype, trust_remote_code=trust_remote_code)
     bridge.eval()
     # Provenance travels with the model: every record it produces names this spec.
     bridge.refusal_circuits_spec = str(parsed)

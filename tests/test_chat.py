@@ -115,3 +115,45 @@ def test_formatting_property(instructions, name):
         real = batch.input_ids[row][batch.attention_mask[row] == 1].tolist()
         assert tok.decode(real) == fmt.render(tok, text)
         assert real[-fmt.n_post :] == list(fmt.post_ids)
+
+
+_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30).filter(str.strip)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_TEXT, min_size=1, max_size=3), _TEXT, st.sampled_from(list(CASES)))
+def test_span_labels_property(instructions, suffix, name):
+    """Property: the labelled spans decode to the template prefix, the instruction as the template places it, the
+    adversarial suffix and the post-instruction text, in that order, for any text and template."""
+    template, specials, kw, _, _ = CASES[name]
+    tok = byte_tokenizer(template, specials, **kw)
+    fmt = chat_format(tok)
+    batch = tokenize_chat(tok, instructions, fmt=fmt, adv_suffix=suffix)
+    for row, text in enumerate(instructions):
+        ids, spans = batch.input_ids[row].tolist(), batch.spans[row].tolist()
+        real = [s for s in spans if s != Span.PAD]
+        assert real == sorted(real), "spans come in template order"
+        part = {s: tok.decode([i for i, t in zip(ids, spans, strict=True) if t == s]) for s in Span if s != Span.PAD}
+        assert part[Span.PREFIX] == tok.decode(list(fmt.prefix_ids))
+        assert part[Span.INSTRUCTION] == fmt.instruction_text(tok, text)
+        assert part[Span.ADV_SUFFIX] == suffix
+        assert part[Span.POST] == fmt.post
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(alphabet="ab ", min_size=1, max_size=60).filter(str.strip), min_size=1, max_size=4),
+       st.integers(min_value=1, max_value=200))
+def test_context_limit_property(instructions, max_length):
+    """Property: a batch fails exactly when one of its prompts is longer than the context, naming the first one."""
+    tok = byte_tokenizer(templates.QWEN2, templates.QWEN2_SPECIALS, eos="<|im_end|>", pad="<|endoftext|>")
+    fmt = chat_format(tok)
+    lengths = [len(tokenize_chat(tok, [text], fmt=fmt).input_ids[0]) for text in instructions]
+    names = [f"p{i}" for i in range(len(instructions))]
+    too_long = [i for i, n in enumerate(lengths) if n > max_length]
+    if not too_long:
+        assert tokenize_chat(tok, instructions, fmt=fmt, max_length=max_length, names=names).input_ids.shape[1] == max(lengths)
+        return
+    first = too_long[0]
+    with pytest.raises(InputError, match=f"prompt p{first} is {lengths[first]} tokens long, more than the model's "
+                                         f"context of {max_length}$"):
+        tokenize_chat(tok, instructions, fmt=fmt, max_length=max_length, names=names)

@@ -178,3 +178,86 @@ def test_hub_loader_reads_a_local_dataset_copy(tmp_path):
     bad = HubPreset("local/jbb", text_column="Prompt", label="harmful")
     with pytest.raises(InputError, match="lacks column"):
         load_hub_prompts("local", data_dir=str(d), preset=bad)
+
+
+@pytest.mark.parametrize("line", [
+    '{"id": "a", "lang": "en", "label": "harmful", "instruction": "x \\ud800"}',
+    '{"id": "a", "lang": "en", "label": "harmful", "instruction": "x", "note": "\\udfff"}',
+])
+def test_unpaired_surrogate_escapes_are_named(tmp_path, line):
+    p = _write(tmp_path, "s.jsonl", json.dumps(GOOD) + "\n" + line + "\n")
+    with pytest.raises(PromptFileError, match=r"s.jsonl:2: text with an unpaired surrogate"):
+        load_prompt_file(p)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (json.dumps({**GOOD, "id": "  "}), r":1: empty id"),
+    ("[" * 100_000 + "]" * 100_000, r":1: malformed JSON \(nested too deeply\)"),
+])
+def test_blank_ids_and_deep_nesting_are_named(tmp_path, content, message):
+    p = _write(tmp_path, "p.jsonl", content)
+    with pytest.raises(PromptFileError, match=message):
+        load_prompt_file(p)
+
+
+def _loads_or_names_a_line(p: Path) -> None:
+    """Property core: the loader returns valid records or raises a PromptFileError naming the file, nothing else."""
+    try:
+        ps = load_prompt_file(p)
+    except PromptFileError as e:
+        assert str(e).startswith(str(p)) and "\n" not in str(e)
+        return
+    assert len(ps) and len(ps.sha256) == 64
+    for r in ps:
+        assert r.id.strip() and r.instruction.strip() and r.label in ("harmful", "harmless")
+        assert r.instruction.encode("utf-8") and r.id.encode("utf-8")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=300), st.sampled_from(["f.jsonl", "f.csv"]))
+def test_any_bytes_load_or_fail_with_a_prompt_file_error(tmp_path_factory, data, name):
+    p = tmp_path_factory.mktemp("fuzz") / name
+    p.write_bytes(data)
+    _loads_or_names_a_line(p)
+
+
+# Any character: lone surrogates (which JSON can spell as \ud800; st.text never makes them) often enough to matter,
+# controls and separators.
+_ANY_TEXT = st.lists(st.one_of(st.characters(), st.characters(categories=["Cs"])), max_size=12).map("".join)
+_ANY_VALUE = st.one_of(_ANY_TEXT, st.integers(), st.floats(), st.none(), st.booleans(), st.lists(st.integers(), max_size=2))
+
+
+_RECORD = st.fixed_dictionaries(
+    {"id": st.one_of(st.sampled_from(["a", "b", " c "]), _ANY_TEXT), "lang": st.sampled_from(["en", "de", " ja", "xx"]),
+     "label": st.sampled_from(["harmful", "harmless", "Harmful"]), "instruction": _ANY_TEXT},
+    optional={"split": _ANY_VALUE, "category": _ANY_VALUE})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_RECORD, min_size=1, max_size=3))
+def test_any_json_lines_load_or_fail_with_a_prompt_file_error(tmp_path_factory, objects):
+    """Property: records that are nearly valid, with any text in them (lone surrogates spelled as \\ud800 included),
+    load as valid records or fail with a PromptFileError; never another exception."""
+    p = tmp_path_factory.mktemp("fuzz") / "f.jsonl"
+    p.write_text("\n".join(json.dumps(o) for o in objects), encoding="utf-8")  # ensure_ascii: \ud800 escapes
+    _loads_or_names_a_line(p)
+
+
+_CSV_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\r"),
+                    min_size=1, max_size=20).filter(lambda s: s.strip())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(_CSV_TEXT, st.sampled_from(["en", "de", "ja"]), st.sampled_from(["harmful", "harmless"]),
+                          _CSV_TEXT), min_size=1, max_size=5, unique_by=lambda r: (r[0].strip(), r[1])))
+def test_csv_round_trips_any_text(tmp_path_factory, rows):
+    """Property: commas, quotes and line breaks inside fields survive a CSV file written by the csv module."""
+    import csv
+
+    p = tmp_path_factory.mktemp("csv") / "p.csv"
+    with open(p, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "lang", "label", "instruction"])
+        writer.writerows(rows)
+    ps = load_prompt_file(p)
+    assert [(r.id, r.lang, r.label, r.instruction) for r in ps] == [(i.strip(), g, lab, t) for i, g, lab, t in rows]
