@@ -82,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "as `directions` does)")
     run.add_argument("--positions", type=_negative_ints, default=[-2, -1],
                      help="post-instruction positions of the selection grid (default -2,-1)")
-    run.add_argument("--filter", default="auto", choices=["auto", "arditi", "polyrefuse"], help="selection filter")
+    run.add_argument("--lang-train-prompts", type=_positive, default=64,
+                     help="at most this many train prompts per label for each language's own direction (default "
+                          "64; the cosines, PCA and transfer sources)")
+    run.add_argument("--filter", default="polyrefuse", choices=["auto", "arditi", "polyrefuse"],
+                     help="selection filter (default polyrefuse: KL < 0.2; on the packaged 0.5B `auto` falls back "
+                          "to it after scoring every candidate)")
     run.add_argument("--kl-max", type=float, default=None, help="override the filter's KL threshold")
     run.add_argument("--max-layer-frac", type=float, default=None, help="override the layer cap (default 0.8)")
     run.add_argument("--refusal-tokens", default=None, help="comma-separated refusal tokens (default: discovered)")
@@ -95,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="patch K heads from the base run into each translation")
     run.add_argument("--max-new-tokens", type=_positive, default=16,
                      help="tokens generated per prompt (default 16: enough for the phrase judge to see the opening)")
-    run.add_argument("--batch-size", type=_positive, default=16)
+    run.add_argument("--batch-size", type=_positive, default=32,
+                     help="prompts per forward pass and per generation batch (default 32: generation on 2 CPU "
+                          "cores is 28%% faster than with 16)")
     run.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: ./{DEFAULT_OUT})")
     run.set_defaults(func=cmd_run)
 
@@ -251,7 +258,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise InputError("--total-effects and --patch-top-k must be 0 or more")
     config = StudyConfig(
         model=args.model, prompts=args.prompts, langs=tuple(args.langs) if args.langs else None, base=args.base,
-        max_prompts=args.max_prompts, train_prompts=args.train_prompts, positions=tuple(args.positions),
+        max_prompts=args.max_prompts, train_prompts=args.train_prompts, lang_train_prompts=args.lang_train_prompts,
+        positions=tuple(args.positions),
         filter=args.filter, kl_max=args.kl_max, max_layer_frac=args.max_layer_frac,
         refusal_tokens=args.refusal_tokens, compliance_tokens=args.compliance_tokens,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, transfer=args.transfer,

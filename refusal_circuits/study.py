@@ -66,7 +66,7 @@ class StudyConfig:
     refusal_tokens: str | None = None
     compliance_tokens: str | None = None
     max_new_tokens: int = 16
-    batch_size: int = 16
+    batch_size: int = 32
     transfer: str = "base"
     total_effects: int = 4
     patch_top_k: int = 3
