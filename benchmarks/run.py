@@ -15,7 +15,8 @@ English test prompts of the bundled set), as the median of ``--repeats`` runs:
 * ``attribute_peak_rss_vs_hf``: peak resident memory above the loaded model during attribution vs during the plain
   forward.
 * ``generate_ablate_vs_plain``: greedy generation of 32 new tokens with r̂ ablated (hooks on every residual
-  write, through the bridge's hook points) vs plain Hugging Face ``generate`` on the same batch.
+  write, through the bridge's hook points), as ``evaluate`` runs it (the template prefix once, shared through
+  the key-value cache), vs plain Hugging Face ``generate`` on the same batch.
 * ``selection_seconds_per_candidate``: bypass, induce and KL scores of 4 candidates (2 layers x 2 positions) on
   16 + 16 prompts, per candidate.
 
@@ -104,17 +105,19 @@ def run_step(name: str, spec: str, n_prompts: int, repeats: int, scores_path: st
     from refusal_circuits.attribution import attribute
     from refusal_circuits.data import PromptSet, load_bundled
     from refusal_circuits.directions import extract_candidates
-    from refusal_circuits.forward import batches
+    from refusal_circuits.forward import batches, prefix_continuation, shared_prefix_length
     from refusal_circuits.selection import score_candidates
 
     torch.set_grad_enabled(False)
-    model = rc.load_model(spec)
-    hf = model.original_model
     test = load_bundled(["en"]).filter(split="test")
     half = n_prompts // 2
     prompts = PromptSet(tuple(test.filter(label="harmful"))[:half] + tuple(test.filter(label="harmless"))[:half],
                         test.source)
     instructions = prompts.instructions
+    if name in PLAIN_STEPS:
+        return _plain_step(name, spec, instructions, repeats)
+    model = rc.load_model(spec)
+    hf = model.original_model
     # One padded batch of exactly these prompts, as the plain forward sees it.
     (rows, batch), = list(batches(model, instructions, len(instructions)))  # rows: input index of each batch row
     # A fixed direction: the difference in means at 2/3 depth, last template token.
@@ -126,16 +129,11 @@ def run_step(name: str, spec: str, n_prompts: int, repeats: int, scores_path: st
     tok = model.tokenizer
     refusal = rc.refusal_tokens_from_strings(tok, ["I"])
     compliance = [tok(x, add_special_tokens=False)["input_ids"][0] for x in ("To", "Sure", "Here")]
-    gen_kwargs = {"max_new_tokens": 32, "min_new_tokens": 32, "do_sample": False, "pad_token_id": tok.pad_token_id,
-                  "top_p": None, "top_k": None, "temperature": None}
+    gen_kwargs = _gen_kwargs(tok)
     sel_harmful = prompts.filter(label="harmful").instructions[:16]
     sel_harmless = prompts.filter(label="harmless").instructions[:16]
     cands = extract_candidates(model, sel_harmful, sel_harmless, progress=False) if name == "selection" else None
     mid = int(model.cfg.n_layers) // 2
-
-    def forward():
-        return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                  use_cache=False).logits[:, -1].clone()
 
     def collect():
         return mean_resid_pre(model, instructions, batch_size=len(instructions), progress=False)
@@ -144,12 +142,13 @@ def run_step(name: str, spec: str, n_prompts: int, repeats: int, scores_path: st
         return attribute(model, r, prompts, refusal_tokens=refusal, compliance_tokens=compliance,
                          batch_size=len(instructions), progress=False)
 
-    def generate():
-        return hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **gen_kwargs)
-
     def generate_ablate():
+        # What `evaluate` does under an intervention: the shared template prefix once, every row's prefill and
+        # decoding from its cache (refusal_circuits.evaluation.generate_ids), here with a fixed 32 new tokens.
         with rc.ablate(model, r):
-            return hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **gen_kwargs)
+            cont = prefix_continuation(model, batch, shared_prefix_length(batch))
+            return hf.generate(input_ids=cont.full_input_ids, attention_mask=cont.attention_mask,
+                               past_key_values=cont.cache, **gen_kwargs)
 
     def selection():
         assert cands is not None
@@ -161,8 +160,8 @@ def run_step(name: str, spec: str, n_prompts: int, repeats: int, scores_path: st
         stacked = cache.stack_head_results(layer=-1)  # [layer * head, batch, pos, d_model]
         return stacked @ r
 
-    fns = {"forward": forward, "collect": collect, "attribute": attribute_, "generate": generate,
-           "generate_ablate": generate_ablate, "selection": selection, "naive": naive}
+    fns = {"collect": collect, "attribute": attribute_, "generate_ablate": generate_ablate, "selection": selection,
+           "naive": naive}
     with torch.inference_mode():
         hf(input_ids=batch.input_ids[:1, -4:])  # warm the thread pool the same small way before every step
         m = measure(fns[name], repeats)
@@ -183,6 +182,41 @@ def run_step(name: str, spec: str, n_prompts: int, repeats: int, scores_path: st
             scores = result.heads[rows][..., -s_len:].permute(1, 2, 0, 3).contiguous()
         save_file({"scores": scores.contiguous(), "mask": batch.attention_mask.contiguous()}, scores_path)
     return {**m, **extra}
+
+
+#: Steps measured on a plain Hugging Face model, loaded without TransformerLens: the bridge wraps the Hugging Face
+#: modules it shares in place, so its ``original_model`` is no longer plain.
+PLAIN_STEPS = ("forward", "generate")
+
+
+def _gen_kwargs(tok: Any) -> dict[str, Any]:
+    return {"max_new_tokens": 32, "min_new_tokens": 32, "do_sample": False, "pad_token_id": tok.pad_token_id,
+            "top_p": None, "top_k": None, "temperature": None}
+
+
+def _plain_step(name: str, spec: str, instructions: list[str], repeats: int) -> dict[str, Any]:
+    """The reference: ``transformers`` alone, on the same padded batch (full logits, as a plain forward gives)."""
+    from refusal_circuits.chat import tokenize_chat
+    from refusal_circuits.models import load_hf
+
+    hf, tok, _ = load_hf(spec)
+    hf.eval()
+    order = sorted(range(len(instructions)), key=lambda i: (-len(tok(instructions[i])["input_ids"]), i))
+    batch = tokenize_chat(tok, [instructions[i] for i in order])  # the rows in the order `batches` gives them
+
+    def forward():
+        return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  use_cache=False).logits[:, -1].clone()
+
+    def generate():
+        return hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **_gen_kwargs(tok))
+
+    with torch.inference_mode():
+        hf(input_ids=batch.input_ids[:1, -4:])  # warm the thread pool the same small way before every step
+        m = measure({"forward": forward, "generate": generate}[name], repeats)
+    m.pop("result")
+    return {**m, "tokens": int(batch.attention_mask.sum()), "padded_len": int(batch.input_ids.shape[1]),
+            "model": "transformers alone (no TransformerLens)"}
 
 
 def _study_step(spec: str, tmpdir: str) -> dict[str, Any]:

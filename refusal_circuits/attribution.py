@@ -450,14 +450,15 @@ class Attribution:
         return out
 
     def save(self, out_dir: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
-        """Write ``attributions.safetensors``, ``attributions.json`` (tokens, spans) and ``summary.json``, atomically.
+        """Write ``attributions.safetensors``, ``attributions.json`` (tokens, spans) and ``summary.json``, together
+        and atomically: all three are written before any replaces an older set.
 
         In the file, ``mlps`` includes the attention output bias of its layer when the model has one (stated in
         the summary), so ``resid[:, l] = embed + sum_{l' < l} (heads.sum(head) + mlps)`` holds on the file alone.
         """
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        from refusal_circuits.io import atomic_path, write_json
+        from refusal_circuits.io import atomic_paths, json_text
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -469,18 +470,19 @@ class Attribution:
             tensors["attn_bias"] = self.attn_bias
         if self.dla is not None:
             tensors.update(self.dla.tensors())
-        with atomic_path(out / TENSORS_FILE) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         s = self.mask.shape[1]
         padded_tokens = [[""] * (s - len(t)) + t for t in self.tokens]
-        write_json(out / TOKENS_FILE, {
+        meta = {
             "model": self.model, "ids": self.ids, "langs": self.langs, "labels": self.labels,
             "span_names": list(SPAN_NAMES), "tokens": padded_tokens,
             "spans": [[SPAN_NAMES[c] for c in row] for row in self.spans.tolist()],
             "adv_suffix": self.adv_suffix, "direction": self.direction,
             "dla_targets": None if self.dla is None else self.dla.targets.to_json(),
-            "has_attn_bias": self.attn_bias is not None, **(extra or {})})
-        write_json(out / SUMMARY_FILE, self.summary())
+            "has_attn_bias": self.attn_bias is not None, **(extra or {})}
+        with atomic_paths(out / TENSORS_FILE, out / TOKENS_FILE, out / SUMMARY_FILE) as (t_tmp, j_tmp, s_tmp):
+            t_tmp.write_bytes(save({k: v.contiguous() for k, v in tensors.items()}))
+            j_tmp.write_text(json_text(meta), encoding="utf-8")
+            s_tmp.write_text(json_text(self.summary()), encoding="utf-8")
         return out
 
     def _repr_html_(self) -> str:

@@ -249,7 +249,6 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from refusal_circuits.forward import check_context
     from refusal_circuits.selection import filter_configs
     from refusal_circuits.study import Study, StudyConfig
 
@@ -269,8 +268,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     try:
         study = Study(config, out, progress=_progress())
         if not all(info.cached for info in study.stages.values()):  # bad input fails here, before any stage
-            _check_positions(study.model(), args.positions)
-            check_context(study.model(), study.prompts)
+            _check_positions(study.model(), args.positions)  # loading the model checks every prompt's length
         t0 = time.perf_counter()
         study.run(echo=lambda line: print(line, flush=True))
     except BaseException:

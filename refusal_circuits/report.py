@@ -109,9 +109,11 @@ class _Figures:
 
     def add(self, name: str, fig: Any, caption: str) -> str:
         from refusal_circuits import viz
+        from refusal_circuits.io import write_text
 
-        viz.save(fig, self.dir / f"{name}.svg")
-        svg = viz.to_svg(fig)
+        document = viz.svg_document(fig)  # rendered once: the file and the page show the same drawing
+        write_text(self.dir / f"{name}.svg", document)
+        svg = document[document.index("<svg"):]
         self.names.append(name)
         return (f"<figure id='fig-{esc(name)}' data-figure='{esc(name)}'>{svg}<figcaption>{esc(caption)} "
                 f"<span class='muted'>(figures/{esc(name)}.svg)</span></figcaption></figure>")

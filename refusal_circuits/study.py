@@ -146,9 +146,12 @@ class Study:
 
     def model(self) -> Any:
         if self._model is None:
+            from refusal_circuits.forward import check_context
             from refusal_circuits.models import load_model
 
-            self._model = (self._model_loader or load_model)(self.config.model)
+            model = (self._model_loader or load_model)(self.config.model)
+            check_context(model, self.prompts)  # a prompt too long for the model stops the study before any stage
+            self._model = model
         return self._model
 
     def test_split(self, langs: Sequence[str] | None = None) -> Any:
@@ -214,6 +217,7 @@ def _model_fingerprint(spec: str) -> list[Any]:
 
 
 def _stage_direction(study: Study, out: Path) -> None:
+    from refusal_circuits.chat import chat_format
     from refusal_circuits.directions import extract_candidates
     from refusal_circuits.scores import discover_refusal_tokens, refusal_tokens_from_strings
     from refusal_circuits.selection import filter_configs, select_direction
@@ -236,14 +240,14 @@ def _stage_direction(study: Study, out: Path) -> None:
     else:
         tokens = discover_refusal_tokens(model, train.head(32), progress=study.progress)
     config, fallback = filter_configs(cfg.filter, kl_max=cfg.kl_max, max_layer_frac=cfg.max_layer_frac)
+    n_post = chat_format(model.tokenizer).n_post
+    bad = [p for p in cfg.positions or () if not -n_post <= p < 0]
+    if bad:
+        raise InputError(f"--positions {bad} out of range: the chat template has {n_post} post-instruction tokens")
     candidates = extract_candidates(
         model, train.filter(label="harmful").instructions, train.filter(label="harmless").instructions, lang=base,
         prompts_sha256=own.sha256, batch_size=cfg.batch_size, progress=study.progress)
     positions = list(cfg.positions) if cfg.positions else None
-    bad = [p for p in positions or () if -p > len(candidates.positions)]
-    if bad:
-        raise InputError(f"--positions {bad} out of range: the chat template has {len(candidates.positions)} "
-                         "post-instruction tokens")
     selection = select_direction(
         model, candidates, val.filter(label="harmful").instructions, val.filter(label="harmless").instructions,
         tokens, config=config, fallback=fallback, positions=positions, batch_size=cfg.batch_size,

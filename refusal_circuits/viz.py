@@ -35,13 +35,18 @@ def _plt() -> Any:
     return plt
 
 
-def to_svg(fig: Any) -> str:
-    """The figure as an inline SVG string (text kept as text), and the figure closed."""
+def svg_document(fig: Any) -> str:
+    """The figure as a standalone SVG file's text (text kept as text), and the figure closed."""
     plt = _plt()
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
-    text = buf.getvalue()
+    return buf.getvalue()
+
+
+def to_svg(fig: Any) -> str:
+    """The figure as an inline SVG string (no XML prologue), and the figure closed."""
+    text = svg_document(fig)
     return text[text.index("<svg"):]
 
 

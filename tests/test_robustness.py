@@ -424,7 +424,7 @@ def test_write_json_that_fails_keeps_the_old_file(tmp_path):
 
 #: Library functions that write a file outside an atomic block, and why that is safe.
 NOT_IN_AN_ATOMIC_BLOCK = {
-    ("viz.py", "to_svg"): "savefig into an in-memory buffer",
+    ("viz.py", "svg_document"): "savefig into an in-memory buffer",
     ("models.py", "_dequantise_gguf_to"): "writes into the temporary directory of its callers' atomic_dir",
 }
 _WRITES = {"write_text", "write_bytes", "save_file", "savefig", "save_pretrained", "dump", "to_csv", "tofile"}
