@@ -201,8 +201,7 @@ def _plain_step(name: str, spec: str, instructions: list[str], repeats: int) -> 
 
     hf, tok, _ = load_hf(spec)
     hf.eval()
-    order = sorted(range(len(instructions)), key=lambda i: (-len(tok(instructions[i])["input_ids"]), i))
-    batch = tokenize_chat(tok, [instructions[i] for i in order])  # the rows in the order `batches` gives them
+    batch = tokenize_chat(tok, instructions)  # the same padded rows as `batches` gives the other steps
 
     def forward():
         return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,

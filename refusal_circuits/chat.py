@@ -125,6 +125,15 @@ def chat_format(tokenizer: Any, system_prompt: str | None = None) -> ChatFormat:
                       tuple(_encode(tokenizer, PLAIN_SUFFIX)), False, system_prompt)
 
 
+def check_positions(tokenizer: Any, positions: Sequence[int] | None, what: str = "--positions") -> None:
+    """Raise :class:`InputError` unless every position names a post-instruction token of ``tokenizer``'s chat
+    template (``-n_post`` .. ``-1``)."""
+    n_post = chat_format(tokenizer).n_post
+    bad = [p for p in positions or () if not -n_post <= p < 0]
+    if bad:
+        raise InputError(f"{what} {bad} out of range: the chat template has {n_post} post-instruction tokens")
+
+
 @dataclass(frozen=True)
 class ChatBatch:
     """A left-padded batch of chat prompts.

@@ -249,6 +249,7 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from refusal_circuits.chat import check_positions
     from refusal_circuits.selection import filter_configs
     from refusal_circuits.study import Study, StudyConfig
 
@@ -268,7 +269,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     try:
         study = Study(config, out, progress=_progress())
         if not all(info.cached for info in study.stages.values()):  # bad input fails here, before any stage
-            _check_positions(study.model(), args.positions)  # loading the model checks every prompt's length
+            check_positions(study.model().tokenizer, args.positions)  # loading the model checks prompt lengths
         t0 = time.perf_counter()
         study.run(echo=lambda line: print(line, flush=True))
     except BaseException:
@@ -408,17 +409,8 @@ def _progress() -> bool:
     return os.environ.get("TQDM_DISABLE") != "1"
 
 
-def _check_positions(model, positions: list[int] | None) -> None:
-    """``--positions`` must name post-instruction tokens of the model's chat template."""
-    from refusal_circuits.chat import chat_format
-
-    n_post = chat_format(model.tokenizer).n_post
-    bad = [p for p in positions or () if p < -n_post]
-    if bad:
-        raise InputError(f"--positions {bad} out of range: the chat template has {n_post} post-instruction tokens")
-
-
 def cmd_directions(args: argparse.Namespace) -> None:
+    from refusal_circuits.chat import check_positions
     from refusal_circuits.data import load_prompts
     from refusal_circuits.directions import extract_candidates
     from refusal_circuits.forward import check_context
@@ -431,7 +423,7 @@ def cmd_directions(args: argparse.Namespace) -> None:
     train, val = _splits(prompts, args.lang, args.max_prompts)
     config, fallback = filter_configs(args.filter, kl_max=args.kl_max, max_layer_frac=args.max_layer_frac)
     model = load_model(args.model)
-    _check_positions(model, args.positions)
+    check_positions(model.tokenizer, args.positions)
     for part in (train, val):
         check_context(model, part)
     tokens = _refusal_tokens(model, args.refusal_tokens, train)

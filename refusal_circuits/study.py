@@ -217,7 +217,7 @@ def _model_fingerprint(spec: str) -> list[Any]:
 
 
 def _stage_direction(study: Study, out: Path) -> None:
-    from refusal_circuits.chat import chat_format
+    from refusal_circuits.chat import check_positions
     from refusal_circuits.directions import extract_candidates
     from refusal_circuits.scores import discover_refusal_tokens, refusal_tokens_from_strings
     from refusal_circuits.selection import filter_configs, select_direction
@@ -240,10 +240,7 @@ def _stage_direction(study: Study, out: Path) -> None:
     else:
         tokens = discover_refusal_tokens(model, train.head(32), progress=study.progress)
     config, fallback = filter_configs(cfg.filter, kl_max=cfg.kl_max, max_layer_frac=cfg.max_layer_frac)
-    n_post = chat_format(model.tokenizer).n_post
-    bad = [p for p in cfg.positions or () if not -n_post <= p < 0]
-    if bad:
-        raise InputError(f"--positions {bad} out of range: the chat template has {n_post} post-instruction tokens")
+    check_positions(model.tokenizer, cfg.positions)
     candidates = extract_candidates(
         model, train.filter(label="harmful").instructions, train.filter(label="harmless").instructions, lang=base,
         prompts_sha256=own.sha256, batch_size=cfg.batch_size, progress=study.progress)
