@@ -26,7 +26,7 @@ from __future__ import annotations
 import html
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -188,25 +188,18 @@ class LogitTargets:
                 "compliance_ids": {k: list(v) for k, v in self.compliance.items()}}
 
 
-@torch.inference_mode()
-def discover_compliance_tokens(model: Any, instructions: Sequence[str], refusal_ids: Sequence[int], *,
-                               k: int = 5, min_count: int = 2, batch_size: int = 32) -> tuple[int, ...]:
-    """The ``k`` most frequent greedy first tokens on (harmless) ``instructions`` that are not refusal tokens.
+def rank_compliance_tokens(first_tokens: Sequence[int], refusal_ids: Sequence[int], *, k: int = 5,
+                           min_count: int = 2) -> tuple[int, ...]:
+    """The ``k`` most frequent of ``first_tokens`` (greedy first tokens of answers) that are not refusal tokens.
 
-    A token must begin at least ``min_count`` answers (fewer prompts: at least one). This is the "compliance"
-    side of the logit difference DLA explains; pass your own tokens where you know better.
+    A token must begin at least ``min_count`` answers (fewer than ``8 * min_count`` answers: at least one).
     """
-    from refusal_circuits.scores import first_token_logits
-
-    if not instructions:
-        raise InputError("no prompts to discover compliance tokens from")
-    top = first_token_logits(model, instructions, batch_size=batch_size).argmax(-1).tolist()
     refusal = set(int(t) for t in refusal_ids)
     counts: dict[int, int] = {}
-    for t in top:
-        if t not in refusal:
-            counts[t] = counts.get(t, 0) + 1
-    need = min(min_count, max(1, len(instructions) // 8))
+    for t in first_tokens:
+        if int(t) not in refusal:
+            counts[int(t)] = counts.get(int(t), 0) + 1
+    need = min(min_count, max(1, len(first_tokens) // 8))
     ranked = [t for t, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if c >= need][:k]
     if not ranked:
         raise InputError("every greedy first token was a refusal token: no compliance tokens to contrast with; "
@@ -214,31 +207,49 @@ def discover_compliance_tokens(model: Any, instructions: Sequence[str], refusal_
     return tuple(ranked)
 
 
-def _discover_for_lang(model: Any, harmless: PromptSet, lang: str, refusal: Sequence[int],
-                       batch_size: int) -> tuple[int, ...]:
-    """Compliance tokens for ``lang`` from its own harmless prompts, else borrowed from the other languages'.
+@torch.inference_mode()
+def discover_compliance_tokens(model: Any, instructions: Sequence[str], refusal_ids: Sequence[int], *,
+                               k: int = 5, min_count: int = 2, batch_size: int = 32) -> tuple[int, ...]:
+    """The ``k`` most frequent greedy first tokens on (harmless) ``instructions`` that are not refusal tokens
+    (:func:`rank_compliance_tokens`). This is the "compliance" side of the logit difference DLA explains; pass
+    your own tokens where you know better."""
+    from refusal_circuits.scores import first_token_logits
 
-    A model that does not understand a language may refuse every prompt in it, harmless ones included (the
-    packaged 0.5B answers every Yoruba prompt with an English refusal). The logit difference still needs a
-    compliance side; the tokens the model starts its answers with elsewhere are the natural one, and the log says so.
+    if not instructions:
+        raise InputError("no prompts to discover compliance tokens from")
+    top = first_token_logits(model, instructions, batch_size=batch_size).argmax(-1).tolist()
+    return rank_compliance_tokens(top, refusal_ids, k=k, min_count=min_count)
+
+
+def compliance_tokens_by_lang(first_tokens: Mapping[str, Sequence[int]], refusal: Mapping[str, Sequence[int]]
+                              ) -> dict[str, tuple[int, ...]]:
+    """Each language's compliance tokens from the greedy first tokens on its harmless prompts.
+
+    ``first_tokens`` may come from a forward pass or from an earlier greedy generation (its first tokens are the
+    same argmax). A model that does not understand a language may refuse every prompt in it, harmless ones
+    included (the packaged 0.5B answers every Yoruba prompt with an English refusal); the logit difference still
+    needs a compliance side, so such a language borrows the tokens the model starts its answers with in the other
+    languages, and the log says so.
     """
-    own = harmless.filter(lang=lang)
-    if len(own):
-        try:
-            return discover_compliance_tokens(model, own.instructions, refusal, batch_size=batch_size)
-        except InputError:
-            if len(own) == len(harmless):
-                raise
-            log.warning("every greedy first token on %r harmless prompts is a refusal token: its compliance tokens "
-                        "are taken from the other languages' harmless prompts", lang)
-    others = harmless.filter(lang=[lg for lg in harmless.langs if lg != lang])
-    if not len(others):
-        return ()
-    return discover_compliance_tokens(model, others.instructions, refusal, batch_size=batch_size)
+    out: dict[str, tuple[int, ...]] = {}
+    for lang in refusal:
+        own = list(first_tokens.get(lang, ()))
+        if own:
+            try:
+                out[lang] = rank_compliance_tokens(own, refusal[lang])
+                continue
+            except InputError:
+                if not any(first_tokens.get(x) for x in first_tokens if x != lang):
+                    raise
+                log.warning("every greedy first token on %r harmless prompts is a refusal token: its compliance "
+                            "tokens are taken from the other languages' harmless prompts", lang)
+        others = [t for x, ts in first_tokens.items() if x != lang for t in ts]
+        out[lang] = rank_compliance_tokens(others, refusal[lang]) if others else ()
+    return out
 
 
 def _logit_targets(model: Any, prompts: PromptSet, saved: dict[str, Any] | None, refusal_tokens: RefusalTokens | None,
-                   compliance: dict[str, Sequence[int]] | Sequence[int] | None, batch_size: int) -> LogitTargets | None:
+                   compliance: Mapping[str, Sequence[int]] | Sequence[int] | None, batch_size: int) -> LogitTargets | None:
     tok = model.tokenizer
     if refusal_tokens is None:
         if not saved:
@@ -247,20 +258,27 @@ def _logit_targets(model: Any, prompts: PromptSet, saved: dict[str, Any] | None,
         refusal_tokens = RefusalTokens.from_json(saved)
     refusal = {lang: tuple(refusal_tokens.for_lang(lang)) for lang in prompts.langs}
     comp: dict[str, tuple[int, ...]] = {}
-    harmless_all = prompts.filter(label="harmless")
+    if compliance is None:
+        from refusal_circuits.scores import first_token_logits
+
+        harmless = prompts.filter(label="harmless")
+        top = first_token_logits(model, harmless.instructions, batch_size=batch_size).argmax(-1).tolist() \
+            if len(harmless) else []
+        first: dict[str, list[int]] = {}
+        for rec, t in zip(harmless, top, strict=True):
+            first.setdefault(rec.lang, []).append(int(t))
+        comp = compliance_tokens_by_lang(first, refusal)
     for lang in prompts.langs:
-        if isinstance(compliance, dict):
+        if isinstance(compliance, Mapping):
             if lang not in compliance:
                 raise InputError(f"compliance tokens given for {sorted(compliance)} but not for language {lang!r}")
             comp[lang] = tuple(int(t) for t in compliance[lang])
         elif compliance is not None:
             comp[lang] = tuple(int(t) for t in compliance)
-        else:
-            comp[lang] = _discover_for_lang(model, harmless_all, lang, refusal[lang], batch_size)
-            if not comp[lang]:
-                log.warning("no harmless prompts to discover compliance tokens from: skipping direct logit "
-                            "attribution (pass compliance_tokens)")
-                return None
+        elif not comp[lang]:
+            log.warning("no harmless prompts to discover compliance tokens from: skipping direct logit "
+                        "attribution (pass compliance_tokens)")
+            return None
         overlap = set(comp[lang]) & set(refusal[lang])
         if overlap:
             raise InputError(f"tokens {sorted(overlap)} are both refusal and compliance tokens for {lang!r}")
@@ -818,7 +836,7 @@ def attribute(
     *,
     adv_suffix: str | None = None,
     refusal_tokens: RefusalTokens | None = None,
-    compliance_tokens: dict[str, Sequence[int]] | Sequence[int] | None = None,
+    compliance_tokens: Mapping[str, Sequence[int]] | Sequence[int] | None = None,
     dla: bool = True,
     batch_size: int = 16,
     fmt: ChatFormat | None = None,

@@ -740,18 +740,29 @@ def patch_top_heads(model: Any, direction: Direction, attribution: Attribution, 
     """
     from tqdm.auto import tqdm
 
-    from refusal_circuits.patching import patch_pairs
+    from refusal_circuits.patching import patch_pairs, prompt_run
 
     by_key = {(r.id, r.lang, r.label): r for r in prompts}
-    out = {}
-    for lang in tqdm(langs, desc="patch from " + base, disable=not progress, leave=False):
-        paired = paired_heads(attribution, base, lang, alpha=alpha)
-        heads = losing_heads(paired, k)
-        rows = pair_rows(attribution, base, lang)
+
+    def instruction(row: int, lang: str) -> str:
         try:
-            base_i = [by_key[(attribution.ids[i], base, attribution.labels[i])].instruction for i, _ in rows]
-            other_i = [by_key[(attribution.ids[j], lang, attribution.labels[j])].instruction for _, j in rows]
+            return by_key[(attribution.ids[row], lang, attribution.labels[row])].instruction
         except KeyError as e:
             raise InputError(f"the prompts lack the attributed prompt {e.args[0]}") from None
-        out[lang] = patch_pairs(model, direction, base_i, other_i, heads, refusal_tokens, batch_size=batch_size)
+
+    plans = {}
+    for lang in langs:
+        rows = pair_rows(attribution, base, lang)
+        plans[lang] = (losing_heads(paired_heads(attribution, base, lang, alpha=alpha), k), rows)
+    # The base language runs once, keeping every head output any language's patch will need.
+    base_rows = sorted({i for _, rows in plans.values() for i, _ in rows})
+    where = {row: n for n, row in enumerate(base_rows)}
+    base_run = prompt_run(model, direction, [instruction(i, base) for i in base_rows], refusal_tokens,
+                          z_layers=sorted({a for heads, _ in plans.values() for a, _ in heads}), batch_size=batch_size)
+    out = {}
+    for lang in tqdm(langs, desc="patch from " + base, disable=not progress, leave=False):
+        heads, rows = plans[lang]
+        out[lang] = patch_pairs(model, direction, [instruction(i, base) for i, _ in rows],
+                                [instruction(j, lang) for _, j in rows], heads, refusal_tokens,
+                                base_run=base_run.take([where[i] for i, _ in rows]), batch_size=batch_size)
     return out

@@ -25,7 +25,7 @@ from refusal_circuits.attribution import head_geometry
 from refusal_circuits.chat import chat_format
 from refusal_circuits.directions import Direction, check_compatible
 from refusal_circuits.errors import InputError
-from refusal_circuits.forward import batches, decoder_forward, last_logits
+from refusal_circuits.forward import batches, last_logits
 from refusal_circuits.scores import refusal_score
 
 Head = tuple[int, int]
@@ -76,46 +76,62 @@ def ablate_heads(model: Any, heads: Sequence[Head] | Mapping[Head, Tensor | floa
     return hooks.add_hooks(model, head_patch_hooks(model, values))
 
 
-@torch.inference_mode()
-def mean_head_outputs(model: Any, instructions: Sequence[str], layers: Sequence[int], *, batch_size: int = 32,
-                      progress: bool = False, desc: str = "mean head outputs") -> dict[int, Float[Tensor, "post hd"]]:
-    """Mean ``z`` (all heads, ``[n_post, n_heads * d_head]``, float64) at the post-instruction tokens per layer."""
-    fmt = chat_format(model.tokenizer)
-    layers = sorted(set(int(x) for x in layers))
-    total = {layer: torch.zeros(fmt.n_post, int(model.cfg.n_heads) * int(model.cfg.d_head), dtype=torch.float64)
-             for layer in layers}
+@dataclass(frozen=True)
+class PromptRun:
+    """Per prompt (input order): refusal score, projection on r̂ at r̂'s (layer, position), and where asked the
+    outputs ``z`` of every head of some layers at the post-instruction tokens (``{layer: [prompt, post, hd]}``).
 
-    def grab(layer: int) -> hooks.HookFn:
-        def fn(z: Tensor, _name: str) -> None:
-            total[layer] += z[:, -fmt.n_post:].to(torch.float64).sum(0).cpu()
-        return fn
+    One forward pass gives all three, so a run of the base language can serve every comparison made against it.
+    """
 
-    readers = [(hooks.attn_z(layer), grab(layer)) for layer in layers]
-    for _, batch in batches(model, instructions, batch_size, fmt=fmt, progress=progress, desc=desc):
-        decoder_forward(model, batch, readers, stop_at=hooks.attn_z(max(layers)))
-    return {layer: t / len(instructions) for layer, t in total.items()}
+    scores: Float[Tensor, " prompt"]
+    projections: Float[Tensor, " prompt"]
+    z: dict[int, Float[Tensor, "prompt post hd"]]
+
+    def take(self, rows: Sequence[int]) -> PromptRun:
+        """The same run restricted to ``rows`` (in that order)."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        return PromptRun(self.scores[idx], self.projections[idx], {k: v[idx] for k, v in self.z.items()})
 
 
-def _score_and_site(model: Any, direction: Direction, r: Tensor, instructions: Sequence[str],
-                    refusal_tokens: Sequence[int], patch_for: Callable[[list[int]], list[tuple[str, hooks.HookFn]]],
-                    batch_size: int) -> tuple[float, float]:
-    """Mean refusal score and mean projection on r̂ at r̂'s (layer, position) over ``instructions``.
+def prompt_run(model: Any, direction: Direction, instructions: Sequence[str], refusal_tokens: Sequence[int], *,
+               patch_for: Callable[[list[int]], list[tuple[str, hooks.HookFn]]] | None = None,
+               z_layers: Sequence[int] = (), batch_size: int = 32) -> PromptRun:
+    """Score every prompt (refusal score and r̂'s projection at its site), keeping heads' ``z`` of ``z_layers``.
 
     ``patch_for(idx)`` gives each batch's patching hooks (``idx``: the input indices of its rows); they run as
-    readers of the batch's own positions, so the shared template prefix is left alone.
+    readers of the batch's own positions, so the shared template prefix is left alone. The ``z`` kept are the
+    values after any patch.
     """
     fmt = chat_format(model.tokenizer)
-    score_total, proj_total = 0.0, 0.0
+    r = direction.vector.to(torch.float64)
+    r = r / r.norm()
+    n = len(instructions)
+    width = int(model.cfg.n_heads) * int(model.cfg.d_head)
+    layers = sorted(set(int(x) for x in z_layers))
+    scores = torch.zeros(n, dtype=torch.float64)
+    projections = torch.zeros(n, dtype=torch.float64)
+    z = {layer: torch.zeros(n, fmt.n_post, width) for layer in layers}
     for idx, batch in batches(model, instructions, batch_size, fmt=fmt):
-        got: list[Tensor] = []
+        got: dict[Any, Tensor] = {}
 
-        def grab(x: Tensor, _name: str, got: list[Tensor] = got) -> None:
-            got.append(x[:, direction.position].to(torch.float64).cpu() @ r)
+        def grab_site(x: Tensor, _name: str, got: dict[Any, Tensor] = got) -> None:
+            got["site"] = x[:, direction.position].to(torch.float64).cpu() @ r
 
-        logits = last_logits(model, batch, [*patch_for(idx), (hooks.resid_pre(direction.layer), grab)])
-        score_total += float(refusal_score(logits, refusal_tokens).sum())
-        proj_total += float(got[0].sum())
-    return score_total / len(instructions), proj_total / len(instructions)
+        def grab_z(layer: int, got: dict[Any, Tensor] = got) -> hooks.HookFn:
+            def fn(x: Tensor, _name: str) -> None:
+                got[layer] = x[:, -fmt.n_post:].float().cpu()
+            return fn
+
+        readers = [*(patch_for(idx) if patch_for else []), *((hooks.attn_z(a), grab_z(a)) for a in layers),
+                   (hooks.resid_pre(direction.layer), grab_site)]
+        logits = last_logits(model, batch, readers)
+        rows = torch.as_tensor(idx, dtype=torch.long)
+        scores[rows] = refusal_score(logits, refusal_tokens).to(torch.float64).cpu()
+        projections[rows] = got["site"]
+        for layer in layers:
+            z[layer][rows] = got[layer]
+    return PromptRun(scores, projections, z)
 
 
 @dataclass(frozen=True)
@@ -207,18 +223,22 @@ def total_effects(model: Any, direction: Direction, harmful: Sequence[str], harm
     if not -n_post <= direction.position < 0:
         raise InputError(f"the direction's position {direction.position} is not a post-instruction position")
     layers = sorted({layer for layer, _ in heads})
-    means = {"harmful": mean_head_outputs(model, harmful, layers, batch_size=batch_size),
-             "harmless": mean_head_outputs(model, harmless, layers, batch_size=batch_size)}
+    # One unpatched pass per group gives its baseline scores and the heads' mean outputs to patch in.
+    clean = {name: prompt_run(model, direction, group, refusal_tokens, z_layers=layers, batch_size=batch_size)
+             for name, group in (("harmful", harmful), ("harmless", harmless))}
+    means = {name: {layer: z.to(torch.float64).mean(0) for layer, z in run.z.items()} for name, run in clean.items()}
     read = {layer: geo.head_readout(layer, r[None].to(geo.w_o[layer].device))[0].cpu() for layer in layers}
 
     def head_mean(which: str, layer: int, head: int) -> Tensor:
         return means[which][layer][:, head * d_head:(head + 1) * d_head]
 
     def scores(instructions: Sequence[str], patch: list[tuple[str, hooks.HookFn]]) -> tuple[float, float]:
-        return _score_and_site(model, direction, r, instructions, refusal_tokens, lambda _idx: patch, batch_size)
+        run = prompt_run(model, direction, instructions, refusal_tokens, patch_for=lambda _idx: patch,
+                         batch_size=batch_size)
+        return float(run.scores.mean()), float(run.projections.mean())
 
-    base_h, base_proj_h = scores(harmful, [])
-    base_l, _ = scores(harmless, [])
+    base_h, base_proj_h = float(clean["harmful"].scores.mean()), float(clean["harmful"].projections.mean())
+    base_l = float(clean["harmless"].scores.mean())
     effects: list[HeadEffect] = []
     for layer, head in tqdm(heads, desc="total effects", disable=not progress, leave=False):
         to_harmless = head_patch_hooks(model, {(layer, head): head_mean("harmless", layer, head)}, last=n_post)
@@ -234,29 +254,6 @@ def total_effects(model: Any, direction: Direction, harmful: Sequence[str], harm
 
     return HeadEffects(effects, base_h, base_l, len(harmful), len(harmless), model_id(model),
                        {"lang": direction.lang, "layer": direction.layer, "position": direction.position})
-
-
-@torch.inference_mode()
-def head_outputs_per_prompt(model: Any, instructions: Sequence[str], layers: Sequence[int], *, batch_size: int = 32
-                            ) -> dict[int, Float[Tensor, "prompt post hd"]]:
-    """Every prompt's ``z`` (all heads) at the post-instruction tokens, per layer, in input order."""
-    fmt = chat_format(model.tokenizer)
-    layers = sorted(set(int(x) for x in layers))
-    width = int(model.cfg.n_heads) * int(model.cfg.d_head)
-    out = {layer: torch.zeros(len(instructions), fmt.n_post, width) for layer in layers}
-    for idx, batch in batches(model, instructions, batch_size, fmt=fmt):
-        got: dict[int, Tensor] = {}
-
-        def grab(layer: int, got: dict[int, Tensor] = got) -> hooks.HookFn:
-            def fn(z: Tensor, _name: str) -> None:
-                got[layer] = z[:, -fmt.n_post:].float().cpu()
-            return fn
-
-        decoder_forward(model, batch, [(hooks.attn_z(layer), grab(layer)) for layer in layers],
-                        stop_at=hooks.attn_z(max(layers)))
-        for layer in layers:
-            out[layer][idx] = got[layer]
-    return out
 
 
 @dataclass(frozen=True)
@@ -294,33 +291,36 @@ class PairPatch:
 
 @torch.inference_mode()
 def patch_pairs(model: Any, direction: Direction, base: Sequence[str], other: Sequence[str], heads: Sequence[Head],
-                refusal_tokens: Sequence[int], *, batch_size: int = 32) -> PairPatch:
+                refusal_tokens: Sequence[int], *, base_run: PromptRun | None = None, batch_size: int = 32) -> PairPatch:
     """Replace ``heads``' outputs at the post-instruction tokens of each ``other[i]`` by those of ``base[i]``.
 
     The post-instruction tokens are the same in every language, so position ``-k`` of a translation and of its
     English original are the same template token. Measures the r̂ projection at r̂'s (layer, position) and the
     refusal score, with and without the patch.
+
+    ``base_run``: a :func:`prompt_run` of ``base`` (same order) keeping ``z`` of every patched head's layer, when
+    one is at hand (comparing one base language with several translations needs it once, not per language).
     """
     if len(base) != len(other) or not base:
         raise InputError(f"patch_pairs needs equally many base and other prompts (got {len(base)} and {len(other)})")
     heads = [(int(a), int(b)) for a, b in heads]
     _check_heads(model, heads)
-    fmt = chat_format(model.tokenizer)
-    n_post, d_head = fmt.n_post, int(model.cfg.d_head)
-    r = direction.vector.to(torch.float64)
-    r = r / r.norm()
+    n_post, d_head = chat_format(model.tokenizer).n_post, int(model.cfg.d_head)
     layers = sorted({a for a, _ in heads})
-    source = head_outputs_per_prompt(model, base, layers, batch_size=batch_size) if heads else {}
+    if base_run is None:
+        base_run = prompt_run(model, direction, base, refusal_tokens, z_layers=layers, batch_size=batch_size)
+    elif len(base_run.scores) != len(base) or not set(layers) <= set(base_run.z):
+        raise InputError(f"base_run covers {len(base_run.scores)} prompts and layers {sorted(base_run.z)}; "
+                         f"patching needs {len(base)} prompts and layers {layers}")
+    source = base_run.z
 
     def from_base(idx: list[int]) -> list[tuple[str, hooks.HookFn]]:
         """Each row's heads get its own base prompt's outputs (``idx``: the batch rows' input indices)."""
         return head_patch_hooks(model, {(a, h): source[a][idx][:, :, h * d_head:(h + 1) * d_head] for a, h in heads},
                                 last=n_post)
 
-    def unpatched(_idx: list[int]) -> list[tuple[str, hooks.HookFn]]:
-        return []
-
-    base_score, base_proj = _score_and_site(model, direction, r, base, refusal_tokens, unpatched, batch_size)
-    other_score, other_proj = _score_and_site(model, direction, r, other, refusal_tokens, unpatched, batch_size)
-    patched_score, patched_proj = _score_and_site(model, direction, r, other, refusal_tokens, from_base, batch_size)
-    return PairPatch(heads, base_proj, other_proj, patched_proj, other_score, patched_score, len(base), base_score)
+    clean = prompt_run(model, direction, other, refusal_tokens, batch_size=batch_size)
+    patched = prompt_run(model, direction, other, refusal_tokens, patch_for=from_base, batch_size=batch_size)
+    return PairPatch(heads, float(base_run.projections.mean()), float(clean.projections.mean()),
+                     float(patched.projections.mean()), float(clean.scores.mean()), float(patched.scores.mean()),
+                     len(base), float(base_run.scores.mean()))

@@ -86,7 +86,7 @@ _READS: dict[str, tuple[str, ...]] = {
     "compare": (*_COMMON, "langs", "max_prompts", "patch_top_k", "alpha", "batch_size"),
 }
 _NEEDS = {"direction": (), "evaluate": ("direction",), "languages": ("direction", "evaluate"),
-          "attribute": ("direction",), "compare": ("direction", "evaluate", "attribute")}
+          "attribute": ("direction", "evaluate"), "compare": ("direction", "evaluate", "attribute")}
 
 
 @dataclass
@@ -316,41 +316,51 @@ def _stage_languages(study: Study, out: Path) -> None:
         "transfer": transfer.to_json()})
 
 
+def _evaluated_first_tokens(study: Study, test: Any, label: str) -> dict[str, list[int]]:
+    """The greedy first tokens of the evaluate stage's generation on ``test``'s ``label`` prompts, per language
+    (languages with a prompt the record lacks, or whose record has no first tokens, are left out)."""
+    completions = study.read_json("evaluate", "baseline.json")["completions"]
+    first = {(c["lang"], c["id"]): c.get("first_token") for c in completions}
+    out: dict[str, list[int]] = {}
+    for lang in study.langs:
+        toks = [first.get((lang, r.id)) for r in test.filter(lang=lang, label=label)]
+        known = [int(t) for t in toks if t is not None]
+        if known and len(known) == len(toks):
+            out[lang] = known
+    return out
+
+
 def _first_token_baseline(study: Study, test: Any, refusal_ids: Sequence[int]) -> dict[str, tuple[Any, Any]]:
     """The transfer matrix's baseline row from the evaluate stage's generation: its greedy first tokens are
     what the first-token judge looks at, so the row costs no forward pass (languages whose records lack them,
     or whose prompts differ, are measured again by :func:`~refusal_circuits.crosslingual.transfer_matrix`)."""
     from refusal_circuits.crosslingual import Rate
 
-    completions = study.read_json("evaluate", "baseline.json")["completions"]
-    first = {(c["lang"], c["id"]): c.get("first_token") for c in completions}
     refusal = set(int(t) for t in refusal_ids)
-    out: dict[str, tuple[Any, Any]] = {}
-    for lang in study.langs:
-        rates = []
-        for label in ("harmful", "harmless"):
-            toks = [first.get((lang, r.id)) for r in test.filter(lang=lang, label=label)]
-            if not toks or any(t is None for t in toks):
-                break
-            rates.append(Rate(sum(t in refusal for t in toks), len(toks)))
-        if len(rates) == 2:
-            out[lang] = (rates[0], rates[1])
-    return out
+    harmful, harmless = (_evaluated_first_tokens(study, test, label) for label in ("harmful", "harmless"))
+    return {lang: (Rate(sum(t in refusal for t in harmful[lang]), len(harmful[lang])),
+                   Rate(sum(t in refusal for t in harmless[lang]), len(harmless[lang])))
+            for lang in study.langs if lang in harmful and lang in harmless}
 
 
 def _stage_attribute(study: Study, out: Path) -> None:
-    from refusal_circuits.attribution import attribute, top_k_heads
+    from refusal_circuits.attribution import attribute, compliance_tokens_by_lang, top_k_heads
     from refusal_circuits.io import write_json
     from refusal_circuits.patching import total_effects
     from refusal_circuits.scores import RefusalTokens, first_token_ids
 
     cfg, model, direction = study.config, study.model(), study.direction()
     tokens = RefusalTokens.from_json(direction.meta["refusal_tokens"], source="direction")
-    compliance = None
+    test = study.test_split()
+    compliance: list[int] | dict[str, tuple[int, ...]] | None = None
     if cfg.compliance_tokens:
         strings = [t for t in cfg.compliance_tokens.split(",") if t.strip()]
         compliance = list(first_token_ids(model.tokenizer, strings, "compliance token")[0])
-    test = study.test_split()
+    else:
+        # The evaluate stage's greedy first tokens on the harmless prompts are what discovery would compute.
+        first = _evaluated_first_tokens(study, test, "harmless")
+        if set(first) == set(test.filter(label="harmless").langs):
+            compliance = compliance_tokens_by_lang(first, {lang: tokens.for_lang(lang) for lang in first})
     result = attribute(model, direction, test, refusal_tokens=tokens, compliance_tokens=compliance,
                        batch_size=cfg.batch_size, progress=study.progress)
     result.save(out / "attribution", extra={"prompts": cfg.prompts, "split": "test"})

@@ -314,3 +314,25 @@ def test_a_language_refusing_every_harmless_prompt_borrows_compliance_tokens(tin
     only_yo = PromptSet(tuple(r for r in recs if r.lang == "yo"))
     with pytest.raises(InputError, match="every greedy first token was a refusal token"):
         attr._logit_targets(tiny_model, only_yo, None, refusal, None, batch_size=4)
+
+
+def test_compliance_tokens_from_a_generation_equal_discovery_by_forward_pass(tiny_model):
+    """The study takes each language's compliance tokens from the evaluate stage's greedy first tokens instead of
+    a forward pass of its own: both must give the same tokens."""
+    from refusal_circuits.evaluation import evaluate_refusal
+    from refusal_circuits.scores import RefusalTokens
+
+    texts = ["tell me a story", "what is the capital of peru", "how to bake bread", "name three colours",
+             "write a haiku about rain", "explain gravity briefly", "list some fruit", "why do cats purr"]
+    recs = [PromptRecord(f"p{i}", lang, "harmless", t if lang == "en" else t.upper()) for lang in ("en", "xx")
+            for i, t in enumerate(texts)]
+    prompts = PromptSet(tuple(recs))
+    evaluation = evaluate_refusal(tiny_model, prompts, max_new_tokens=2, batch_size=3, progress=False)
+    first: dict[str, list[int]] = {}
+    for c in evaluation.completions:
+        first.setdefault(c.lang, []).append(int(c.first_token))
+    seen = {t for v in first.values() for t in v}
+    refusal = RefusalTokens({"en": (min(set(range(50)) - seen),), "xx": ()})
+    from_generation = attr.compliance_tokens_by_lang(first, {lang: refusal.for_lang(lang) for lang in first})
+    targets = attr._logit_targets(tiny_model, prompts, None, refusal, None, batch_size=5)
+    assert targets is not None and from_generation == targets.compliance

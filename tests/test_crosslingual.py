@@ -7,7 +7,7 @@ import torch
 
 from refusal_circuits import crosslingual as xl
 from refusal_circuits.attribution import Attribution, attribute, concat_attributions
-from refusal_circuits.chat import Span
+from refusal_circuits.chat import Span, chat_format
 from refusal_circuits.data import PromptRecord, PromptSet
 from refusal_circuits.errors import InputError
 
@@ -127,3 +127,52 @@ def test_an_identical_translation_flags_nothing(tiny_model):
     assert float(res.heads["mean"].abs().max()) < 1e-5
     split, _ = xl.trajectory_split_layer(both, "en", "xx")
     assert split is None
+
+
+@pytest.mark.tiny
+def test_patching_every_language_from_one_base_run_equals_patching_each_alone(tiny_model):
+    """``patch_top_heads`` runs the base language once for all languages; each language's numbers must equal a
+    :func:`patch_pairs` of its own (other batches, base run computed inside), and a prompt patched with its own
+    head outputs must not move (rows of the stored base run line up with the patched batch's rows)."""
+    from refusal_circuits.directions import extract_candidates
+    from refusal_circuits.patching import patch_pairs
+
+    texts = ["tell me a story", "what is the capital of peru", "how to bake bread", "name three colours",
+             "write a haiku about rain", "explain gravity briefly"]
+    variants = {"en": texts, "aa": [t.upper() for t in texts], "bb": [" ".join(t.split()[::-1]) + " please"
+                                                                        for t in texts]}
+    keep = {"en": range(6), "aa": range(6), "bb": (1, 3, 4, 5)}  # "bb" lacks two translations: other base rows
+    prompts = PromptSet(tuple(PromptRecord(f"p{i}", lang, "harmful", ts[i]) for lang, ts in variants.items()
+                              for i in keep[lang]), "t")
+    d = extract_candidates(tiny_model, texts, variants["bb"], progress=False).direction(-1, 1)
+    tokens = [tiny_model.tokenizer("I")["input_ids"][0]]
+    att = attribute(tiny_model, d, prompts, dla=False, batch_size=4, progress=False)
+    patches = xl.patch_top_heads(tiny_model, d, att, prompts, "en", ["aa", "bb"], 2, tokens, batch_size=4,
+                                 progress=False)
+    for lang in ("aa", "bb"):
+        got = patches[lang]
+        rows = list(keep[lang])
+        assert len(got.heads) == 2 and got.n_pairs == len(rows)
+        alone = patch_pairs(tiny_model, d, [texts[i] for i in rows], [variants[lang][i] for i in rows], got.heads,
+                            tokens, batch_size=5)
+        for key in ("base_projection", "other_projection", "patched_projection", "base_score", "other_score",
+                    "patched_score"):
+            assert getattr(got, key) == pytest.approx(getattr(alone, key), abs=1e-5), (lang, key)
+    # Per prompt: a run patched with its own stored head outputs is unchanged; with another prompt's, it moves.
+    from refusal_circuits.patching import head_patch_hooks, prompt_run
+
+    heads = [(0, h) for h in range(int(tiny_model.cfg.n_heads))]
+    clean = prompt_run(tiny_model, d, texts, tokens, z_layers=[0], batch_size=4)
+    d_head, n_post = int(tiny_model.cfg.d_head), chat_format(tiny_model.tokenizer).n_post
+
+    def patch_from(run):
+        return lambda idx: head_patch_hooks(
+            tiny_model, {(a, h): run.z[a][idx][:, :, h * d_head:(h + 1) * d_head] for a, h in heads}, last=n_post)
+
+    own = prompt_run(tiny_model, d, texts, tokens, patch_for=patch_from(clean), batch_size=4)
+    shuffled = prompt_run(tiny_model, d, texts, tokens, patch_for=patch_from(clean.take([5, 0, 1, 2, 3, 4])),
+                          batch_size=4)
+    assert torch.allclose(own.scores, clean.scores, atol=1e-6)
+    assert (shuffled.scores - clean.scores).abs().max() > 1e-4
+    part = clean.take([3, 1])
+    assert torch.equal(part.z[0], clean.z[0][[3, 1]]) and torch.equal(part.scores, clean.scores[[3, 1]])

@@ -78,7 +78,7 @@ def test_rerun_is_cached_and_a_changed_input_reruns_only_what_depends_on_it(stud
     assert main(changed) == 0
     now = {p.parent.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*/stage.json")}
     rerun = {k for k in now if now[k] != stamp[k]}
-    assert rerun == {"evaluate", "languages", "compare"}  # languages reads evaluate's first tokens
+    assert rerun == {"evaluate", "languages", "attribute", "compare"}  # both read evaluate's first tokens
 
 
 def test_transfer_baseline_from_generation_equals_the_first_token_judge(study, tiny_model):
