@@ -300,12 +300,14 @@ def _print_headline(results: dict) -> None:
     d = results["direction"]
     print(f"direction: layer {d['layer']}, position {d['position']} ({d['lang']})")
     base = results["refusal"]["baseline"]
-    first = results["languages"]["transfer"]["ablate"].get(d["lang"], {})
+    transfer = results["languages"]["transfer"]
+    ablated = transfer["ablate"].get(d["lang"], {})
     for lang, groups in base.items():
         h, s = groups.get("harmful"), groups.get("harmless")
-        a = first.get(lang)
+        a, b = ablated.get(lang), transfer["baseline"].get(lang, {}).get("harmful")
         print(f"{lang}: refusal harmful {h['refusal_rate']:5.1%}  harmless {s['refusal_rate']:5.1%}"
-              + (f"  harmful with r̂({d['lang']}) ablated {a['rate']:5.1%} (first token)" if a else ""))
+              + (f"  | first token, harmful: {b['rate']:5.1%}, with r̂({d['lang']}) ablated {a['rate']:5.1%}"
+                 if a and b else ""))
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -503,7 +503,8 @@ def _refusals(model: Any, prompts: PromptSet, judge: str, refusal_ids: Sequence[
 
 
 def transfer_matrix(model: Any, directions: Mapping[str, Direction], prompts: PromptSet, *,
-                    targets: Sequence[str] | None = None, refusal_ids: Sequence[int] = (), judge: str = "first_token",
+                    targets: Sequence[str] | None = None,
+                    refusal_ids: Sequence[int] | Mapping[str, Sequence[int]] = (), judge: str = "first_token",
                     actadd_layer: int | None = None, batch_size: int = 32, max_new_tokens: int = 24,
                     cells: Collection[tuple[str, str]] | None = None,
                     baseline: Mapping[str, tuple[Rate, Rate]] | None = None, progress: bool = True) -> TransferMatrix:
@@ -512,7 +513,8 @@ def transfer_matrix(model: Any, directions: Mapping[str, Direction], prompts: Pr
     Args:
         directions: source language -> direction (e.g. each language's candidate at the English site).
         prompts: the evaluation prompts (use the test split), harmful and harmless per target language.
-        refusal_ids: refusal tokens for ``judge="first_token"`` (greedy first token is one of them).
+        refusal_ids: refusal tokens for ``judge="first_token"`` (greedy first token is one of them): one list for
+            every target, or per target language (a model refuses in each language with its own first words).
         judge: ``first_token`` (one forward pass per cell) or ``generate`` (greedy generation + phrase judge).
         actadd_layer: where to add (default: each direction's own layer); the coefficient is the direction's
             calibrated one (``meta["actadd"]``) or its norm.
@@ -527,9 +529,12 @@ def transfer_matrix(model: Any, directions: Mapping[str, Direction], prompts: Pr
 
     from refusal_circuits.interventions import ablate, actadd
 
-    if judge == "first_token" and not refusal_ids:
-        raise InputError("the first_token judge needs refusal token ids")
     targets = list(targets or prompts.langs)
+    judged = {t: list(refusal_ids.get(t, ()) if isinstance(refusal_ids, Mapping) else refusal_ids) for t in targets}
+    if judge == "first_token" and not all(judged.values()):
+        raise InputError("the first_token judge needs refusal token ids"
+                         + (f" for {', '.join(t for t, v in judged.items() if not v)}"
+                            if isinstance(refusal_ids, Mapping) else ""))
     sources = list(directions)
     groups = {t: (prompts.filter(lang=t, label="harmful"), prompts.filter(lang=t, label="harmless")) for t in targets}
     for t, (h, s) in groups.items():
@@ -544,8 +549,8 @@ def transfer_matrix(model: Any, directions: Mapping[str, Direction], prompts: Pr
         if t in known:
             base[t] = known[t]
             continue
-        base[t] = (_refusals(model, h, judge, refusal_ids, batch_size, max_new_tokens),
-                   _refusals(model, s, judge, refusal_ids, batch_size, max_new_tokens))
+        base[t] = (_refusals(model, h, judge, judged[t], batch_size, max_new_tokens),
+                   _refusals(model, s, judge, judged[t], batch_size, max_new_tokens))
         bar.update()
     abl: dict[str, dict[str, Rate]] = {}
     add: dict[str, dict[str, Rate]] = {}
@@ -556,9 +561,9 @@ def transfer_matrix(model: Any, directions: Mapping[str, Direction], prompts: Pr
             if (src, t) not in wanted:
                 continue
             with ablate(model, d):
-                abl[src][t] = _refusals(model, h, judge, refusal_ids, batch_size, max_new_tokens)
+                abl[src][t] = _refusals(model, h, judge, judged[t], batch_size, max_new_tokens)
             with actadd(model, d, layer=actadd_layer):
-                add[src][t] = _refusals(model, s, judge, refusal_ids, batch_size, max_new_tokens)
+                add[src][t] = _refusals(model, s, judge, judged[t], batch_size, max_new_tokens)
             bar.update()
     bar.close()
     return TransferMatrix(sources, targets, base, abl, add, judge)

@@ -62,6 +62,14 @@ def _completions(rows: list[dict[str, Any]]) -> str:
 # ------------------------------------------------------------------------------------------------------ results
 
 
+def _judge_tokens_text(transfer: dict[str, Any]) -> str:
+    judged = transfer.get("judge_tokens")
+    if not judged:
+        return ""
+    parts = [f"{lang}: {', '.join(repr(t) for t in v['strings'])}" for lang, v in judged.items()]
+    return " First tokens counted as refusals: " + "; ".join(parts) + "."
+
+
 def _rate(g: dict[str, Any]) -> tuple[float, float, float]:
     from refusal_circuits.evaluation import wilson_interval
 
@@ -159,12 +167,15 @@ def build_report(out: Path, results: dict[str, Any]) -> str:
     # Refusal rates
     body.append("<h2>Refusal per language</h2>")
     abl_name, own_name = f"harmful, r̂({base}) ablated (1st token)", "harmful, own r̂ ablated (1st token)"
-    rates: dict[str, dict[str, tuple[float, float, float]]] = {"harmful, baseline": {}, abl_name: {}, own_name: {},
-                                                                "harmless, baseline": {}}
+    first_name = "harmful, baseline (1st token)"
+    rates: dict[str, dict[str, tuple[float, float, float]]] = {"harmful, baseline": {}, first_name: {}, abl_name: {},
+                                                                own_name: {}, "harmless, baseline": {}}
     for lang in langs:
         g = refusal["baseline"].get(lang, {})
         if "harmful" in g:
             rates["harmful, baseline"][lang] = _rate(g["harmful"])
+        if "harmful" in transfer["baseline"].get(lang, {}):
+            rates[first_name][lang] = _rate(transfer["baseline"][lang]["harmful"])
         if "harmless" in g:
             rates["harmless, baseline"][lang] = _rate(g["harmless"])
         transferred = transfer["ablate"].get(base, {}).get(lang)
@@ -174,9 +185,11 @@ def build_report(out: Path, results: dict[str, Any]) -> str:
         if own:
             rates[own_name][lang] = _rate(own)
     body.append(figs.add("refusal_rates", viz.refusal_rates(rates, title="Refusal rate per language"),
-                         "Baseline: greedy generation judged by refusal phrases. Ablated: the base language's r̂, and "
-                         "each language's own direction at r̂'s site, judged by the first token (greedy decoding "
-                         "would start with a refusal token). 95% Wilson intervals."))
+                         "Baseline: greedy generation judged by refusal phrases, and the same generation's first "
+                         "token judged as the ablations are. Ablated: the base language's r̂, and each language's own "
+                         "direction at r̂'s site, judged by the first token (greedy decoding would start with a "
+                         "refusal token: the direction's refusal tokens, plus each language's own, read off its "
+                         "baseline refusals). 95% Wilson intervals." + _judge_tokens_text(transfer)))
     generated = refusal["ablate"].get(base, {}).get("harmful")
     if generated:
         r = _rate(generated)

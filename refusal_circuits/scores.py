@@ -125,18 +125,34 @@ def discover_refusal_tokens(
     tok = model.tokenizer
     texts = [tok.decode(row, skip_special_tokens=True) for row in ids]
     verdicts = judge.judge(texts, [r.lang for r in records])
+    return refusal_tokens_from_completions(tok, [r.lang for r in records], [row[0] if row else None for row in ids],
+                                           verdicts, report=prompts.langs, min_precision=min_precision,
+                                           min_refusals=min_refusals)
+
+
+def refusal_tokens_from_completions(tokenizer: Any, langs: Sequence[str], first_tokens: Sequence[int | None],
+                                    refused: Sequence[bool], *, report: Sequence[str] | None = None,
+                                    min_precision: float = 0.8,
+                                    min_refusals: int = 2) -> RefusalTokens:
+    """Refusal tokens per language from judged completions (their first tokens and the judge's verdicts).
+
+    A token is a refusal token of a language if it began at least ``min_refusals`` of its refusals and at least
+    ``min_precision`` of the completions it began there were refusals. ``langs``: each completion's language;
+    ``report``: the languages to report (default: those of the completions). Completions without a first token
+    (empty) are skipped.
+    """
     counts: dict[str, dict[int, list[int]]] = {}
-    for r, row, refused in zip(records, ids, verdicts, strict=True):
-        if not row:
+    for lang, first, verdict in zip(langs, first_tokens, refused, strict=True):
+        if first is None:
             continue
-        c = counts.setdefault(r.lang, {}).setdefault(int(row[0]), [0, 0])
-        c[0 if refused else 1] += 1
+        c = counts.setdefault(lang, {}).setdefault(int(first), [0, 0])
+        c[0 if verdict else 1] += 1
     by_lang: dict[str, tuple[int, ...]] = {}
-    for lang in prompts.langs:
+    for lang in dict.fromkeys(report or langs):
         table = counts.get(lang, {})
         keep = [t for t, (ref, comp) in table.items() if ref >= min_refusals and ref / (ref + comp) >= min_precision]
         by_lang[lang] = tuple(sorted(keep, key=lambda t: -table[t][0]))
-    strings = {t: tok.decode([t]) for ids_ in by_lang.values() for t in ids_}
+    strings = {t: tokenizer.decode([t]) for ids_ in by_lang.values() for t in ids_}
     frozen = {lang: {t: (v[0], v[1]) for t, v in table.items()} for lang, table in counts.items()}
     return RefusalTokens(by_lang, strings, frozen, "discovered")
 

@@ -21,7 +21,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -304,16 +304,33 @@ def _stage_languages(study: Study, out: Path) -> None:
     with atomic_path(out / "directions.safetensors") as tmp:
         save_file({lang: d.vector.contiguous() for lang, d in dirs.items()}, str(tmp))
     ids = direction.meta.get("refusal_tokens", {}).get("ids", {})
-    refusal_ids = sorted({int(t) for v in ids.values() for t in v})
+    judged = _judge_tokens(study, model.tokenizer, sorted({int(t) for v in ids.values() for t in v}))
     cells = None if cfg.transfer == "all" else (
         {(cfg.base, t) for t in study.langs} | {(t, t) for t in study.langs})
     test = study.test_split()
-    transfer = transfer_matrix(model, dirs, test, targets=study.langs, refusal_ids=refusal_ids, cells=cells,
-                               baseline=_first_token_baseline(study, test, refusal_ids),
+    transfer = transfer_matrix(model, dirs, test, targets=study.langs, refusal_ids=judged, cells=cells,
+                               baseline=_first_token_baseline(study, test, judged),
                                batch_size=cfg.batch_size, progress=study.progress)
     write_json(out / "languages.json", {
         "cosines": cos.to_json(), "pca": pca.to_json(), "norms": {k: d.norm for k, d in dirs.items()},
-        "transfer": transfer.to_json()})
+        "transfer": {**transfer.to_json(), "judge_tokens": {
+            lang: {"ids": v, "strings": [model.tokenizer.decode([t]) for t in v]} for lang, v in judged.items()}}})
+
+
+def _judge_tokens(study: Study, tokenizer: Any, refusal_ids: Sequence[int]) -> dict[str, list[int]]:
+    """Per language, what the transfer matrix's first-token judge counts as the start of a refusal: the
+    direction's refusal tokens (discovered in the base language) plus the first tokens that begin that language's
+    refusals in the evaluate stage's generation (phrase judge; :func:`refusal_tokens_from_completions`). A model
+    refuses in each language with its own first words ("Je", "Lo", "申し訳"); counting only the base language's
+    would call nearly every translated refusal a compliance."""
+    from refusal_circuits.scores import refusal_tokens_from_completions
+
+    completions = study.read_json("evaluate", "baseline.json")["completions"]
+    found = refusal_tokens_from_completions(tokenizer, [c["lang"] for c in completions],
+                                            [c.get("first_token") for c in completions],
+                                            [bool(c["refused"]) for c in completions], report=study.langs)
+    return {lang: list(dict.fromkeys([*(int(t) for t in refusal_ids), *found.by_lang.get(lang, ())]))
+            for lang in study.langs}
 
 
 def _evaluated_first_tokens(study: Study, test: Any, label: str) -> dict[str, list[int]]:
@@ -330,17 +347,22 @@ def _evaluated_first_tokens(study: Study, test: Any, label: str) -> dict[str, li
     return out
 
 
-def _first_token_baseline(study: Study, test: Any, refusal_ids: Sequence[int]) -> dict[str, tuple[Any, Any]]:
+def _first_token_baseline(study: Study, test: Any, refusal_ids: Mapping[str, Sequence[int]]
+                          ) -> dict[str, tuple[Any, Any]]:
     """The transfer matrix's baseline row from the evaluate stage's generation: its greedy first tokens are
-    what the first-token judge looks at, so the row costs no forward pass (languages whose records lack them,
-    or whose prompts differ, are measured again by :func:`~refusal_circuits.crosslingual.transfer_matrix`)."""
+    what the first-token judge looks at (``refusal_ids`` per language), so the row costs no forward pass
+    (languages whose records lack them, or whose prompts differ, are measured again by
+    :func:`~refusal_circuits.crosslingual.transfer_matrix`)."""
     from refusal_circuits.crosslingual import Rate
 
-    refusal = set(int(t) for t in refusal_ids)
     harmful, harmless = (_evaluated_first_tokens(study, test, label) for label in ("harmful", "harmless"))
-    return {lang: (Rate(sum(t in refusal for t in harmful[lang]), len(harmful[lang])),
-                   Rate(sum(t in refusal for t in harmless[lang]), len(harmless[lang])))
-            for lang in study.langs if lang in harmful and lang in harmless}
+    out = {}
+    for lang in study.langs:
+        if lang in harmful and lang in harmless:
+            refusal = set(int(t) for t in refusal_ids[lang])
+            out[lang] = (Rate(sum(t in refusal for t in harmful[lang]), len(harmful[lang])),
+                         Rate(sum(t in refusal for t in harmless[lang]), len(harmless[lang])))
+    return out
 
 
 def _stage_attribute(study: Study, out: Path) -> None:

@@ -193,3 +193,22 @@ def test_evaluation_scores_come_from_generation_first_step_and_equal_a_separate_
                           progress=False)
     want = float(refusal_score(separate[: len(HARMFUL)], tokens.ids).mean())
     assert ev.results["en"]["harmful"].refusal_score == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.unit
+def test_refusal_tokens_from_judged_completions_need_count_and_precision():
+    """Per language: a token that begins >= 2 refusals and >= 80% refusals among the answers it begins."""
+    from refusal_circuits.scores import refusal_tokens_from_completions
+
+    class Tok:
+        def decode(self, ids):
+            return f"<{ids[0]}>"
+
+    rows = [("fr", 10, True), ("fr", 10, True), ("fr", 10, True), ("fr", 10, False),  # 3/4 = 75%: not enough
+            ("fr", 11, True), ("fr", 11, True),                                           # 2/2: kept
+            ("fr", 12, True),                                                             # 1 refusal: too few
+            ("de", 11, False), ("de", 11, False), ("de", None, True)]                     # empty answer skipped
+    got = refusal_tokens_from_completions(Tok(), [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                                          report=["fr", "de", "ja"])
+    assert got.by_lang == {"fr": (11,), "de": (), "ja": ()}
+    assert got.strings == {11: "<11>"} and got.counts["fr"][10] == (3, 1)

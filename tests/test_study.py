@@ -89,11 +89,14 @@ def test_transfer_baseline_from_generation_equals_the_first_token_judge(study, t
     out, argv = study
     results = json.loads((out / "results.json").read_text())
     ids = json.loads((out / "stages" / "direction" / "direction.json").read_text())["refusal_tokens"]["ids"]
-    refusal_ids = sorted({int(t) for v in ids.values() for t in v})
+    judged = results["languages"]["transfer"]["judge_tokens"]
     prompts = load_prompts(argv[argv.index("--prompts") + 1]).filter(split="test")
     for lang in ("en", "de"):
+        # the judge counts the direction's refusal tokens in every language, and each language's own on top
+        assert set(judged[lang]["ids"]) >= {int(t) for v in ids.values() for t in v}
         for label in ("harmful", "harmless"):
-            got = first_token_refusals(tiny_model, prompts.filter(lang=lang, label=label).instructions, refusal_ids)
+            got = first_token_refusals(tiny_model, prompts.filter(lang=lang, label=label).instructions,
+                                       judged[lang]["ids"])
             want = results["languages"]["transfer"]["baseline"][lang][label]
             assert (want["refused"], want["n"]) == (sum(got), len(got)), (lang, label)
 
