@@ -45,6 +45,13 @@ class MeanActivations:
         n_post = self.mean.shape[0]
         return tuple(range(-n_post, 0))
 
+    def combine(self, other: MeanActivations) -> MeanActivations:
+        """The mean over both groups of prompts together (weighted by their sizes)."""
+        if self.layers != other.layers or self.mean.shape != other.mean.shape:
+            raise InputError("cannot combine means over different layers or positions")
+        n = self.n + other.n
+        return MeanActivations((self.mean * self.n + other.mean * other.n) / n, n, self.layers)
+
 
 @torch.inference_mode()
 def mean_resid_pre(

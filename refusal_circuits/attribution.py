@@ -868,6 +868,7 @@ def attribute(
         pset = PromptSet(tuple(records), "instructions")
     if not records:
         raise InputError("no prompts to attribute")
+    _check_one_device(model)
     if isinstance(direction, Direction):
         check_compatible(direction, model)
         dmeta = {k: v for k, v in direction.to_json().items() if k in ("model", "lang", "layer", "position", "norm")}
@@ -1052,10 +1053,19 @@ class SourceMatrix:
                 + "".join(parts) + "</table>")
 
 
+def _check_one_device(model: Any) -> None:
+    """Attribution keeps its per-layer read-outs and buffers on the model's first device."""
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:
+        raise InputError(f"attribution needs the model on one device; it is split across "
+                         f"{', '.join(sorted(str(d) for d in devices))} (load it with device= instead of device_map=)")
+
+
 @torch.inference_mode()
 def source_matrix(model: Any, direction: Direction | Tensor, instruction: str, heads: Sequence[tuple[int, int]], *,
                   adv_suffix: str | None = None, fmt: ChatFormat | None = None) -> SourceMatrix:
     """The full ``[dest, src]`` decomposition of ``heads``' writes onto r̂ for one chat-formatted instruction."""
+    _check_one_device(model)
     if isinstance(direction, Direction):
         check_compatible(direction, model)
     r = _unit_vector(direction, model).to(device_of(model))

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from refusal_circuits._version import __version__
 from refusal_circuits.errors import InputError
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--langs", type=_langs, default=None, help="languages to compare (default: all but the base)")
     c.add_argument("--model", default=None, help="model spec for baseline refusal and patching (default: the "
                    "one the attributions came from)")
+    _model_arg(c, default=None)
     c.add_argument("--direction", default=None, help="direction directory (default: the one recorded by attribute)")
     c.add_argument("--prompts", default=None, help="the prompts attributed (default: the ones recorded)")
     c.add_argument("--evaluation", default=None, help="an `evaluate` JSON with baseline refusal rates (default: "
@@ -240,12 +242,32 @@ def _prompts_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default="bundled", help="bundled, a .jsonl/.csv prompt file, or hf:PRESET")
 
 
-def _model_arg(p: argparse.ArgumentParser) -> None:
+def _model_arg(p: argparse.ArgumentParser, default: str | None = "") -> None:
     from refusal_circuits.models import DEFAULT_MODEL
 
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"model spec: packaged:NAME, a Hugging Face id, a local directory or a .gguf file "
-                        f"(default: {DEFAULT_MODEL})")
+    if default is not None:
+        p.add_argument("--model", default=default or DEFAULT_MODEL,
+                       help=f"model spec: packaged:NAME, a Hugging Face id, a local directory or a .gguf file "
+                            f"(default: {default or DEFAULT_MODEL})")
+    g = p.add_argument_group("where the model runs")
+    g.add_argument("--device", default="cpu", help="torch device for the whole model, e.g. cuda (default: cpu)")
+    g.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="parameter dtype (default: float32, what every measurement in the README uses)")
+    g.add_argument("--device-map", default=None, metavar="MAP",
+                   help="split the model across devices as transformers does: auto, balanced, sequential "
+                        "(needs accelerate; instead of --device). Attribution needs one device")
+
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _placement(args: argparse.Namespace) -> dict[str, Any]:
+    """load_model's keyword arguments from --device, --dtype and --device-map."""
+    import torch
+
+    if args.device_map is not None and args.device != "cpu":
+        raise InputError("--device and --device-map: give one of them")
+    return {"device": args.device, "dtype": getattr(torch, DTYPES[args.dtype]), "device_map": args.device_map}
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -254,6 +276,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from refusal_circuits.study import Study, StudyConfig
 
     filter_configs(args.filter, kl_max=args.kl_max, max_layer_frac=args.max_layer_frac)  # fail before any work
+    _placement(args)
     if args.total_effects < 0 or args.patch_top_k < 0:
         raise InputError("--total-effects and --patch-top-k must be 0 or more")
     config = StudyConfig(
@@ -263,7 +286,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         filter=args.filter, kl_max=args.kl_max, max_layer_frac=args.max_layer_frac,
         refusal_tokens=args.refusal_tokens, compliance_tokens=args.compliance_tokens,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, transfer=args.transfer,
-        total_effects=args.total_effects, patch_top_k=args.patch_top_k)
+        total_effects=args.total_effects, patch_top_k=args.patch_top_k, device=args.device, dtype=args.dtype,
+        device_map=args.device_map)
     out = Path(args.out)
     fresh = not out.exists()
     try:
@@ -424,7 +448,7 @@ def cmd_directions(args: argparse.Namespace) -> None:
     prompts = load_prompts(args.prompts)
     train, val = _splits(prompts, args.lang, args.max_prompts)
     config, fallback = filter_configs(args.filter, kl_max=args.kl_max, max_layer_frac=args.max_layer_frac)
-    model = load_model(args.model)
+    model = load_model(args.model, **_placement(args))
     check_positions(model.tokenizer, args.positions)
     for part in (train, val):
         check_context(model, part)
@@ -475,7 +499,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.backend != "hf":
         _evaluate_on_backend(args, prompts)
         return
-    model = load_model(args.model)
+    model = load_model(args.model, **_placement(args))
     if direction is not None:
         check_compatible(direction, model, f"--direction {args.direction}")
         if args.layer is not None and not 0 <= args.layer < int(model.cfg.n_layers):
@@ -560,7 +584,7 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     direction = load_direction(args.direction)
     prompts = load_prompts(args.prompts, langs=args.langs)
     prompts = _split_and_cap(prompts, args)
-    model = load_model(args.model)
+    model = load_model(args.model, **_placement(args))
     check_compatible(direction, model, f"--direction {args.direction}")
     check_context(model, prompts, adv_suffix=args.adv_suffix)
     if args.refusal_tokens:
@@ -667,7 +691,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
                    if k[1] in (args.base, *langs) and k not in by_key]
         if missing:
             raise InputError(f"--prompts {source}: lacks {len(missing)} attributed prompts, e.g. {missing[0]}")
-        model = load_model(spec)
+        model = load_model(spec, **_placement(args))
         check_compatible(direction, model, f"--direction {dpath}")
         chosen = PromptSet(tuple(by_key[k] for k in zip(attribution.ids, attribution.langs, attribution.labels,
                                                         strict=True) if k[1] in (args.base, *langs)), source)
@@ -737,7 +761,7 @@ def cmd_orthogonalize(args: argparse.Namespace) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out} exists and is not an empty directory")
     direction = load_direction(args.direction)
-    model = load_model(args.model)
+    model = load_model(args.model, **_placement(args))
     check_compatible(direction, model, f"--direction {args.direction}")
     edited = orthogonalize(model, direction)
     export_hf(edited, out, extra_meta={"orthogonalized_from": args.model, "direction": direction.to_json()})

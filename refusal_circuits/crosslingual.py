@@ -20,6 +20,7 @@ module measures that and goes down to heads:
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,23 +122,114 @@ def paired_stats(diffs: Float[Tensor, "pair ..."], *, n_boot: int = 2000, n_perm
 # Directions per language.
 
 
+def _language_groups(prompts: PromptSet, lang: str, split: str, max_prompts: int | None
+                     ) -> tuple[PromptSet, PromptSet, PromptSet]:
+    own = prompts.filter(lang=lang)
+    if any(r.split is not None for r in own):
+        own = own.filter(split=split)
+    if max_prompts:
+        own = own.head(max_prompts)
+    harmful, harmless = own.filter(label="harmful"), own.filter(label="harmless")
+    if not len(harmful) or not len(harmless):
+        raise InputError(f"language {lang!r} needs harmful and harmless {split} prompts")
+    return harmful, harmless, own
+
+
 def language_candidates(model: Any, prompts: PromptSet, langs: Sequence[str] | None = None, *, split: str = "train",
                         max_prompts: int | None = None, batch_size: int = 32, progress: bool = True
                         ) -> dict[str, DirectionCandidates]:
     """Difference-in-means candidates ``[n_post, n_layers, d_model]`` of every language, from its ``split``."""
     out: dict[str, DirectionCandidates] = {}
     for lang in langs or prompts.langs:
-        own = prompts.filter(lang=lang)
-        if any(r.split is not None for r in own):
-            own = own.filter(split=split)
-        if max_prompts:
-            own = own.head(max_prompts)
-        harmful, harmless = own.filter(label="harmful"), own.filter(label="harmless")
-        if not len(harmful) or not len(harmless):
-            raise InputError(f"language {lang!r} needs harmful and harmless {split} prompts")
+        harmful, harmless, own = _language_groups(prompts, lang, split, max_prompts)
         out[lang] = extract_candidates(model, harmful.instructions, harmless.instructions, lang=lang,
                                        prompts_sha256=own.sha256, batch_size=batch_size, progress=progress)
     return out
+
+
+def language_candidate_halves(model: Any, prompts: PromptSet, langs: Sequence[str] | None = None, *,
+                              split: str = "train", max_prompts: int | None = None, batch_size: int = 32,
+                              progress: bool = True
+                              ) -> dict[str, tuple[DirectionCandidates, DirectionCandidates]]:
+    """Every language's candidates from two disjoint halves of its ``split`` (the first and the second half of
+    each label, in file order). ``a.merge(b)`` gives the candidates of the whole split, so the split-half check
+    (:func:`split_half_cosines`) costs no forward pass beyond :func:`language_candidates`."""
+    out: dict[str, tuple[DirectionCandidates, DirectionCandidates]] = {}
+    for lang in langs or prompts.langs:
+        harmful, harmless, own = _language_groups(prompts, lang, split, max_prompts)
+        if len(harmful) < 2 or len(harmless) < 2:
+            raise InputError(f"language {lang!r} needs at least 2 harmful and 2 harmless {split} prompts to split")
+        h, b = harmful.instructions, harmless.instructions
+        nh, nb = len(h) // 2, len(b) // 2
+        first = extract_candidates(model, h[:nh], b[:nb], lang=lang, prompts_sha256=own.sha256,
+                                   batch_size=batch_size, progress=progress)
+        second = extract_candidates(model, h[nh:], b[nb:], lang=lang, prompts_sha256=own.sha256,
+                                    batch_size=batch_size, progress=progress)
+        out[lang] = (first, second)
+    return out
+
+
+@dataclass(frozen=True)
+class SplitHalfCosines:
+    """How parallel the languages' directions are, against how reproducible each one is.
+
+    Translations of one prompt set share their content, and a difference in means over a few dozen prompts
+    carries that content as well as refusal: the cosine of two languages' directions from the *same* (translated)
+    prompts overstates how parallel their refusal directions are. Each language's train prompts are split in
+    halves, and at r̂'s site:
+
+    * ``within[lang]``: cosine of the language's two half directions, i.e. how well a half-size estimate
+      reproduces itself (the ceiling for any cosine between half-size estimates of the same direction);
+    * ``disjoint[lang]``: cosine of a base-language half and the *other* half of the language, averaged over both
+      pairings: the cross-lingual cosine without shared prompts;
+    * ``paired[lang]``: cosine of halves of the same prompts (base and translation), for comparison;
+    * :meth:`corrected`: ``disjoint / sqrt(within[base] * within[lang])``, the cross-lingual cosine corrected for
+      the noise of both estimates (about 1: as parallel as the noise lets one see).
+    """
+
+    base: str
+    layer: int
+    position: int
+    within: dict[str, float]
+    disjoint: dict[str, float]
+    paired: dict[str, float]
+
+    def corrected(self, lang: str) -> float:
+        a, b = self.within[self.base], self.within[lang]
+        return self.disjoint[lang] / math.sqrt(a * b) if a > 0 and b > 0 else math.nan
+
+    def to_json(self) -> dict[str, Any]:
+        return {"base": self.base, "layer": self.layer, "position": self.position, "within": self.within,
+                "disjoint": self.disjoint, "paired": self.paired,
+                "corrected": {lang: _finite(self.corrected(lang)) for lang in self.within}}
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><td>{html.escape(x)}</td><td>{self.paired[x]:.2f}</td><td>{self.disjoint[x]:.2f}</td>"
+                       f"<td>{self.within[x]:.2f}</td><td>{self.corrected(x):.2f}</td></tr>" for x in self.within)
+        return (f"<b>Split-half cosines with {html.escape(self.base)}</b> (layer {self.layer}, position "
+                f"{self.position})<table><tr><th>lang</th><th>same prompts</th><th>disjoint prompts</th>"
+                f"<th>within language</th><th>corrected</th></tr>{rows}</table>")
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def split_half_cosines(halves: Mapping[str, tuple[DirectionCandidates, DirectionCandidates]], base: str, layer: int,
+                       position: int) -> SplitHalfCosines:
+    """The split-half check of :class:`SplitHalfCosines` from :func:`language_candidate_halves`."""
+    if base not in halves:
+        raise InputError(f"the base language {base!r} has no halves")
+
+    def cos(a: DirectionCandidates, b: DirectionCandidates) -> float:
+        u, v = a.vector(position, layer), b.vector(position, layer)
+        return float(u @ v / (u.norm() * v.norm()).clamp(min=1e-12))
+
+    b1, b2 = halves[base]
+    within = {lang: cos(x1, x2) for lang, (x1, x2) in halves.items()}
+    disjoint = {lang: (cos(b1, x2) + cos(b2, x1)) / 2 for lang, (x1, x2) in halves.items()}
+    paired = {lang: (cos(b1, x1) + cos(b2, x2)) / 2 for lang, (x1, x2) in halves.items()}
+    return SplitHalfCosines(base, layer, position, within, disjoint, paired)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,17 @@ class DirectionCandidates:
         scale = max(1.0, float(self.harmful.mean.norm(dim=-1).max()))
         return float(self.vector(position, layer).norm()) < 1e-8 * scale
 
+    def merge(self, other: DirectionCandidates, prompts_sha256: str = "") -> DirectionCandidates:
+        """The candidates of both prompt sets together, as if extracted from all of them at once (the group means
+        are combined, then the estimator runs again): two halves give the whole and its split-half check."""
+        if other.lang != self.lang or other.model != self.model or other.estimator != self.estimator:
+            raise InputError("only candidates of one language, model and estimator can be merged")
+        if self.estimator not in ESTIMATORS:
+            raise InputError(f"cannot merge candidates of the custom estimator {self.estimator!r}")
+        h, b = self.harmful.combine(other.harmful), self.harmless.combine(other.harmless)
+        return DirectionCandidates(ESTIMATORS[self.estimator](h, b), self.positions, self.model, self.lang, h.n, b.n,
+                                   prompts_sha256, self.estimator, h, b)
+
     def vector(self, position: int, layer: int) -> Tensor:
         """The unnormalised candidate at ``position`` (negative) and ``layer``."""
         if position not in self.positions:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
-from refusal_circuits.errors import MissingExtraError, ModelSpecError
+from refusal_circuits.errors import InputError, MissingExtraError, ModelSpecError
 from refusal_circuits.io import atomic_dir
 
 if TYPE_CHECKING:
@@ -268,10 +268,13 @@ def materialise_gguf(path: str, cache_dir: str | os.PathLike[str] | None = None)
 
 def load_hf(spec: str | ModelSpec = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
             device: str | torch.device = "cpu", cache_dir: str | os.PathLike[str] | None = None,
-            trust_remote_code: bool = False) -> tuple[Any, Any, str]:
+            trust_remote_code: bool = False, device_map: str | dict[str, Any] | None = None
+            ) -> tuple[Any, Any, str]:
     """Load the plain Hugging Face model and tokenizer for ``spec``; return ``(model, tokenizer, source)``.
 
-    ``source`` is what the bridge is booted from: a local directory, or the hub id.
+    ``source`` is what the bridge is booted from: a local directory, or the hub id. With ``device_map``
+    (``"auto"``, ``"balanced"`` or a dict, as in transformers; needs ``accelerate``) the layers are placed by
+    accelerate instead of moved to ``device``.
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -286,8 +289,9 @@ def load_hf(spec: str | ModelSpec = DEFAULT_MODEL, *, dtype: torch.dtype = torch
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         # Eager attention so that attention patterns are real tensors the hooks can see.
+        placement: dict[str, Any] = {"device_map": device_map} if device_map is not None else {}
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code
+            source, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code, **placement
         )
     except pickle.UnpicklingError as e:  # transformers reads .bin checkpoints as weights only, never objects
         raise ModelSpecError(f"could not load model {parsed}: its checkpoint is a pickle that holds more than "
@@ -295,7 +299,8 @@ def load_hf(spec: str | ModelSpec = DEFAULT_MODEL, *, dtype: torch.dtype = torch
     except (OSError, ValueError, SafetensorError) as e:  # missing, malformed or unsupported files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelSpecError(f"could not load model {parsed}: {first}") from e
-    model.to(torch.device(device))  # type: ignore[arg-type]
+    if device_map is None:
+        model.to(torch.device(device))  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
@@ -305,7 +310,8 @@ def load_hf(spec: str | ModelSpec = DEFAULT_MODEL, *, dtype: torch.dtype = torch
 
 def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", cache_dir: str | os.PathLike[str] | None = None,
-               trust_remote_code: bool = False) -> TransformerBridge:
+               trust_remote_code: bool = False, device_map: str | dict[str, Any] | None = None
+               ) -> TransformerBridge:
     """Load a model spec as a TransformerLens ``TransformerBridge`` in raw Hugging Face weights.
 
     Args:
@@ -316,6 +322,10 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
         cache_dir: where dequantised GGUF weights are cached (default: ``$REFUSAL_CIRCUITS_CACHE`` or the
             user cache directory).
         trust_remote_code: passed to transformers; off unless you ask.
+        device_map: split the model across devices (``"auto"``, ``"balanced"``, or a dict of module names to
+            devices, as in transformers; needs ``accelerate``) instead of placing it on ``device``. Directions,
+            interventions, evaluation and patching follow each activation's device; attribution needs the model
+            on one device and says so.
 
     Returns:
         The bridge; ``bridge.original_model`` is the Hugging Face model, sharing its parameters. Hooks on the
@@ -325,9 +335,13 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
 
     parsed = ModelSpec.parse(spec)
     t0 = time.perf_counter()
+    if device_map is not None and str(device) != "cpu":
+        raise InputError("pass device or device_map, not both")
     model, tokenizer, source = load_hf(parsed, dtype=dtype, device=device, cache_dir=cache_dir,
-                                       trust_remote_code=trust_remote_code)
-    bridge = TransformerBridge.boot_transformers(source, hf_model=model, tokenizer=tokenizer, device=device,
+                                       trust_remote_code=trust_remote_code, device_map=device_map)
+    # A dispatched model keeps accelerate's placement: the bridge must not move it to one device.
+    bridge = TransformerBridge.boot_transformers(source, hf_model=model, tokenizer=tokenizer,
+                                                 device=None if device_map is not None else device,
                                                  dtype=dtype, trust_remote_code=trust_remote_code)
     bridge.eval()
     # Provenance travels with the model: every record it produces names this spec.

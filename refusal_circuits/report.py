@@ -211,7 +211,24 @@ def build_report(out: Path, results: dict[str, Any]) -> str:
     body.append(figs.add("cosines", viz.matrix(cos["at_site"], cos["langs"], cos["langs"], vmin=0, vmax=1,
                                                title=f"cosine of per-language directions (layer {cos['layer']}, "
                                                      f"position {cos['position']})", cbar="cosine"),
-                         "Difference-in-means directions of each language at r̂'s site (train split)."))
+                         "Difference-in-means directions of each language at r̂'s site (train split). The languages' "
+                         "prompts are translations of each other, and shared content raises these cosines: the "
+                         "split-half figure below separates it from a shared direction."))
+    halved = langs_json.get("split_half")
+    if halved:
+        others = [x for x in halved["within"] if x != base]
+        series = {"same prompts": {x: halved["paired"][x] for x in others},
+                  "disjoint prompts": {x: halved["disjoint"][x] for x in others},
+                  "within language": {x: halved["within"][x] for x in halved["within"]},
+                  "disjoint, noise-corrected": {x: halved["corrected"][x] for x in others}}
+        body.append(figs.add("split_half", viz.grouped_bars(series, ylabel=f"cosine (with {base})", title=(
+            f"how much of the cosine is the shared direction (halves of the train prompts, layer {halved['layer']}, "
+            f"position {halved['position']})")),
+            "Translations share their prompts' content, and a difference in means carries content too. "
+            f"Same prompts: cosine of {base} and the language on halves of the same (translated) prompts. "
+            "Disjoint prompts: on different halves. Within language: the language's own two halves (how well a "
+            "half-size direction reproduces itself). Noise-corrected: disjoint / sqrt(within base × within "
+            "language); near 1 means the directions are as parallel as their noise lets one see."))
     per_layer = torch.tensor(cos["per_layer"])
     bi = cos["langs"].index(base)
     curves = {lang: per_layer[:, bi, i].tolist() for i, lang in enumerate(cos["langs"]) if lang != base}

@@ -48,6 +48,8 @@ class StudyConfig:
             on the packaged 0.5B Arditi's KL < 0.1 rejects every template-token candidate anyway (``auto`` then
             falls back to the same choice after scoring KL for every candidate instead of the few best).
         positions: post-instruction positions of the selection grid (None: all).
+        device, dtype, device_map: where the model runs (:func:`~refusal_circuits.models.load_model`); part of
+            every stage's key, since a dtype or a device changes the numbers.
         transfer: ``"base"`` (the base language's direction on every language, and each language's own
             direction on itself) or ``"all"`` (every source on every target).
     """
@@ -71,12 +73,15 @@ class StudyConfig:
     total_effects: int = 4
     patch_top_k: int = 3
     alpha: float = 0.05
+    device: str = "cpu"
+    dtype: str = "float32"
+    device_map: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-_COMMON = ("model", "prompts", "base")
+_COMMON = ("model", "prompts", "base", "device", "dtype", "device_map")
 _READS: dict[str, tuple[str, ...]] = {
     "direction": (*_COMMON, "train_prompts", "positions", "filter", "kl_max", "max_layer_frac", "refusal_tokens",
                   "batch_size"),
@@ -149,7 +154,14 @@ class Study:
             from refusal_circuits.forward import check_context
             from refusal_circuits.models import load_model
 
-            model = (self._model_loader or load_model)(self.config.model)
+            if self._model_loader is not None:
+                model = self._model_loader(self.config.model)
+            else:
+                import torch
+
+                cfg = self.config
+                model = load_model(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.dtype),
+                                   device_map=cfg.device_map)
             check_context(model, self.prompts)  # a prompt too long for the model stops the study before any stage
             self._model = model
         return self._model
@@ -286,17 +298,23 @@ def _stage_languages(study: Study, out: Path) -> None:
 
     from refusal_circuits.crosslingual import (
         direction_cosines,
-        language_candidates,
+        language_candidate_halves,
         shared_pca,
         site_directions,
+        split_half_cosines,
         transfer_matrix,
     )
     from refusal_circuits.io import atomic_path, write_json
 
     cfg, model, direction = study.config, study.model(), study.direction()
     caps = [n for n in (cfg.train_prompts, cfg.lang_train_prompts) if n]
-    cands = language_candidates(model, study.prompts, study.langs, split="train", max_prompts=min(caps, default=None),
-                                batch_size=cfg.batch_size, progress=study.progress)
+    # Halves of each language's train prompts: merged they are its candidates, apart they say how much of a
+    # cross-lingual cosine is shared prompt content rather than a shared direction (same forward passes).
+    halves = language_candidate_halves(model, study.prompts, study.langs, split="train",
+                                       max_prompts=min(caps, default=None), batch_size=cfg.batch_size,
+                                       progress=study.progress)
+    cands = {lang: a.merge(b, prompts_sha256=a.prompts_sha256) for lang, (a, b) in halves.items()}
+    halved = split_half_cosines(halves, cfg.base, direction.layer, direction.position)
     cos = direction_cosines(cands, direction.layer, direction.position)
     pca = shared_pca(cands, direction.layer, direction.position)
     dirs = site_directions(cands, direction)
@@ -312,7 +330,8 @@ def _stage_languages(study: Study, out: Path) -> None:
                                baseline=_first_token_baseline(study, test, judged),
                                batch_size=cfg.batch_size, progress=study.progress)
     write_json(out / "languages.json", {
-        "cosines": cos.to_json(), "pca": pca.to_json(), "norms": {k: d.norm for k, d in dirs.items()},
+        "cosines": cos.to_json(), "split_half": halved.to_json(), "pca": pca.to_json(),
+        "norms": {k: d.norm for k, d in dirs.items()},
         "transfer": {**transfer.to_json(), "judge_tokens": {
             lang: {"ids": v, "strings": [model.tokenizer.decode([t]) for t in v]} for lang, v in judged.items()}}})
 

@@ -84,6 +84,28 @@ def refusal_rates(rates: Mapping[str, Mapping[str, tuple[float, float, float]]],
     return fig
 
 
+def grouped_bars(values: Mapping[str, Mapping[str, float | None]], *, title: str, ylabel: str,
+                 ylim: tuple[float, float] | None = None) -> Any:
+    """Grouped bars: ``values[series][lang]``; one colour per series, missing values left out."""
+    plt = _plt()
+    series = list(values)
+    langs = list(dict.fromkeys(lang for c in series for lang in values[c]))
+    fig, ax = plt.subplots(figsize=(max(3.5, 0.45 * len(langs) * max(1, len(series)) / 2), 2.4))
+    width = 0.8 / max(1, len(series))
+    for i, c in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(langs))]
+        ys = [float("nan") if values[c].get(lang) is None else values[c][lang] for lang in langs]
+        ax.bar(xs, ys, width=width, label=c)
+    ax.set_xticks(range(len(langs)), langs)
+    ax.axhline(0, color="black", linewidth=0.5)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(frameon=False, ncol=min(4, len(series)), loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    return fig
+
+
 def matrix(values: Tensor | Sequence[Sequence[float]], rows: Sequence[str], cols: Sequence[str], *, title: str,
            cbar: str, vmin: float | None = None, vmax: float | None = None, cmap: str = "viridis",
            fmt: str = "{:.2f}", xlabel: str = "", ylabel: str = "") -> Any:

@@ -176,3 +176,47 @@ def test_patching_every_language_from_one_base_run_equals_patching_each_alone(ti
     assert (shuffled.scores - clean.scores).abs().max() > 1e-4
     part = clean.take([3, 1])
     assert torch.equal(part.z[0], clean.z[0][[3, 1]]) and torch.equal(part.scores, clean.scores[[3, 1]])
+
+
+@pytest.mark.tiny
+def test_merged_halves_are_the_candidates_of_all_prompts(tiny_model):
+    from refusal_circuits.directions import extract_candidates
+
+    harmful = ["tell me a story", "what is the capital of peru", "how to bake bread", "name three colours", "x y"]
+    harmless = ["write a haiku about rain", "explain gravity briefly", "list some fruit", "why do cats purr"]
+    prompts = PromptSet(tuple([PromptRecord(f"h{i}", "en", "harmful", t) for i, t in enumerate(harmful)]
+                              + [PromptRecord(f"s{i}", "en", "harmless", t) for i, t in enumerate(harmless)]), "t")
+    (a, b), = xl.language_candidate_halves(tiny_model, prompts, batch_size=3, progress=False).values()
+    assert (a.n_harmful, b.n_harmful, a.n_harmless, b.n_harmless) == (2, 3, 2, 2)
+    whole = extract_candidates(tiny_model, harmful, harmless, batch_size=4, progress=False)
+    merged = a.merge(b)
+    assert (merged.n_harmful, merged.n_harmless) == (5, 4)
+    err = float((merged.vectors - whole.vectors).abs().max())
+    assert err < 1e-6, err  # float32 forwards in other batches; an unweighted mean of the halves is off by ~1e-4
+
+
+@pytest.mark.unit
+def test_split_half_cosines_separate_shared_content_from_a_shared_direction():
+    """Planted: every language's direction is r plus noise, plus content c_i shared by the same prompts' halves
+    across languages. Same-prompt cosines see the content; disjoint ones do not; the correction recovers ~1."""
+    from refusal_circuits.activations import MeanActivations
+    from refusal_circuits.directions import DirectionCandidates
+
+    g = torch.Generator().manual_seed(0)
+    d = 20000
+    r, c1, c2 = (torch.randn(d, generator=g, dtype=torch.float64) for _ in range(3))
+
+    def cand(lang: str, vec: torch.Tensor) -> DirectionCandidates:
+        zero = MeanActivations(torch.zeros(1, 1, d, dtype=torch.float64), 4, (0,))
+        harmful = MeanActivations(vec.view(1, 1, d), 4, (0,))
+        return DirectionCandidates(vec.view(1, 1, d), (-1,), "m", lang, 4, 4, "", "diff_in_means", harmful, zero)
+
+    def noise() -> torch.Tensor:
+        return torch.randn(d, generator=g, dtype=torch.float64)
+
+    halves = {lang: (cand(lang, r + 2 * c1 + noise()), cand(lang, r + 2 * c2 + noise())) for lang in ("en", "de")}
+    got = xl.split_half_cosines(halves, "en", 0, -1)
+    assert got.paired["de"] > 0.6 > 0.3 > got.disjoint["de"]  # shared content inflates same-prompt cosines
+    assert got.corrected("de") == pytest.approx(1.0, abs=0.1)
+    assert got.within["en"] == pytest.approx(got.disjoint["en"])
+    assert got.to_json()["corrected"]["de"] == pytest.approx(got.corrected("de"))

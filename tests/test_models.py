@@ -122,3 +122,41 @@ def test_corrupted_parts_fail_the_sha256_check(tmp_path, monkeypatch):
     with pytest.raises(ModelSpecError, match="do not match the pinned sha256"):
         materialise_packaged("qwen2.5-coder-0.5b-instruct", cache_dir=tmp_path / "cache")
     assert not any((tmp_path / "cache").iterdir()), "a failed build leaves nothing behind"
+
+
+@pytest.mark.tiny
+def test_a_device_map_loads_through_accelerate_and_gives_the_same_logits(tiny_model, tiny_dir, monkeypatch):
+    """``device_map`` goes to transformers (accelerate places the layers) and the bridge is booted without a
+    device of its own, so it keeps that placement; on this CPU machine every layer lands on the CPU, so the
+    logits must equal the plain load's."""
+    import torch
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM
+
+    from refusal_circuits.attribution import _check_one_device
+    from refusal_circuits.errors import InputError
+    from refusal_circuits.models import load_model
+
+    seen: dict[str, dict] = {}
+    load, boot = AutoModelForCausalLM.from_pretrained, TransformerBridge.boot_transformers
+
+    def spy_load(*args, **kwargs):
+        seen["load"] = kwargs
+        return load(*args, **kwargs)
+
+    def spy_boot(*args, **kwargs):
+        seen["boot"] = kwargs
+        return boot(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy_load)
+    monkeypatch.setattr(TransformerBridge, "boot_transformers", spy_boot)
+    mapped = load_model(str(tiny_dir), device_map="auto")
+    assert seen["load"]["device_map"] == "auto" and seen["boot"]["device"] is None
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.inference_mode():
+        assert torch.equal(mapped(ids), tiny_model(ids))
+    with pytest.raises(InputError, match="device or device_map"):
+        load_model(str(tiny_dir), device="cuda", device_map="auto")
+    split = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta"))
+    with pytest.raises(InputError, match="split across cpu, meta"):
+        _check_one_device(split)

@@ -208,6 +208,9 @@ _BAD_MODELS = [
 for _cmd, _argv in _MODEL_COMMANDS.items():
     for _spec, _message in _BAD_MODELS:
         CASES.append(_case(_cmd, [*_argv, _spec], _message))
+    # a device and a device map at once: refused before the model loads
+    CASES.append(_case(_cmd, [*_argv, "{model}", "--device", "cuda", "--device-map", "auto"],
+                       "--device and --device-map: give one of them"))
 
 # 3. direction files, for every command that reads one
 _DIRECTION_COMMANDS = {

@@ -51,13 +51,15 @@ def test_run_writes_every_stage_the_report_and_results(study):
     transfer = results["languages"]["transfer"]
     assert set(transfer["ablate"]["en"]) == {"en", "de"} and set(transfer["ablate"]["de"]) == {"de"}
     assert results["languages"]["cosines"]["langs"] == ["en", "de"]
+    halved = results["languages"]["split_half"]
+    assert halved["within"].keys() == {"en", "de"} and halved["disjoint"]["en"] == pytest.approx(halved["within"]["en"])
     assert set(results["divergence"]["languages"]) == {"de"}
     de = results["divergence"]["languages"]["de"]
     assert de["n_pairs"] == 4 and len(de["patch"]["heads"]) == 2 and de["summary"].startswith("de: refuses")
     assert len(results["effects"]["heads"]) == 2
     page = (out / "report.html").read_text()
     figures = sorted(p.stem for p in (out / "figures").glob("*.svg"))
-    assert {"refusal_rates", "cosines", "transfer", "pca", "trajectories", "heads_en", "heads_diff_de",
+    assert {"refusal_rates", "cosines", "split_half", "transfer", "pca", "trajectories", "heads_en", "heads_diff_de",
             "projection_de"} <= set(figures)
     assert all(f"data-figure='{name}'" in page for name in figures)
     assert "default-src 'none'" in page and "http://" not in page.split("</head>")[0]
