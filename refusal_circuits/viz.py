@@ -65,28 +65,22 @@ def save(fig: Any, path: str | os.PathLike[str]) -> Path:
 
 def refusal_rates(rates: Mapping[str, Mapping[str, tuple[float, float, float]]], title: str = "Refusal rate") -> Any:
     """Grouped bars: ``rates[condition][lang] = (rate, ci_low, ci_high)``; one colour per condition."""
-    plt = _plt()
-    conditions = list(rates)
-    langs = list(dict.fromkeys(lang for c in conditions for lang in rates[c]))
-    fig, ax = plt.subplots(figsize=(max(3.5, 0.45 * len(langs) * max(1, len(conditions)) / 2), 2.4))
-    width = 0.8 / max(1, len(conditions))
-    for i, c in enumerate(conditions):
-        xs = [j + (i - (len(conditions) - 1) / 2) * width for j in range(len(langs))]
-        vals = [rates[c].get(lang, (float("nan"),) * 3) for lang in langs]
-        ys = [v[0] for v in vals]
-        err = [[max(0.0, v[0] - v[1]) for v in vals], [max(0.0, v[2] - v[0]) for v in vals]]
-        ax.bar(xs, ys, width=width, label=c, yerr=err, capsize=1.5, error_kw={"elinewidth": 0.6})
-    ax.set_xticks(range(len(langs)), langs)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("refusal rate (95% Wilson CI)")
-    ax.set_title(title)
-    ax.legend(frameon=False, ncol=min(4, len(conditions)), loc="upper center", bbox_to_anchor=(0.5, -0.1))
-    return fig
+    return _bars(rates, title=title, ylabel="refusal rate (95% Wilson CI)", ylim=(0, 1.05))
 
 
 def grouped_bars(values: Mapping[str, Mapping[str, float | None]], *, title: str, ylabel: str,
                  ylim: tuple[float, float] | None = None) -> Any:
     """Grouped bars: ``values[series][lang]``; one colour per series, missing values left out."""
+    fig = _bars({c: {lang: (v, v, v) for lang, v in row.items() if v is not None} for c, row in values.items()},
+                title=title, ylabel=ylabel, ylim=ylim)
+    fig.axes[0].axhline(0, color="black", linewidth=0.5)
+    return fig
+
+
+def _bars(values: Mapping[str, Mapping[str, tuple[float, float, float]]], *, title: str, ylabel: str,
+          ylim: tuple[float, float] | None) -> Any:
+    """``values[series][lang] = (value, low, high)``: one group of bars per language, error bars where
+    ``low < high``."""
     plt = _plt()
     series = list(values)
     langs = list(dict.fromkeys(lang for c in series for lang in values[c]))
@@ -94,10 +88,12 @@ def grouped_bars(values: Mapping[str, Mapping[str, float | None]], *, title: str
     width = 0.8 / max(1, len(series))
     for i, c in enumerate(series):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(langs))]
-        ys = [float("nan") if values[c].get(lang) is None else values[c][lang] for lang in langs]
-        ax.bar(xs, ys, width=width, label=c)
+        vals = [values[c].get(lang, (float("nan"),) * 3) for lang in langs]
+        err = [[max(0.0, v[0] - v[1]) for v in vals], [max(0.0, v[2] - v[0]) for v in vals]]
+        has_err = any(e > 0 for side in err for e in side)
+        ax.bar(xs, [v[0] for v in vals], width=width, label=c, yerr=err if has_err else None, capsize=1.5,
+               error_kw={"elinewidth": 0.6})
     ax.set_xticks(range(len(langs)), langs)
-    ax.axhline(0, color="black", linewidth=0.5)
     if ylim:
         ax.set_ylim(*ylim)
     ax.set_ylabel(ylabel)

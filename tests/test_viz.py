@@ -44,3 +44,17 @@ def test_token_html_escapes_and_colours():
 def test_attention_view_is_self_contained(attribution):
     html = viz.attention_view(["a", "b"], torch.tensor([[[1.0, 0.0], [0.5, 0.5]]]), ["L0.H0"])
     assert "CircuitsVis.render" in html and "unpkg.com" not in html and "<script" in html
+
+
+def test_grouped_bars_draw_each_value_and_leave_missing_ones_out():
+    fig = viz.grouped_bars({"same": {"de": 0.9, "ja": None}, "disjoint": {"de": 0.3, "ja": -0.1}},
+                           title="cosines", ylabel="cosine")
+    heights = sorted(round(p.get_height(), 3) for p in fig.axes[0].patches if p.get_height() == p.get_height())
+    assert heights == [-0.1, 0.3, 0.9]  # ja's missing "same" bar is not drawn as 0
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["de", "ja"]
+    from matplotlib.container import ErrorbarContainer
+
+    def error_bars(f):
+        return sum(isinstance(c, ErrorbarContainer) for c in f.axes[0].containers)
+
+    assert error_bars(fig) == 0 and error_bars(viz.refusal_rates({"baseline": {"en": (0.5, 0.3, 0.7)}})) == 1
