@@ -221,9 +221,11 @@ def build_report(out: Path, results: dict[str, Any]) -> str:
                   "disjoint prompts": {x: halved["disjoint"][x] for x in others},
                   "within language": {x: halved["within"][x] for x in halved["within"]},
                   "disjoint, noise-corrected": {x: halved["corrected"][x] for x in others}}
-        body.append(figs.add("split_half", viz.grouped_bars(series, ylabel=f"cosine (with {base})", title=(
+        fig = viz.grouped_bars(series, ylabel=f"cosine (with {base})", langs=list(halved["within"]), title=(
             f"how much of the cosine is the shared direction (halves of the train prompts, layer {halved['layer']}, "
-            f"position {halved['position']})")),
+            f"position {halved['position']})"))
+        fig.axes[0].axhline(1.0, color="grey", linewidth=0.5, linestyle=":")
+        body.append(figs.add("split_half", fig,
             "Translations share their prompts' content, and a difference in means carries content too. "
             f"Same prompts: cosine of {base} and the language on halves of the same (translated) prompts. "
             "Disjoint prompts: on different halves. Within language: the language's own two halves (how well a "

@@ -69,21 +69,22 @@ def refusal_rates(rates: Mapping[str, Mapping[str, tuple[float, float, float]]],
 
 
 def grouped_bars(values: Mapping[str, Mapping[str, float | None]], *, title: str, ylabel: str,
-                 ylim: tuple[float, float] | None = None) -> Any:
-    """Grouped bars: ``values[series][lang]``; one colour per series, missing values left out."""
+                 ylim: tuple[float, float] | None = None, langs: Sequence[str] | None = None) -> Any:
+    """Grouped bars: ``values[series][lang]``; one colour per series, missing values left out; ``langs`` fixes
+    the order of the groups (default: as they first appear)."""
     fig = _bars({c: {lang: (v, v, v) for lang, v in row.items() if v is not None} for c, row in values.items()},
-                title=title, ylabel=ylabel, ylim=ylim)
+                title=title, ylabel=ylabel, ylim=ylim, langs=langs)
     fig.axes[0].axhline(0, color="black", linewidth=0.5)
     return fig
 
 
 def _bars(values: Mapping[str, Mapping[str, tuple[float, float, float]]], *, title: str, ylabel: str,
-          ylim: tuple[float, float] | None) -> Any:
+          ylim: tuple[float, float] | None, langs: Sequence[str] | None = None) -> Any:
     """``values[series][lang] = (value, low, high)``: one group of bars per language, error bars where
     ``low < high``."""
     plt = _plt()
     series = list(values)
-    langs = list(dict.fromkeys(lang for c in series for lang in values[c]))
+    langs = list(langs or dict.fromkeys(lang for c in series for lang in values[c]))
     fig, ax = plt.subplots(figsize=(max(3.5, 0.45 * len(langs) * max(1, len(series)) / 2), 2.4))
     width = 0.8 / max(1, len(series))
     for i, c in enumerate(series):
