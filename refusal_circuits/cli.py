@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--langs", type=_langs, default=None, help="languages to compare (default: all but the base)")
     c.add_argument("--model", default=None, help="model spec for baseline refusal and patching (default: the "
                    "one the attributions came from)")
-    _model_arg(c, default=None)
+    _placement_args(c)
     c.add_argument("--direction", default=None, help="direction directory (default: the one recorded by attribute)")
     c.add_argument("--prompts", default=None, help="the prompts attributed (default: the ones recorded)")
     c.add_argument("--evaluation", default=None, help="an `evaluate` JSON with baseline refusal rates (default: "
@@ -242,32 +242,33 @@ def _prompts_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default="bundled", help="bundled, a .jsonl/.csv prompt file, or hf:PRESET")
 
 
-def _model_arg(p: argparse.ArgumentParser, default: str | None = "") -> None:
+def _model_arg(p: argparse.ArgumentParser) -> None:
     from refusal_circuits.models import DEFAULT_MODEL
 
-    if default is not None:
-        p.add_argument("--model", default=default or DEFAULT_MODEL,
-                       help=f"model spec: packaged:NAME, a Hugging Face id, a local directory or a .gguf file "
-                            f"(default: {default or DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model spec: packaged:NAME, a Hugging Face id, a local directory or a .gguf file "
+                        f"(default: {DEFAULT_MODEL})")
+    _placement_args(p)
+
+
+def _placement_args(p: argparse.ArgumentParser) -> None:
+    from refusal_circuits.models import DTYPES
+
     g = p.add_argument_group("where the model runs")
     g.add_argument("--device", default="cpu", help="torch device for the whole model, e.g. cuda (default: cpu)")
-    g.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+    g.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="parameter dtype (default: float32, what every measurement in the README uses)")
     g.add_argument("--device-map", default=None, metavar="MAP",
                    help="split the model across devices as transformers does: auto, balanced, sequential "
                         "(needs accelerate; instead of --device). Attribution needs one device")
 
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
 def _placement(args: argparse.Namespace) -> dict[str, Any]:
-    """load_model's keyword arguments from --device, --dtype and --device-map."""
-    import torch
-
+    """load_model's keyword arguments from --device, --dtype and --device-map (named in the error, before any
+    work, where load_model would name its own arguments)."""
     if args.device_map is not None and args.device != "cpu":
         raise InputError("--device and --device-map: give one of them")
-    return {"device": args.device, "dtype": getattr(torch, DTYPES[args.dtype]), "device_map": args.device_map}
+    return {"device": args.device, "dtype": args.dtype, "device_map": args.device_map}
 
 
 def cmd_run(args: argparse.Namespace) -> None:

@@ -308,7 +308,11 @@ def load_hf(spec: str | ModelSpec = DEFAULT_MODEL, *, dtype: torch.dtype = torch
     return model, tokenizer, source
 
 
-def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
+#: Parameter dtypes by name (what ``--dtype`` and a study's configuration give).
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = torch.float32,
                device: str | torch.device = "cpu", cache_dir: str | os.PathLike[str] | None = None,
                trust_remote_code: bool = False, device_map: str | dict[str, Any] | None = None
                ) -> TransformerBridge:
@@ -317,7 +321,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
     Args:
         spec: ``packaged:qwen2.5-coder-0.5b-instruct`` (default), ``packaged:qwen2.5-coder-1.5b-instruct``,
             a Hugging Face id, a local model directory, or a ``.gguf`` file.
-        dtype: parameter dtype; float32 is what every test and benchmark uses.
+        dtype: parameter dtype, or its name (one of :data:`DTYPES`); float32 is what every test and benchmark
+            uses.
         device: where the model lives.
         cache_dir: where dequantised GGUF weights are cached (default: ``$REFUSAL_CIRCUITS_CACHE`` or the
             user cache directory).
@@ -337,6 +342,9 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
     t0 = time.perf_counter()
     if device_map is not None and str(device) != "cpu":
         raise InputError("pass device or device_map, not both")
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise InputError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model, tokenizer, source = load_hf(parsed, dtype=dtype, device=device, cache_dir=cache_dir,
                                        trust_remote_code=trust_remote_code, device_map=device_map)
     # A dispatched model keeps accelerate's placement: the bridge must not move it to one device.

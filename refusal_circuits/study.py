@@ -157,11 +157,8 @@ class Study:
             if self._model_loader is not None:
                 model = self._model_loader(self.config.model)
             else:
-                import torch
-
                 cfg = self.config
-                model = load_model(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.dtype),
-                                   device_map=cfg.device_map)
+                model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map)
             check_context(model, self.prompts)  # a prompt too long for the model stops the study before any stage
             self._model = model
         return self._model
@@ -322,12 +319,13 @@ def _stage_languages(study: Study, out: Path) -> None:
     with atomic_path(out / "directions.safetensors") as tmp:
         save_file({lang: d.vector.contiguous() for lang, d in dirs.items()}, str(tmp))
     ids = direction.meta.get("refusal_tokens", {}).get("ids", {})
-    judged = _judge_tokens(study, model.tokenizer, sorted({int(t) for v in ids.values() for t in v}))
+    completions = study.read_json("evaluate", "baseline.json")["completions"]
+    judged = _judge_tokens(study, completions, model.tokenizer, sorted({int(t) for v in ids.values() for t in v}))
     cells = None if cfg.transfer == "all" else (
         {(cfg.base, t) for t in study.langs} | {(t, t) for t in study.langs})
     test = study.test_split()
     transfer = transfer_matrix(model, dirs, test, targets=study.langs, refusal_ids=judged, cells=cells,
-                               baseline=_first_token_baseline(study, test, judged),
+                               baseline=_first_token_baseline(study, completions, test, judged),
                                batch_size=cfg.batch_size, progress=study.progress)
     write_json(out / "languages.json", {
         "cosines": cos.to_json(), "split_half": halved.to_json(), "pca": pca.to_json(),
@@ -336,15 +334,15 @@ def _stage_languages(study: Study, out: Path) -> None:
             lang: {"ids": v, "strings": [model.tokenizer.decode([t]) for t in v]} for lang, v in judged.items()}}})
 
 
-def _judge_tokens(study: Study, tokenizer: Any, refusal_ids: Sequence[int]) -> dict[str, list[int]]:
+def _judge_tokens(study: Study, completions: list[dict[str, Any]], tokenizer: Any, refusal_ids: Sequence[int]
+                  ) -> dict[str, list[int]]:
     """Per language, what the transfer matrix's first-token judge counts as the start of a refusal: the
     direction's refusal tokens (discovered in the base language) plus the first tokens that begin that language's
     refusals in the evaluate stage's generation (phrase judge; :func:`refusal_tokens_from_completions`). A model
     refuses in each language with its own first words ("Je", "Lo", "申し訳"); counting only the base language's
-    would call nearly every translated refusal a compliance."""
+    would call nearly every translated refusal a compliance. ``completions``: the evaluate stage's baseline."""
     from refusal_circuits.scores import refusal_tokens_from_completions
 
-    completions = study.read_json("evaluate", "baseline.json")["completions"]
     found = refusal_tokens_from_completions(tokenizer, [c["lang"] for c in completions],
                                             [c.get("first_token") for c in completions],
                                             [bool(c["refused"]) for c in completions], report=study.langs)
@@ -352,10 +350,11 @@ def _judge_tokens(study: Study, tokenizer: Any, refusal_ids: Sequence[int]) -> d
             for lang in study.langs}
 
 
-def _evaluated_first_tokens(study: Study, test: Any, label: str) -> dict[str, list[int]]:
-    """The greedy first tokens of the evaluate stage's generation on ``test``'s ``label`` prompts, per language
-    (languages with a prompt the record lacks, or whose record has no first tokens, are left out)."""
-    completions = study.read_json("evaluate", "baseline.json")["completions"]
+def _evaluated_first_tokens(study: Study, completions: list[dict[str, Any]], test: Any, label: str
+                            ) -> dict[str, list[int]]:
+    """The greedy first tokens of the evaluate stage's generation (``completions``, its baseline) on ``test``'s
+    ``label`` prompts, per language (languages with a prompt the record lacks, or whose record has no first
+    tokens, are left out)."""
     first = {(c["lang"], c["id"]): c.get("first_token") for c in completions}
     out: dict[str, list[int]] = {}
     for lang in study.langs:
@@ -366,15 +365,15 @@ def _evaluated_first_tokens(study: Study, test: Any, label: str) -> dict[str, li
     return out
 
 
-def _first_token_baseline(study: Study, test: Any, refusal_ids: Mapping[str, Sequence[int]]
-                          ) -> dict[str, tuple[Any, Any]]:
+def _first_token_baseline(study: Study, completions: list[dict[str, Any]], test: Any,
+                          refusal_ids: Mapping[str, Sequence[int]]) -> dict[str, tuple[Any, Any]]:
     """The transfer matrix's baseline row from the evaluate stage's generation: its greedy first tokens are
     what the first-token judge looks at (``refusal_ids`` per language), so the row costs no forward pass
     (languages whose records lack them, or whose prompts differ, are measured again by
     :func:`~refusal_circuits.crosslingual.transfer_matrix`)."""
     from refusal_circuits.crosslingual import Rate
 
-    harmful, harmless = (_evaluated_first_tokens(study, test, label) for label in ("harmful", "harmless"))
+    harmful, harmless = (_evaluated_first_tokens(study, completions, test, label) for label in ("harmful", "harmless"))
     out = {}
     for lang in study.langs:
         if lang in harmful and lang in harmless:
@@ -399,7 +398,8 @@ def _stage_attribute(study: Study, out: Path) -> None:
         compliance = list(first_token_ids(model.tokenizer, strings, "compliance token")[0])
     else:
         # The evaluate stage's greedy first tokens on the harmless prompts are what discovery would compute.
-        first = _evaluated_first_tokens(study, test, "harmless")
+        completions = study.read_json("evaluate", "baseline.json")["completions"]
+        first = _evaluated_first_tokens(study, completions, test, "harmless")
         if set(first) == set(test.filter(label="harmless").langs):
             compliance = compliance_tokens_by_lang(first, {lang: tokens.for_lang(lang) for lang in first})
     result = attribute(model, direction, test, refusal_tokens=tokens, compliance_tokens=compliance,

@@ -157,6 +157,11 @@ def test_a_device_map_loads_through_accelerate_and_gives_the_same_logits(tiny_mo
         assert torch.equal(mapped(ids), tiny_model(ids))
     with pytest.raises(InputError, match="device or device_map"):
         load_model(str(tiny_dir), device="cuda", device_map="auto")
+    with pytest.raises(InputError, match="dtype 'float64': choose one of float32, bfloat16, float16"):
+        load_model(str(tiny_dir), dtype="float64")
+    by_name = load_model(str(tiny_dir), dtype="float32")  # names are what --dtype and a study's config give
+    with torch.inference_mode():
+        assert torch.equal(by_name(ids), tiny_model(ids))
     split = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta"))
     with pytest.raises(InputError, match="split across cpu, meta"):
         _check_one_device(split)
