@@ -29,12 +29,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from refusal_circuits.activations import group_means
 from refusal_circuits.attribution import Attribution
 from refusal_circuits.chat import SPAN_NAMES, Span
 from refusal_circuits.data import PromptSet
-from refusal_circuits.directions import Direction, DirectionCandidates, extract_candidates
+from refusal_circuits.directions import Direction, DirectionCandidates, candidates_from_means
 from refusal_circuits.errors import InputError
 from refusal_circuits.evaluation import wilson_interval
+from refusal_circuits.models import model_id
 
 # --------------------------------------------------------------------------------------------------------------
 # Statistics (small, exact, seeded).
@@ -138,13 +140,17 @@ def _language_groups(prompts: PromptSet, lang: str, split: str, max_prompts: int
 def language_candidates(model: Any, prompts: PromptSet, langs: Sequence[str] | None = None, *, split: str = "train",
                         max_prompts: int | None = None, batch_size: int = 32, progress: bool = True
                         ) -> dict[str, DirectionCandidates]:
-    """Difference-in-means candidates ``[n_post, n_layers, d_model]`` of every language, from its ``split``."""
-    out: dict[str, DirectionCandidates] = {}
-    for lang in langs or prompts.langs:
-        harmful, harmless, own = _language_groups(prompts, lang, split, max_prompts)
-        out[lang] = extract_candidates(model, harmful.instructions, harmless.instructions, lang=lang,
-                                       prompts_sha256=own.sha256, batch_size=batch_size, progress=progress)
-    return out
+    """Difference-in-means candidates ``[n_post, n_layers, d_model]`` of every language, from its ``split``.
+
+    Every language's prompts go through one length bucketing (:func:`~refusal_circuits.activations.group_means`),
+    so batches mix languages of similar prompt length and are hardly padded."""
+    groups = {lang: _language_groups(prompts, lang, split, max_prompts) for lang in langs or prompts.langs}
+    means = group_means(model, {(lang, label): part.instructions for lang, (h, b, _) in groups.items()
+                                for label, part in (("harmful", h), ("harmless", b))},
+                        batch_size=batch_size, progress=progress, desc="activations")
+    return {lang: candidates_from_means(means[lang, "harmful"], means[lang, "harmless"], model=model_id(model),
+                                        lang=lang, prompts_sha256=own.sha256)
+            for lang, (_, _, own) in groups.items()}
 
 
 def language_candidate_halves(model: Any, prompts: PromptSet, langs: Sequence[str] | None = None, *,
@@ -153,20 +159,24 @@ def language_candidate_halves(model: Any, prompts: PromptSet, langs: Sequence[st
                               ) -> dict[str, tuple[DirectionCandidates, DirectionCandidates]]:
     """Every language's candidates from two disjoint halves of its ``split`` (the first and the second half of
     each label, in file order). ``a.merge(b)`` gives the candidates of the whole split, so the split-half check
-    (:func:`split_half_cosines`) costs no forward pass beyond :func:`language_candidates`."""
-    out: dict[str, tuple[DirectionCandidates, DirectionCandidates]] = {}
-    for lang in langs or prompts.langs:
-        harmful, harmless, own = _language_groups(prompts, lang, split, max_prompts)
+    (:func:`split_half_cosines`) costs no forward pass beyond :func:`language_candidates` (all languages' halves
+    go through one length bucketing, as there)."""
+    groups = {lang: _language_groups(prompts, lang, split, max_prompts) for lang in langs or prompts.langs}
+    parts: dict[tuple[str, int, str], list[str]] = {}
+    for lang, (harmful, harmless, _) in groups.items():
         if len(harmful) < 2 or len(harmless) < 2:
             raise InputError(f"language {lang!r} needs at least 2 harmful and 2 harmless {split} prompts to split")
-        h, b = harmful.instructions, harmless.instructions
-        nh, nb = len(h) // 2, len(b) // 2
-        first = extract_candidates(model, h[:nh], b[:nb], lang=lang, prompts_sha256=own.sha256,
-                                   batch_size=batch_size, progress=progress)
-        second = extract_candidates(model, h[nh:], b[nb:], lang=lang, prompts_sha256=own.sha256,
-                                    batch_size=batch_size, progress=progress)
-        out[lang] = (first, second)
-    return out
+        for label, part in (("harmful", harmful.instructions), ("harmless", harmless.instructions)):
+            cut = len(part) // 2
+            parts[lang, 0, label], parts[lang, 1, label] = part[:cut], part[cut:]
+    means = group_means(model, parts, batch_size=batch_size, progress=progress, desc="activations")
+    name = model_id(model)
+
+    def half(lang: str, k: int, sha: str) -> DirectionCandidates:
+        return candidates_from_means(means[lang, k, "harmful"], means[lang, k, "harmless"], model=name, lang=lang,
+                                     prompts_sha256=sha)
+
+    return {lang: (half(lang, 0, own.sha256), half(lang, 1, own.sha256)) for lang, (_, _, own) in groups.items()}
 
 
 @dataclass(frozen=True)
@@ -580,18 +590,27 @@ def first_token_refusals(model: Any, instructions: Sequence[str], refusal_ids: S
     return [t in ids for t in top]
 
 
-def _refusals(model: Any, prompts: PromptSet, judge: str, refusal_ids: Sequence[int], batch_size: int,
-              max_new_tokens: int) -> Rate:
+def _refusals(model: Any, parts: Mapping[str, PromptSet], judge: str, refusal_ids: Mapping[str, Sequence[int]],
+              batch_size: int, max_new_tokens: int) -> dict[str, Rate]:
+    """The refusal rate of every part (a target language's prompts), from one length bucketing of all parts."""
+    names = [name for name in parts if len(parts[name])]
+    joined = PromptSet(tuple(r for name in names for r in parts[name]), "transfer")
     if judge == "first_token":
-        got = first_token_refusals(model, prompts.instructions, refusal_ids, batch_size=batch_size)
+        from refusal_circuits.scores import first_token_logits
+
+        top = first_token_logits(model, joined.instructions, batch_size=batch_size).argmax(-1).tolist()
+        ids = {name: {int(t) for t in refusal_ids[name]} for name in names}
+        rows = iter(top)
+        got = {name: [next(rows) in ids[name] for _ in parts[name]] for name in names}
     elif judge == "generate":
         from refusal_circuits.evaluation import evaluate_refusal
 
-        ev = evaluate_refusal(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
-        got = [c.refused for c in ev.completions]
+        ev = iter(evaluate_refusal(model, joined, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   progress=False).completions)
+        got = {name: [next(ev).refused for _ in parts[name]] for name in names}
     else:
         raise InputError(f"unknown judge {judge!r}; use first_token or generate")
-    return Rate(sum(got), len(got))
+    return {name: Rate(sum(got.get(name, [])), len(got.get(name, []))) for name in parts}
 
 
 def transfer_matrix(model: Any, directions: Mapping[str, Direction], prompts: PromptSet, *,
@@ -636,28 +655,33 @@ def transfer_matrix(model: Any, directions: Mapping[str, Direction], prompts: Pr
     known = {t: baseline[t] for t in targets if baseline and t in baseline}
     total = len(targets) - len(known) + sum((a, b) in wanted for a in sources for b in targets)
     bar = tqdm(total=total, desc="transfer", disable=not progress, leave=False)
-    base: dict[str, tuple[Rate, Rate]] = {}
-    for t, (h, s) in groups.items():
-        if t in known:
-            base[t] = known[t]
-            continue
-        base[t] = (_refusals(model, h, judge, judged[t], batch_size, max_new_tokens),
-                   _refusals(model, s, judge, judged[t], batch_size, max_new_tokens))
-        bar.update()
+
+    def rates(parts: Mapping[str, PromptSet]) -> dict[str, Rate]:
+        # Every target of one intervention in one length bucketing: batches of one language's 32 prompts are
+        # padded by about half their tokens, one bucketing of them all by a few percent.
+        return _refusals(model, parts, judge, judged, batch_size, max_new_tokens)
+
+    base: dict[str, tuple[Rate, Rate]] = dict(known)
+    unknown = [t for t in targets if t not in known]
+    if unknown:
+        harmful, harmless = rates({t: groups[t][0] for t in unknown}), rates({t: groups[t][1] for t in unknown})
+        base.update({t: (harmful[t], harmless[t]) for t in unknown})
+        bar.update(len(unknown))
     abl: dict[str, dict[str, Rate]] = {}
     add: dict[str, dict[str, Rate]] = {}
     for src in sources:
         d = directions[src]
+        mine = [t for t in targets if (src, t) in wanted]
         abl[src], add[src] = {}, {}
-        for t, (h, s) in groups.items():
-            if (src, t) not in wanted:
-                continue
-            with ablate(model, d):
-                abl[src][t] = _refusals(model, h, judge, judged[t], batch_size, max_new_tokens)
-            with actadd(model, d, layer=actadd_layer):
-                add[src][t] = _refusals(model, s, judge, judged[t], batch_size, max_new_tokens)
-            bar.update()
+        if not mine:
+            continue
+        with ablate(model, d):
+            abl[src] = rates({t: groups[t][0] for t in mine})
+        with actadd(model, d, layer=actadd_layer):
+            add[src] = rates({t: groups[t][1] for t in mine})
+        bar.update(len(mine))
     bar.close()
+    base = {t: base[t] for t in targets}
     return TransferMatrix(sources, targets, base, abl, add, judge)
 
 

@@ -21,7 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from refusal_circuits._version import __version__
-from refusal_circuits.activations import MeanActivations, mean_resid_pre
+from refusal_circuits.activations import MeanActivations, group_means
 from refusal_circuits.chat import chat_format
 from refusal_circuits.errors import InputError
 from refusal_circuits.models import model_id
@@ -122,18 +122,32 @@ def extract_candidates(
         lang, prompts_sha256: provenance carried into the record.
         estimator: a name in :data:`ESTIMATORS` or a function of the two :class:`MeanActivations`.
     """
+    _estimator(estimator)  # an unknown name fails before any forward pass
+    means = group_means(model, {"harmful": harmful, "harmless": harmless}, batch_size=batch_size,
+                        progress=progress, desc=f"activations {lang}".rstrip())
+    return candidates_from_means(means["harmful"], means["harmless"], model=model_id(model), lang=lang,
+                                 prompts_sha256=prompts_sha256, estimator=estimator)
+
+
+def _estimator(estimator: str | Estimator) -> tuple[str, Estimator]:
     if isinstance(estimator, str):
         if estimator not in ESTIMATORS:
             raise InputError(f"unknown estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
-        name, fn = estimator, ESTIMATORS[estimator]
-    else:
-        name, fn = getattr(estimator, "__name__", "custom"), estimator
-    h = mean_resid_pre(model, harmful, batch_size=batch_size, progress=progress, desc=f"activations {lang} harmful")
-    b = mean_resid_pre(model, harmless, batch_size=batch_size, progress=progress, desc=f"activations {lang} harmless")
-    vectors = fn(h, b)
+        return estimator, ESTIMATORS[estimator]
+    return getattr(estimator, "__name__", "custom"), estimator
+
+
+def candidates_from_means(harmful: MeanActivations, harmless: MeanActivations, *, model: str, lang: str = "",
+                          prompts_sha256: str = "", estimator: str | Estimator = "diff_in_means"
+                          ) -> DirectionCandidates:
+    """The estimator's candidates from the two groups' means (see :func:`extract_candidates`; use this with
+    :func:`~refusal_circuits.activations.group_means` to collect several languages' groups at once)."""
+    name, fn = _estimator(estimator)
+    vectors = fn(harmful, harmless)
     if not torch.isfinite(vectors).all():
         raise FloatingPointError("the estimator returned non-finite candidates")
-    return DirectionCandidates(vectors, h.positions, model_id(model), lang, h.n, b.n, prompts_sha256, name, h, b)
+    return DirectionCandidates(vectors, harmful.positions, model, lang, harmful.n, harmless.n, prompts_sha256, name,
+                               harmful, harmless)
 
 
 @dataclass(frozen=True)

@@ -220,3 +220,63 @@ def test_split_half_cosines_separate_shared_content_from_a_shared_direction():
     assert got.corrected("de") == pytest.approx(1.0, abs=0.1)
     assert got.within["en"] == pytest.approx(got.disjoint["en"])
     assert got.to_json()["corrected"]["de"] == pytest.approx(got.corrected("de"))
+
+
+def _two_languages() -> PromptSet:
+    texts = {("en", "harmful"): ["tell me a story", "what is the capital of peru", "how to bake bread", "x y"],
+             ("en", "harmless"): ["write a haiku about rain", "explain gravity briefly", "list fruit", "why purr"],
+             ("de", "harmful"): ["erzähl mir eine lange Geschichte bitte", "Hauptstadt", "wie backt man Brot"],
+             ("de", "harmless"): ["schreib ein Gedicht", "erkläre die Schwerkraft kurz und einfach", "Obst", "warum"]}
+    return PromptSet(tuple(PromptRecord(f"{lab[1]}{i}", lang, lab, t) for (lang, lab), ts in texts.items()
+                           for i, t in enumerate(ts)), "t")
+
+
+@pytest.mark.tiny
+def test_halves_of_several_languages_in_one_bucketing_equal_each_half_alone(tiny_model):
+    """Batches of 3 over both languages' 15 prompts mix languages, labels and halves."""
+    from refusal_circuits.directions import extract_candidates
+
+    prompts = _two_languages()
+    halves = xl.language_candidate_halves(tiny_model, prompts, batch_size=3, progress=False)
+    assert list(halves) == ["en", "de"]
+    for lang, pair in halves.items():
+        h, b = (prompts.filter(lang=lang, label=label).instructions for label in ("harmful", "harmless"))
+        for got, first in zip(pair, (True, False)):
+            part_h, part_b = ((x[: len(x) // 2] if first else x[len(x) // 2 :]) for x in (h, b))
+            alone = extract_candidates(tiny_model, part_h, part_b, batch_size=4, progress=False)
+            assert got.lang == lang and float((got.vectors - alone.vectors).abs().max()) < 1e-6, lang
+    whole = xl.language_candidates(tiny_model, prompts, batch_size=3, progress=False)
+    for lang, (a, b) in halves.items():
+        assert float((a.merge(b).vectors - whole[lang].vectors).abs().max()) < 1e-6
+
+
+@pytest.mark.tiny
+def test_transfer_cells_measured_together_equal_each_cell_alone(tiny_model):
+    """The transfer matrix runs every target of one intervention in one length bucketing (batches of 3 mix the
+    languages); each cell must equal its own measurement, judged with its own language's refusal tokens."""
+    from refusal_circuits.directions import extract_candidates
+    from refusal_circuits.interventions import ablate, actadd
+    from refusal_circuits.scores import first_token_logits
+
+    prompts = _two_languages()
+    dirs = {}
+    for lang in ("en", "de"):
+        h, b = (prompts.filter(lang=lang, label=label).instructions for label in ("harmful", "harmless"))
+        dirs[lang] = extract_candidates(tiny_model, h, b, lang=lang, progress=False).direction(-1, 1)
+    # The tiny model starts every prompt with the same token t: English counts it as a refusal, German does not, so
+    # a row judged with the other language's tokens, or a count given to the other language, changes a cell.
+    t0 = int(first_token_logits(tiny_model, ["hi"]).argmax())
+    ids = {"en": [t0], "de": [t0 + 1]}
+    got = xl.transfer_matrix(tiny_model, dirs, prompts, refusal_ids=ids, batch_size=3, progress=False,
+                             cells={("en", "en"), ("en", "de"), ("de", "de")})
+    assert [(r.refused, r.n) for r in (*got.baseline["en"], *got.baseline["de"])] == [(4, 4), (4, 4), (0, 3), (0, 4)]
+    for src, targets in (("en", ("en", "de")), ("de", ("de",))):
+        assert set(got.ablate[src]) == set(targets)
+        for t in targets:
+            h, b = (prompts.filter(lang=t, label=label).instructions for label in ("harmful", "harmless"))
+            with ablate(tiny_model, dirs[src]):
+                want_h = xl.first_token_refusals(tiny_model, h, ids[t], batch_size=4)
+            with actadd(tiny_model, dirs[src]):
+                want_b = xl.first_token_refusals(tiny_model, b, ids[t], batch_size=4)
+            assert (got.ablate[src][t].refused, got.ablate[src][t].n) == (sum(want_h), len(h)), (src, t)
+            assert (got.actadd[src][t].refused, got.actadd[src][t].n) == (sum(want_b), len(b)), (src, t)

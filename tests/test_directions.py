@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from refusal_circuits.activations import mean_resid_pre
+from refusal_circuits.activations import group_means, mean_resid_pre
 from refusal_circuits.chat import tokenize_chat
 from refusal_circuits.directions import check_compatible, extract_candidates, load_direction
 from refusal_circuits.errors import InputError
@@ -38,6 +38,18 @@ def test_streaming_mean_equals_brute_force_with_padding_and_small_batches(tiny_m
     assert got.mean.shape == (n_post, tiny_model.cfg.n_layers, tiny_model.cfg.d_model)
     assert got.positions == tuple(range(-n_post, 0))
     torch.testing.assert_close(got.mean, _brute_mean(tiny_model, HARMFUL), rtol=1e-5, atol=1e-5)
+
+
+def test_group_means_in_one_bucketing_equal_each_group_alone(tiny_model):
+    """Batches of 3 over 8 prompts sorted by length mix both groups (the longest harmful and harmless prompts share
+    the first batch), so a row credited to the wrong group changes both means."""
+    got = group_means(tiny_model, {"h": HARMFUL, "b": HARMLESS, "one": ["bad"]}, batch_size=3, progress=False)
+    assert list(got) == ["h", "b", "one"] and [m.n for m in got.values()] == [4, 4, 1]
+    torch.testing.assert_close(got["h"].mean, _brute_mean(tiny_model, HARMFUL), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["b"].mean, _brute_mean(tiny_model, HARMLESS), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["one"].mean, _brute_mean(tiny_model, ["bad"]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputError, match="in group.s. empty"):
+        group_means(tiny_model, {"h": HARMFUL, "empty": []}, progress=False)
 
 
 def test_subset_of_layers_and_bad_layer(tiny_model):
