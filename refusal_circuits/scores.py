@@ -20,7 +20,7 @@ from torch import Tensor
 from refusal_circuits.chat import chat_format, tokenize_chat
 from refusal_circuits.data import PromptSet
 from refusal_circuits.errors import InputError
-from refusal_circuits.forward import batches, device_of, last_logits
+from refusal_circuits.forward import batches, device_of, last_logits, packed_last_logits
 from refusal_circuits.judges import Judge, PhraseJudge
 
 
@@ -181,7 +181,13 @@ def kl_divergence(base_logits: Float[Tensor, "batch vocab"], new_logits: Float[T
 @torch.inference_mode()
 def first_token_logits(model: Any, instructions: Sequence[str], *, batch_size: int = 32,
                        progress: bool = False, desc: str = "first-token logits") -> Float[Tensor, "n vocab"]:
-    """Last-position logits of every chat-formatted instruction, in input order (hooks on the model apply)."""
+    """Last-position logits of every chat-formatted instruction, in input order (hooks on the model apply).
+
+    Prompts are packed end to end where the model allows it (:func:`~refusal_circuits.forward.packed_last_logits`),
+    otherwise run in length-bucketed batches of ``batch_size``."""
+    packed = packed_last_logits(model, instructions, progress=progress, desc=desc)
+    if packed is not None:
+        return packed.float().cpu()
     out: list[Tensor | None] = [None] * len(instructions)
     for idx, batch in batches(model, instructions, batch_size, progress=progress, desc=desc):
         logits = last_logits(model, batch).float().cpu()

@@ -241,7 +241,7 @@ def test_halves_of_several_languages_in_one_bucketing_equal_each_half_alone(tiny
     assert list(halves) == ["en", "de"]
     for lang, pair in halves.items():
         h, b = (prompts.filter(lang=lang, label=label).instructions for label in ("harmful", "harmless"))
-        for got, first in zip(pair, (True, False)):
+        for got, first in zip(pair, (True, False), strict=True):
             part_h, part_b = ((x[: len(x) // 2] if first else x[len(x) // 2 :]) for x in (h, b))
             alone = extract_candidates(tiny_model, part_h, part_b, batch_size=4, progress=False)
             assert got.lang == lang and float((got.vectors - alone.vectors).abs().max()) < 1e-6, lang

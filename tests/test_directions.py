@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from refusal_circuits.activations import group_means, mean_resid_pre
-from refusal_circuits.chat import tokenize_chat
+from refusal_circuits.chat import chat_format, tokenize_chat
 from refusal_circuits.directions import check_compatible, extract_candidates, load_direction
 from refusal_circuits.errors import InputError
 
@@ -136,6 +136,52 @@ def test_shared_prefix_forward_equals_a_plain_forward_under_an_intervention(tiny
             forward.SHARE_PREFIX = True
     torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(plain, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("intervention", ["ablate", "actadd"])
+def test_packed_first_token_logits_equal_padded_ones_under_an_intervention(tiny_model, monkeypatch, intervention):
+    """Rows of at most 60 tokens: prompts share rows, the longest prompt (over 60) gets one alone; every
+    prompt's logits must be its own, in input order, as a padded forward gives them."""
+    from refusal_circuits import forward, interventions
+    from refusal_circuits.hooks import count_hooks
+    from refusal_circuits.scores import first_token_logits
+
+    prompts = [*HARMFUL, *HARMLESS, "a much longer instruction than any other one in this small batch of prompts"]
+    fmt = chat_format(tiny_model.tokenizer)
+    own = (tokenize_chat(tiny_model.tokenizer, prompts).attention_mask.sum(-1) - len(fmt.prefix_ids)).tolist()
+    rows = forward.pack_rows(own, 60)
+    assert max(own) > 60 and len(rows[0]) == 1 and max(len(row) for row in rows) >= 2 and len(rows) < len(prompts)
+    r = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(forward, "PACK_TOKENS", 60)
+    with torch.inference_mode(), getattr(interventions, intervention)(tiny_model, r, **(
+            {"layer": 1, "alpha": 4.0} if intervention == "actadd" else {})):
+        packed = forward.packed_last_logits(tiny_model, prompts)  # every row in one pass, shorter rows padded
+        via_scores = first_token_logits(tiny_model, prompts)
+        monkeypatch.setattr(forward, "PACK_BATCH_TOKENS", 120)
+        two_rows = forward.packed_last_logits(tiny_model, prompts)  # two rows per pass, several passes
+        monkeypatch.setattr(forward, "PACK", False)
+        assert forward.packed_last_logits(tiny_model, prompts) is None
+        padded = first_token_logits(tiny_model, prompts, batch_size=3)
+        clean_batch = tokenize_chat(tiny_model.tokenizer, prompts)
+        full = tiny_model(clean_batch.input_ids, attention_mask=clean_batch.attention_mask)[:, -1]
+    assert packed is not None and packed.shape == padded.shape
+    torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(packed, full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(via_scores, padded, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(two_rows, padded, rtol=1e-4, atol=1e-4)
+    assert (packed - packed[torch.arange(len(prompts)).roll(1)]).abs().max() > 1e-3  # rows differ: order matters
+    assert count_hooks(tiny_model) == 0
+
+
+def test_pack_rows_fill_rows_up_to_the_budget():
+    from refusal_circuits.forward import pack_rows
+
+    lengths = [30, 5, 12, 50, 9, 9, 20]  # 135 tokens: 4 rows of about 34
+    rows = pack_rows(lengths, 40)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert rows == [[3], [0], [6, 5], [2, 4, 1]]  # longest first, each to the row with fewest tokens: 50|30|29|26
+    assert pack_rows(lengths, 1000) == [[3, 0, 6, 2, 4, 5, 1]] and pack_rows([], 10) == []
+    assert len(pack_rows([1, 1, 1], 1)) == 3
 
 
 def test_generation_from_the_shared_prefix_equals_plain_generation_under_an_intervention(tiny_model, monkeypatch):
