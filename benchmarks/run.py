@@ -174,13 +174,16 @@ def run_step(name: str, spec: str, n_prompts: int, repeats: int, scores_path: st
     if scores_path and name in ("attribute", "naive"):
         from safetensors.torch import save_file
 
+        from refusal_circuits.io import atomic_path
+
         n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
         s_len = batch.input_ids.shape[1]
         if name == "naive":
             scores = result.view(n_layers, n_heads, *result.shape[1:]).float()
         else:
             scores = result.heads[rows][..., -s_len:].permute(1, 2, 0, 3).contiguous()
-        save_file({"scores": scores.contiguous(), "mask": batch.attention_mask.contiguous()}, scores_path)
+        with atomic_path(scores_path) as tmp:
+            save_file({"scores": scores.contiguous(), "mask": batch.attention_mask.contiguous()}, str(tmp))
     return {**m, **extra}
 
 

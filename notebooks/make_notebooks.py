@@ -11,6 +11,8 @@ from pathlib import Path
 
 import nbformat
 
+from refusal_circuits.io import write_text
+
 HERE = Path(__file__).parent
 
 QUICK_DIRECTION = '''english = rc.load_prompts("bundled", langs=["en"])
@@ -182,8 +184,10 @@ def main() -> None:
         nb = nbformat.v4.new_notebook(cells=cells, metadata={
             "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
             "language_info": {"name": "python"}})
+        for i, cell in enumerate(nb.cells):
+            cell.id = f"cell-{i:02d}"  # fixed ids: regenerating a notebook changes only what changed
         nbformat.validate(nb)
-        (HERE / name).write_text(nbformat.writes(nb), encoding="utf-8")
+        write_text(HERE / name, nbformat.writes(nb))  # a temporary file renamed into place
         print("wrote", HERE / name)
 
 
