@@ -1,6 +1,6 @@
 """Forward passes that compute only what a caller needs.
 
-Three tricks keep the library near the cost of one plain forward pass:
+Four tricks keep the library near the cost of one plain forward pass:
 
 * :func:`run_until` stops the forward pass right after a given hook fired (an exception that the hook
   raises and we catch), so collecting ``resid_pre`` never pays for the last layers or the unembedding.
@@ -256,8 +256,8 @@ def packed_last_logits(model: Any, instructions: Sequence[str], *, fmt: ChatForm
     to the earlier tokens of its own prompt (a block-diagonal causal mask), with positions counted as if each prompt
     were alone. Rows of nearly equal length go through the decoder :data:`PACK_BATCH_TOKENS` tokens at a time.
     Hooks registered on the model (interventions, which act on every position alike) apply; hooks that read
-    activations do not belong here. Returns None where packing does not apply (no Hugging Face decoder, no shared
-    prefix, or ``PACK`` off); callers then use padded batches.
+    activations do not belong here. Returns None where packing does not apply (no Hugging Face decoder, an attention
+    kernel other than eager or SDPA, no shared prefix, or ``PACK`` off); callers then use padded batches.
     """
     from tqdm.auto import tqdm
 
@@ -265,6 +265,8 @@ def packed_last_logits(model: Any, instructions: Sequence[str], *, fmt: ChatForm
     if not (PACK and SHARE_PREFIX) or hf is None or not hasattr(hf, "model") or not hasattr(hf, "lm_head") \
             or not instructions:
         return None
+    if getattr(hf.config, "_attn_implementation", "eager") not in ("eager", "sdpa"):
+        return None  # a kernel that ignores a custom 4-D mask (flash attention) would mix the packed prompts
     fmt = fmt or chat_format(model.tokenizer)
     n_prefix = len(fmt.prefix_ids)
     if n_prefix < 2:

@@ -173,6 +173,25 @@ def test_packed_first_token_logits_equal_padded_ones_under_an_intervention(tiny_
     assert count_hooks(tiny_model) == 0
 
 
+def test_packing_under_sdpa_and_not_under_a_kernel_that_ignores_the_mask(tiny_model, monkeypatch):
+    """SDPA takes the block-diagonal mask as eager attention does; flash attention would ignore it, so no packing."""
+    from refusal_circuits import forward
+    from refusal_circuits.scores import first_token_logits
+
+    prompts = [*HARMFUL, *HARMLESS]
+    config = tiny_model.original_model.config
+    with torch.inference_mode():
+        monkeypatch.setattr(forward, "PACK", False)
+        padded = first_token_logits(tiny_model, prompts, batch_size=3)
+        monkeypatch.setattr(forward, "PACK", True)
+        monkeypatch.setattr(config, "_attn_implementation", "sdpa")
+        sdpa = forward.packed_last_logits(tiny_model, prompts)
+        monkeypatch.setattr(config, "_attn_implementation", "flash_attention_2")
+        assert forward.packed_last_logits(tiny_model, prompts) is None
+    assert sdpa is not None
+    torch.testing.assert_close(sdpa, padded, rtol=1e-4, atol=1e-4)
+
+
 def test_pack_rows_fill_rows_up_to_the_budget():
     from refusal_circuits.forward import pack_rows
 
