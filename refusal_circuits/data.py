@@ -169,6 +169,10 @@ def _validate_record(obj: Any, path: object, line: int, extra_required: Sequence
     if not instruction.strip():
         raise PromptFileError(path, "empty instruction", line)
     extra = {k: v for k, v in obj.items() if k not in REQUIRED_KEYS}
+    if extra.get("split") in (None, ""):  # a blank CSV cell: no split
+        extra.pop("split", None)
+    elif extra["split"] not in SPLITS:  # a typo would otherwise drop the prompt from every split silently
+        raise PromptFileError(path, f"unknown split {extra['split']!r}; expected {', '.join(SPLITS)} or none", line)
     return PromptRecord(obj["id"].strip(), lang, obj["label"], instruction, extra)
 
 
@@ -220,6 +224,9 @@ def parse_csv(text: str, path: object = "<string>") -> list[tuple[int, PromptRec
     missing = [k for k in REQUIRED_KEYS if k not in reader.fieldnames]
     if missing:
         raise PromptFileError(path, f"CSV header lacks column(s) {', '.join(missing)}", 1)
+    repeated = sorted({k for k in reader.fieldnames if reader.fieldnames.count(k) > 1})
+    if repeated:  # DictReader would keep only the last of them
+        raise PromptFileError(path, f"CSV header repeats column(s) {', '.join(repeated)}", 1)
     out = []
     try:
         for row in reader:

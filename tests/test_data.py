@@ -115,6 +115,12 @@ BAD_FILES = [
     ("latin1.jsonl", json.dumps(GOOD).encode() + b"\n" + '{"id": "é"}'.encode("latin-1"), r"latin1.jsonl:2: not valid UTF-8"),
     ("header.csv", "id,lang,instruction\na,en,x\n", r"header.csv:1: CSV header lacks column\(s\) label"),
     ("row.csv", "id,lang,label,instruction\na,en,harmful,x,extra\n", r"row.csv:2: more fields"),
+    ("split.jsonl", json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "id": "b", "split": "tset"}),
+     r"split.jsonl:2: unknown split 'tset'; expected train, val, test or none"),
+    ("split-type.jsonl", json.dumps({**GOOD, "split": 3}), r":1: unknown split 3"),
+    ("split.csv", "id,lang,label,instruction,split\na,en,harmful,x,Test\n", r"split.csv:2: unknown split 'Test'"),
+    ("columns.csv", "id,lang,label,instruction,label\na,en,harmful,x,harmless\n",
+     r"columns.csv:1: CSV header repeats column\(s\) label"),
     ("prompts.txt", "whatever", "unsupported prompt file type"),
 ]
 
@@ -125,6 +131,12 @@ def test_bad_prompt_files_name_file_and_line(tmp_path, name, content, message):
     with pytest.raises(PromptFileError, match=message) as info:
         load_prompt_file(p)
     assert str(p) in str(info.value)
+
+
+def test_blank_split_cells_mean_no_split(tmp_path):
+    p = _write(tmp_path, "p.csv", "id,lang,label,instruction,split\na,en,harmful,x,\nb,en,harmless,y,test\n")
+    ps = load_prompt_file(p)
+    assert [r.split for r in ps] == [None, "test"] and "split" not in ps[0].extra
 
 
 def test_missing_file_is_named(tmp_path):
