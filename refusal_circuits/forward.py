@@ -12,7 +12,7 @@ Four tricks keep the library near the cost of one plain forward pass:
   are registered for the continuation only, which covers every position a reader asks for (the
   post-instruction tokens).
 * :func:`packed_last_logits` packs prompts end to end instead of padding them (first-token scores, which read
-  no activation): a batch of one language's 32 prompts is padded by a third to a half of its tokens.
+  no activation): a batch of one language's 32 prompts is padded by 20-60% of its tokens.
 
 Every function takes the :class:`~refusal_circuits.models.HookedModel` protocol; the fast paths use the Hugging
 Face twin of a ``TransformerBridge`` (whose hook points fire when the twin runs) and fall back to a full forward
