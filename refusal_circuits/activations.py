@@ -81,8 +81,8 @@ def mean_resid_pre(
     """
     if not instructions:
         raise InputError("no instructions to average over")
-    return group_means(model, {desc: instructions}, layers=layers, batch_size=batch_size, fmt=fmt,
-                       progress=progress, desc=desc)[desc]
+    return group_means(model, {0: instructions}, layers=layers, batch_size=batch_size, fmt=fmt,
+                       progress=progress, desc=desc)[0]
 
 
 @torch.inference_mode()

@@ -592,25 +592,24 @@ def first_token_refusals(model: Any, instructions: Sequence[str], refusal_ids: S
 
 def _refusals(model: Any, parts: Mapping[str, PromptSet], judge: str, refusal_ids: Mapping[str, Sequence[int]],
               batch_size: int, max_new_tokens: int) -> dict[str, Rate]:
-    """The refusal rate of every part (a target language's prompts), from one length bucketing of all parts."""
-    names = [name for name in parts if len(parts[name])]
-    joined = PromptSet(tuple(r for name in names for r in parts[name]), "transfer")
+    """The refusal rate of every part (a target language's prompts, none empty), from one length bucketing of all
+    parts."""
+    joined = PromptSet(tuple(r for part in parts.values() for r in part), "transfer")
     if judge == "first_token":
         from refusal_circuits.scores import first_token_logits
 
-        top = first_token_logits(model, joined.instructions, batch_size=batch_size).argmax(-1).tolist()
-        ids = {name: {int(t) for t in refusal_ids[name]} for name in names}
-        rows = iter(top)
-        got = {name: [next(rows) in ids[name] for _ in parts[name]] for name in names}
+        top = iter(first_token_logits(model, joined.instructions, batch_size=batch_size).argmax(-1).tolist())
+        ids = {name: {int(t) for t in refusal_ids[name]} for name in parts}
+        got = {name: [next(top) in ids[name] for _ in part] for name, part in parts.items()}
     elif judge == "generate":
         from refusal_circuits.evaluation import evaluate_refusal
 
         ev = iter(evaluate_refusal(model, joined, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    progress=False).completions)
-        got = {name: [next(ev).refused for _ in parts[name]] for name in names}
+        got = {name: [next(ev).refused for _ in part] for name, part in parts.items()}
     else:
         raise InputError(f"unknown judge {judge!r}; use first_token or generate")
-    return {name: Rate(sum(got.get(name, [])), len(got.get(name, []))) for name in parts}
+    return {name: Rate(sum(v), len(v)) for name, v in got.items()}
 
 
 def transfer_matrix(model: Any, directions: Mapping[str, Direction], prompts: PromptSet, *,

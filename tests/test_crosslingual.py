@@ -280,3 +280,23 @@ def test_transfer_cells_measured_together_equal_each_cell_alone(tiny_model):
                 want_b = xl.first_token_refusals(tiny_model, b, ids[t], batch_size=4)
             assert (got.ablate[src][t].refused, got.ablate[src][t].n) == (sum(want_h), len(h)), (src, t)
             assert (got.actadd[src][t].refused, got.actadd[src][t].n) == (sum(want_b), len(b)), (src, t)
+
+
+@pytest.mark.tiny
+def test_transfer_cells_judged_by_generation_equal_each_cell_alone(tiny_model):
+    """The ``generate`` judge: one generation over every target of an intervention, split back per language."""
+    from refusal_circuits.directions import extract_candidates
+    from refusal_circuits.evaluation import evaluate_refusal
+    from refusal_circuits.interventions import ablate
+
+    prompts = _two_languages()
+    h, b = (prompts.filter(lang="en", label=label).instructions for label in ("harmful", "harmless"))
+    dirs = {"en": extract_candidates(tiny_model, h, b, lang="en", progress=False).direction(-1, 1)}
+    got = xl.transfer_matrix(tiny_model, dirs, prompts, judge="generate", max_new_tokens=2, batch_size=3,
+                             progress=False)
+    for t in ("en", "de"):
+        harmful = prompts.filter(lang=t, label="harmful")
+        with ablate(tiny_model, dirs["en"]):
+            want = evaluate_refusal(tiny_model, harmful, max_new_tokens=2, batch_size=4, progress=False)
+        refused = [c.refused for c in want.completions]
+        assert (got.ablate["en"][t].refused, got.ablate["en"][t].n) == (sum(refused), len(harmful)), t
