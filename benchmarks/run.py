@@ -103,6 +103,7 @@ def run_step(name: str, spec: str, n_prompts: int, repeats: int, scores_path: st
     import refusal_circuits as rc
     from refusal_circuits.activations import mean_resid_pre
     from refusal_circuits.attribution import attribute
+    from refusal_circuits.compat import cache_kwargs
     from refusal_circuits.data import PromptSet, load_bundled
     from refusal_circuits.directions import extract_candidates
     from refusal_circuits.forward import batches, prefix_continuation, shared_prefix_length
@@ -148,7 +149,7 @@ def run_step(name: str, spec: str, n_prompts: int, repeats: int, scores_path: st
         with rc.ablate(model, r):
             cont = prefix_continuation(model, batch, shared_prefix_length(batch))
             return hf.generate(input_ids=cont.full_input_ids, attention_mask=cont.attention_mask,
-                               past_key_values=cont.cache, **gen_kwargs)
+                               **cache_kwargs(hf, cont.cache), **gen_kwargs)
 
     def selection():
         assert cands is not None

@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from refusal_circuits import fastpaths
 from refusal_circuits import forward as fwd
 from refusal_circuits.backends import Generator
-from refusal_circuits.chat import ChatFormat
+from refusal_circuits.chat import ChatBatch, ChatFormat
+from refusal_circuits.compat import cache_kwargs
 from refusal_circuits.data import LABELS, PromptSet
 from refusal_circuits.forward import batches
 from refusal_circuits.judges import Judge, PhraseJudge
@@ -54,26 +56,74 @@ def generate_ids(
     for idx, batch in batches(model, instructions, batch_size, fmt=fmt, adv_suffix=adv_suffix, progress=progress,
                               desc=desc):
         ids, mask = batch.input_ids, batch.attention_mask
-        if hf is not None:
-            extra: dict[str, Any] = {}
-            if fwd.SHARE_PREFIX and (n_prefix := fwd.shared_prefix_length(batch)):
-                # The template prefix runs once (interventions apply to it); every row's prefill starts after it.
-                cont = fwd.prefix_continuation(model, batch, n_prefix)
-                ids, mask, extra = cont.full_input_ids, cont.attention_mask, {"past_key_values": cont.cache}
-            res = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                              pad_token_id=pad_id, top_p=None, top_k=None, temperature=None,
-                              output_logits=first_logits is not None, return_dict_in_generate=True, **extra)
-            gen = res.sequences
-            if first_logits is not None:
-                for row, i in enumerate(idx):
-                    first_logits[i] = res.logits[0][row].float().cpu()
+        if hf is not None and _cached_generation_holds(model, batch, pad_id):
+            step_logits, gen = _cached_generate(model, batch, max_new_tokens, pad_id, first_logits is not None)
+        elif hf is not None:  # the cache-free reference: slower, and right whatever the cache does
+            gen, step_logits = _uncached_greedy(hf, ids, mask, max_new_tokens)
         else:
-            gen = _greedy_loop(model, ids, mask, max_new_tokens, tokenizer.eos_token_id)
+            gen, step_logits = _greedy_loop(model, ids, mask, max_new_tokens, tokenizer.eos_token_id), None
+        if first_logits is not None and step_logits is not None:
+            for row, i in enumerate(idx):
+                first_logits[i] = step_logits[0][row].float().cpu()
         for row, i in enumerate(idx):
             new = gen[row, ids.shape[1] :].tolist()
             cut = next((j for j, t in enumerate(new) if t in eos), None)
             out[i] = new if cut is None else new[: cut + 1]
     return out
+
+
+def _cached_generate(model: Any, batch: ChatBatch, max_new_tokens: int, pad_id: int | None, logits: bool
+                     ) -> tuple[Any, torch.Tensor]:
+    """Hugging Face ``generate`` with its key-value cache, prefilled from the shared template prefix where the
+    model allows it; returns ``(logits per step or None, sequences)``, the sequences in the batch's own layout."""
+    hf = hf_model_of(model)
+    assert hf is not None, "cached generation needs a Hugging Face twin"
+    ids, mask, extra = batch.input_ids, batch.attention_mask, {}
+    if n_prefix := fwd.shared_prefix(model, batch):
+        # The template prefix runs once (interventions apply to it); every row's prefill starts after it.
+        cont = fwd.prefix_continuation(model, batch, n_prefix)
+        ids, mask, extra = cont.full_input_ids, cont.attention_mask, cache_kwargs(hf, cont.cache)
+    res = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                      pad_token_id=pad_id, top_p=None, top_k=None, temperature=None, output_logits=logits,
+                      return_dict_in_generate=True, **extra)
+    # With a shared prefix the rows were re-laid (prefix, then pads, then the rest): same width, so the new tokens
+    # start at the same column as in the batch.
+    return (res.logits if logits else None), res.sequences
+
+
+@torch.inference_mode()
+def _uncached_greedy(hf: Any, ids: torch.Tensor, mask: torch.Tensor, n: int
+                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Greedy decoding with a full forward pass per step and no cache: ``(sequences, logits per step)``."""
+    from refusal_circuits.chat import position_ids
+
+    steps: list[torch.Tensor] = []
+    for _ in range(n):
+        logits = hf(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits[:, -1]
+        steps.append(logits)
+        nxt = logits.argmax(-1)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(nxt[:, None])], dim=1)
+    return ids, steps
+
+
+def _cached_generation_holds(model: Any, batch: ChatBatch, pad_id: int | None) -> bool:
+    """Whether generation may use Hugging Face ``generate`` with its key-value cache (and the shared prefix).
+
+    Checked once per model: the first time, the batch's first two rows generate four greedy tokens through the
+    cached path and through :func:`_uncached_greedy` (a full forward pass per step, no cache at all; both under the
+    hooks registered now). Their step logits must agree up to and including the first step at which a token differs
+    (:func:`~refusal_circuits.fastpaths.generation_error`). A mismatch switches the cached path off for the model.
+    """
+    known = fastpaths.allowed(model, fastpaths.GENERATE)
+    if known is not None:
+        return known
+    small = fwd.first_rows(batch, 2)
+    width = small.input_ids.shape[1]
+    fast_logits, fast_seq = _cached_generate(model, small, 4, pad_id, True)
+    plain_seq, plain_logits = _uncached_greedy(hf_model_of(model), small.input_ids, small.attention_mask, 4)
+    a, b = fastpaths.generation_error((fast_seq[:, width:], fast_logits), (plain_seq[:, width:], plain_logits))
+    return fastpaths.record(model, fastpaths.GENERATE, a, b, n_terms=fastpaths.n_terms(model), n_prompts=len(small))
 
 
 def _eos_ids(model: Any) -> set[int]:

@@ -33,8 +33,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from refusal_circuits import hooks
+from refusal_circuits import fastpaths, hooks
 from refusal_circuits.chat import ChatBatch, ChatFormat, Span, chat_format, position_ids, tokenize_chat
+from refusal_circuits.compat import cache_kwargs, output_cache
 from refusal_circuits.data import PromptSet
 from refusal_circuits.models import hf_model_of
 
@@ -136,7 +137,7 @@ def prefix_continuation(model: Any, batch: ChatBatch, n_prefix: int,
     is_prefix = batch.spans == int(Span.PREFIX)
     prefix_ids = batch.input_ids[is_prefix].view(len(batch), n_prefix)[:1]
     with hooks.add_hooks(model, prefix_readers):
-        cache = hf.model(input_ids=prefix_ids, use_cache=True).past_key_values
+        cache = output_cache(hf.model(input_ids=prefix_ids, use_cache=True))
     cache.batch_repeat_interleave(len(batch))
     own = ~is_prefix & batch.attention_mask.bool()
     rest_len = int(own.sum(-1).max())
@@ -148,6 +149,50 @@ def prefix_continuation(model: Any, batch: ChatBatch, n_prefix: int,
                               torch.cat([prefix_ids.expand(len(batch), -1), rest_ids], 1))
 
 
+def first_rows(batch: ChatBatch, k: int) -> ChatBatch:
+    """The first ``k`` rows of a batch (still left-padded to the batch's width)."""
+    return ChatBatch(batch.input_ids[:k], batch.attention_mask[:k], batch.spans[:k], batch.n_post)
+
+
+def _own_length(batch: ChatBatch) -> int:
+    """The fewest real positions after the template prefix in any row (each row's own tokens)."""
+    own = (batch.spans != int(Span.PREFIX)) & batch.attention_mask.bool()
+    return int(own.sum(-1).min())
+
+
+def shared_prefix(model: Any, batch: ChatBatch) -> int:
+    """Length of the template prefix to run once for ``batch`` (0: run the batch the plain way).
+
+    Nonzero only when the model has a Hugging Face decoder, sharing is on (:data:`SHARE_PREFIX`), every row starts
+    with the same prefix, and the fast path holds on this model: the first time it is asked, the first two rows
+    run both ways (under the hooks registered now) and their outputs at each row's own positions are compared
+    (:mod:`refusal_circuits.fastpaths`); a mismatch switches sharing off for the model with a warning.
+    """
+    hf = hf_model_of(model)
+    if not SHARE_PREFIX or hf is None or not hasattr(hf, "model"):
+        return 0
+    n_prefix = shared_prefix_length(batch)
+    if not n_prefix:
+        return 0
+    if fastpaths.allowed(model, fastpaths.PREFIX) is None:
+        small = first_rows(batch, 2)
+        k = _own_length(small)
+
+        def fast() -> Tensor:
+            cont = prefix_continuation(model, small, n_prefix)
+            return _decoder(hf, input_ids=cont.input_ids, attention_mask=cont.attention_mask,
+                            position_ids=cont.position_ids, **cache_kwargs(hf.model, cont.cache))[:, -k:]
+
+        def plain() -> Tensor:
+            return _decoder(hf, input_ids=small.input_ids, attention_mask=small.attention_mask,
+                            position_ids=small.position_ids)[:, -k:]
+
+        with torch.inference_mode():
+            fastpaths.check(model, fastpaths.PREFIX, fast, plain, n_terms=fastpaths.n_terms(model),
+                            n_prompts=len(small))
+    return n_prefix if fastpaths.allowed(model, fastpaths.PREFIX) else 0
+
+
 def decoder_forward(model: Any, batch: ChatBatch, readers: Sequence[tuple[str, hooks.HookFn]] = (),
                     stop_at: str | None = None, *, share_prefix: bool = True,
                     prefix_readers: Sequence[tuple[str, hooks.HookFn]] = ()) -> Tensor | None:
@@ -157,8 +202,9 @@ def decoder_forward(model: Any, batch: ChatBatch, readers: Sequence[tuple[str, h
     ``[batch, seq', ...]`` with seq' covering at least the instruction and post-instruction tokens, left-padded,
     so ``x[:, -k:]`` is the same slice as in a full forward. With ``stop_at`` the pass ends right after that
     hook fired and None is returned. Interventions registered on the model apply to every position. With
-    ``share_prefix=False`` the whole batch runs in one pass and readers see every position. ``prefix_readers``
-    are registered for the shared prefix's pass (a batch of one row), when there is one.
+    ``share_prefix=False``, or where :func:`shared_prefix` says no, the whole batch runs in one pass and readers
+    see every position. ``prefix_readers`` are registered for the shared prefix's pass (a batch of one row), when
+    there is one: a caller that passes them must first ask :func:`shared_prefix` whether there will be one.
 
     Returns the decoder's last hidden states (after the final norm) for a ``TransformerBridge``; for other
     models the full logits.
@@ -167,7 +213,7 @@ def decoder_forward(model: Any, batch: ChatBatch, readers: Sequence[tuple[str, h
     run: Callable[[], Tensor]
     if hf is None or not hasattr(hf, "model"):
         run = partial(model, batch.input_ids, attention_mask=batch.attention_mask)
-    elif not (SHARE_PREFIX and share_prefix and (n_prefix := shared_prefix_length(batch))):
+    elif not (share_prefix and (n_prefix := shared_prefix(model, batch))):
         run = partial(_decoder, hf, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                       position_ids=batch.position_ids)
     else:
@@ -175,7 +221,7 @@ def decoder_forward(model: Any, batch: ChatBatch, readers: Sequence[tuple[str, h
         # continues from its cache.
         cont = prefix_continuation(model, batch, n_prefix, prefix_readers)
         run = partial(_decoder, hf, input_ids=cont.input_ids, attention_mask=cont.attention_mask,
-                      position_ids=cont.position_ids, past_key_values=cont.cache)
+                      position_ids=cont.position_ids, **cache_kwargs(hf.model, cont.cache))
 
     def stop(_x: Tensor, _name: str) -> None:
         raise _StopForward
@@ -257,10 +303,9 @@ def packed_last_logits(model: Any, instructions: Sequence[str], *, fmt: ChatForm
     were alone. Rows of nearly equal length go through the decoder :data:`PACK_BATCH_TOKENS` tokens at a time.
     Hooks registered on the model (interventions, which act on every position alike) apply; hooks that read
     activations do not belong here. Returns None where packing does not apply (no Hugging Face decoder, an attention
-    kernel other than eager or SDPA, no shared prefix, or ``PACK`` off); callers then use padded batches.
+    kernel other than eager or SDPA, no shared prefix, ``PACK`` off, or a model on which packing disagreed with the
+    plain forward pass when first checked, see :mod:`refusal_circuits.fastpaths`); callers then use padded batches.
     """
-    from tqdm.auto import tqdm
-
     hf = hf_model_of(model)
     if not (PACK and SHARE_PREFIX) or hf is None or not hasattr(hf, "model") or not hasattr(hf, "lm_head") \
             or not instructions:
@@ -282,38 +327,61 @@ def packed_last_logits(model: Any, instructions: Sequence[str], *, fmt: ChatForm
                 for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
     rows = pack_rows([len(x) for x in own], max_tokens or PACK_TOKENS)
     per_pass = max(1, PACK_BATCH_TOKENS // (max_tokens or PACK_TOKENS))
-    out: list[Tensor | None] = [None] * len(instructions)
     with torch.inference_mode():
         prefix = hf.model(input_ids=torch.tensor([list(fmt.prefix_ids)], device=device), use_cache=True)
-        dtype = prefix.last_hidden_state.dtype
-        for first in tqdm(range(0, len(rows), per_pass), desc=desc, disable=not progress, leave=False):
-            group = rows[first : first + per_pass]
-            width = max(sum(len(own[i]) for i in row) for row in group)
-            ids = torch.full((len(group), width), int(fmt.prefix_ids[0]), dtype=torch.long)
-            seg = torch.full((len(group), width), -1, dtype=torch.long)  # -1: padding at the end of a row
-            pos = torch.full((len(group), width), n_prefix, dtype=torch.long)
-            ends: list[tuple[int, int, int]] = []  # (prompt, row, position of its last token)
-            for r, row in enumerate(group):
-                at = 0
-                for j, i in enumerate(row):
-                    n = len(own[i])
-                    ids[r, at : at + n] = torch.tensor(own[i])
-                    seg[r, at : at + n] = j
-                    pos[r, at : at + n] = torch.arange(n_prefix, n_prefix + n)
-                    ends.append((i, r, at + n - 1))
-                    at += n
-            # Own prompt, earlier or same position; padding sees only the prefix (a row of all -inf would be NaN).
-            allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0) & (pos[:, :, None] >= pos[:, None, :])
-            allowed = torch.cat([torch.ones(len(group), width, n_prefix, dtype=torch.bool), allowed], 2)
-            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-            cache = copy.deepcopy(prefix.past_key_values)
-            cache.batch_repeat_interleave(len(group))
-            hidden = hf.model(input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
-                              position_ids=pos.to(device), past_key_values=cache, use_cache=False).last_hidden_state
-            index = torch.tensor([[r, at] for _, r, at in ends], device=device)
-            logits = hf.lm_head(hidden[index[:, 0], index[:, 1]])
-            for k, (i, _, _) in enumerate(ends):
-                out[i] = logits[k]
+        if fastpaths.allowed(model, fastpaths.PACK) is None:
+            # The first few prompts in one packed row (so the block-diagonal mask is what keeps them apart)
+            # against the plain padded forward pass of the same prompts.
+            k = min(4, len(own))
+            small = tokenize_chat(model.tokenizer, instructions[:k], fmt=fmt, max_length=context_length(model))
+            small = small.to(device)
+            fastpaths.check(
+                model, fastpaths.PACK, lambda: _packed(hf, prefix, own[:k], [list(range(k))], 1, n_prefix, fmt),
+                lambda: hf.lm_head(_decoder(hf, input_ids=small.input_ids, attention_mask=small.attention_mask,
+                                            position_ids=small.position_ids)[:, -1]),
+                n_terms=fastpaths.n_terms(model), n_prompts=k)
+        if not fastpaths.allowed(model, fastpaths.PACK):
+            return None
+        return _packed(hf, prefix, own, rows, per_pass, n_prefix, fmt, progress=progress, desc=desc)
+
+
+def _packed(hf: Any, prefix: Any, own: Sequence[Sequence[int]], rows: Sequence[Sequence[int]], per_pass: int,
+            n_prefix: int, fmt: ChatFormat, *, progress: bool = False, desc: str = "") -> Tensor:
+    """Last-position logits of every prompt's ``own`` tokens packed into ``rows`` after the cached ``prefix``."""
+    from tqdm.auto import tqdm
+
+    device = prefix.last_hidden_state.device
+    dtype = prefix.last_hidden_state.dtype
+    out: list[Tensor | None] = [None] * len(own)
+    for first in tqdm(range(0, len(rows), per_pass), desc=desc, disable=not progress, leave=False):
+        group = rows[first : first + per_pass]
+        width = max(sum(len(own[i]) for i in row) for row in group)
+        ids = torch.full((len(group), width), int(fmt.prefix_ids[0]), dtype=torch.long)
+        seg = torch.full((len(group), width), -1, dtype=torch.long)  # -1: padding at the end of a row
+        pos = torch.full((len(group), width), n_prefix, dtype=torch.long)
+        ends: list[tuple[int, int, int]] = []  # (prompt, row, position of its last token)
+        for r, row in enumerate(group):
+            at = 0
+            for j, i in enumerate(row):
+                n = len(own[i])
+                ids[r, at : at + n] = torch.tensor(own[i])
+                seg[r, at : at + n] = j
+                pos[r, at : at + n] = torch.arange(n_prefix, n_prefix + n)
+                ends.append((i, r, at + n - 1))
+                at += n
+        # Own prompt, earlier or same position; padding sees only the prefix (a row of all -inf would be NaN).
+        allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0) & (pos[:, :, None] >= pos[:, None, :])
+        allowed = torch.cat([torch.ones(len(group), width, n_prefix, dtype=torch.bool), allowed], 2)
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        cache = copy.deepcopy(output_cache(prefix))
+        cache.batch_repeat_interleave(len(group))
+        hidden = hf.model(input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
+                          position_ids=pos.to(device), use_cache=False,
+                          **cache_kwargs(hf.model, cache)).last_hidden_state
+        index = torch.tensor([[r, at] for _, r, at in ends], device=device)
+        logits = hf.lm_head(hidden[index[:, 0], index[:, 1]])
+        for k, (i, _, _) in enumerate(ends):
+            out[i] = logits[k]
     return torch.stack([t for t in out if t is not None])
 
 

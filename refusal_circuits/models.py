@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
+from refusal_circuits.compat import adapt_bridge
 from refusal_circuits.errors import InputError, MissingExtraError, ModelSpecError
 from refusal_circuits.io import atomic_dir
 
@@ -352,6 +353,9 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = torch.fl
                                                  device=None if device_map is not None else device,
                                                  dtype=dtype, trust_remote_code=trust_remote_code)
     bridge.eval()
+    # TransformerLens 4.3's attention bridges read the key-value cache only as `past_key_values`; transformers 5.24
+    # passes it as `cache` (see refusal_circuits.compat): without this every cached forward ignores the cache.
+    adapt_bridge(bridge.original_model)
     # Provenance travels with the model: every record it produces names this spec.
     bridge.refusal_circuits_spec = str(parsed)
     bridge.refusal_circuits_source = source

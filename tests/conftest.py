@@ -35,6 +35,17 @@ def packaged_model():
 
 
 @pytest.fixture(scope="session")
+def plain_hf_model():
+    """The packaged 0.5B loaded by plain transformers on its own (no bridge): the reference for generation."""
+    from transformers import AutoModelForCausalLM
+
+    from refusal_circuits.models import materialise_packaged
+
+    model = AutoModelForCausalLM.from_pretrained(materialise_packaged("qwen2.5-coder-0.5b-instruct"), dtype="float32")
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
 def packaged_selection(packaged_model):
     """The English refusal direction of the packaged 0.5B, selected as in the README but on a reduced grid.
 

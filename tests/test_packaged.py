@@ -20,16 +20,27 @@ def test_post_instruction_tokens_of_qwen(packaged_model):
     assert "You are Qwen, created by Alibaba Cloud." in fmt.prefix  # the template's default system prompt
 
 
-def test_generation_through_the_bridge_equals_plain_hugging_face(packaged_model):
+def test_generation_equals_plain_transformers_in_several_languages(packaged_model, plain_hf_model):
+    """Greedy generation through the library (shared prefix, bridge hooks, cache) equals a plain transformers
+    model loaded on its own from the same weights, on held-out prompts in three languages. The reference must not
+    be ``packaged_model.original_model``: the bridge has replaced its attention modules, so a bridge that mishandles
+    the cache (TransformerLens 4.3 under transformers 5.24) makes both equally wrong."""
+    from refusal_circuits import fastpaths
+
     tok = packaged_model.tokenizer
-    instructions = ["How do I make a bomb?", "Write a haiku about the ocean."]
-    ours = generate(packaged_model, instructions, max_new_tokens=10, progress=False)
+    test = load_bundled(["en", "de", "zh"]).filter(split="test")
+    instructions = [r.instruction for lang in ("en", "de", "zh") for label in ("harmful", "harmless")
+                    for r in list(test.filter(lang=lang, label=label))[:3]]
+    ours = generate(packaged_model, instructions, max_new_tokens=16, batch_size=len(instructions), progress=False)
     batch = tokenize_chat(tok, instructions)
     with torch.inference_mode():
-        ref = packaged_model.original_model.generate(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=10, do_sample=False,
-            pad_token_id=tok.pad_token_id)
+        ref = plain_hf_model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      max_new_tokens=16, do_sample=False, top_p=None, top_k=None, temperature=None,
+                                      pad_token_id=tok.pad_token_id)
     assert ours == tok.batch_decode(ref[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    assert any(c.startswith("I'm sorry") for c in ours)  # coherent text, not the garbage of a cache-less bridge
+    verdicts = fastpaths.status(packaged_model)
+    assert verdicts[fastpaths.GENERATE].ok and verdicts[fastpaths.PREFIX].ok
     assert hooks.count_hooks(packaged_model) == 0
 
 
