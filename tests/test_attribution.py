@@ -46,6 +46,7 @@ def llama(tmp_path_factory):
     return load_model(str(tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"))))
 
 
+@pytest.mark.canary
 def test_completeness_every_layer_and_position(result):
     # embed + every head and MLP below layer l == resid_pre[l] . r̂, and the final residual too.
     assert result.completeness_error() < 1e-6
@@ -66,6 +67,7 @@ def test_resid_matches_hugging_face_hidden_states(tiny_model, r, result):
         assert torch.allclose(got, want, atol=1e-4), (i, (got - want).abs().max())
 
 
+@pytest.mark.canary
 def test_head_scores_equal_naive_per_head_outputs(tiny_model, r, result):
     """The naive route: per-head d_model outputs z_h W_O[h]^T, then project on r̂; must equal z_h . (W_O[h] r̂)."""
     rhat = r / r.norm()
@@ -124,6 +126,7 @@ def test_padding_does_not_change_scores(tiny_model, r, result, targets):
     assert torch.allclose(alone.dla.heads[0], result.dla.heads[0], atol=1e-5)
 
 
+@pytest.mark.canary
 def test_dla_adds_up_to_the_models_logit_difference(tiny_model, result, targets):
     refusal, compliance = targets
     assert result.dla is not None and result.dla.completeness_error() < 1e-4

@@ -14,6 +14,8 @@ from refusal_circuits.chat import ChatBatch, Span, tokenize_chat
 from refusal_circuits.evaluation import generate_ids
 from refusal_circuits.scores import first_token_logits
 
+pytestmark = pytest.mark.canary
+
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea, please.", "hi", "Explain photosynthesis briefly.",
            "What is two plus two?"]
 

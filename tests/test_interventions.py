@@ -69,6 +69,7 @@ def test_activation_addition_adds_alpha_r_at_its_layer_only(tiny_model):
         interventions.actadd(tiny_model, r, layer=9, alpha=1.0)
 
 
+@pytest.mark.canary
 def test_orthogonalized_weights_equal_hook_ablation_and_leave_the_original_alone(tiny_model):
     r = _unit(tiny_model.cfg.d_model)
     batch = tokenize_chat(tiny_model.tokenizer, TEXTS)

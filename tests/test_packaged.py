@@ -20,6 +20,7 @@ def test_post_instruction_tokens_of_qwen(packaged_model):
     assert "You are Qwen, created by Alibaba Cloud." in fmt.prefix  # the template's default system prompt
 
 
+@pytest.mark.canary
 def test_generation_equals_plain_transformers_in_several_languages(packaged_model, plain_hf_model):
     """Greedy generation through the library (shared prefix, bridge hooks, cache) equals a plain transformers
     model loaded on its own from the same weights, on held-out prompts in three languages. The reference must not
