@@ -1,21 +1,35 @@
 """Which components write the refusal direction, at which positions, from which source tokens.
 
-The residual stream is a sum of writes: ``resid_pre[l] = embed + sum_{l' < l} (attn_out[l'] + mlp_out[l'])`` and
-``attn_out[l] = sum_h z_h W_O[h] + b_O``. Projecting every write on r̂ gives each component's *direct
-attribution* at every position, and the projections add up exactly to ``resid_pre[l] . r̂``
-(:meth:`Attribution.completeness_error` checks it). Everything is computed in the raw Hugging Face coordinates r̂
-was extracted in, so Qwen2's value biases stay inside their heads (``z`` already contains them) and a head's
-score is exactly ``z_h . (W_O[h] r̂)``: a ``[d_head]`` dot product, never a per-head ``d_model`` output.
+The residual stream is a sum of writes: ``resid_pre[l] = embed + sum_{l' < l} (attn_write[l'] + mlp_write[l'])``
+(:mod:`refusal_circuits.geometry`). A sublayer's write is ``m * norm(x)`` of its raw output ``x``: ``m`` a scalar
+(Granite's residual multiplier, else 1), ``norm`` a post-norm (Gemma-2/3, OLMo-2) or none. With the post-norm's
+scale frozen per token (read from the raw output at that token, as the final norm's is frozen for DLA) the write is
+linear, and for attention, whose raw output is ``o = sum_h z_h W_O[h]^T + b_O``,
+
+    attn_write . r̂ = factor * (sum_h z_h . (W_O[h]^T v) + b_O . v) + const,   factor = m / scale(o),  v = w * r̂
+
+(``v = r̂``, ``factor = m``, ``const = 0`` without a post-norm). Head ``h``'s *direct attribution* at a position
+is ``factor * z_h . (W_O[h]^T v)``: a ``[d_head]`` dot product, never a per-head ``d_model`` output; the bias part
+``factor * b_O . v + const`` is per token (``Attribution.attn_bias``). MLP writes and the embedding (read at
+``resid_pre[0]``, after every embedding scale) are projected as a whole. The projections add up exactly to
+``resid_pre[l] . r̂`` at every layer and position: this is checked on every batch, in the model's dtype's
+tolerance, and a model where it fails raises :class:`~refusal_circuits.exactness.ExactnessError` naming its
+architecture instead of returning numbers (:meth:`Attribution.completeness_error` re-checks a record).
+Everything is computed in the raw Hugging Face coordinates r̂ was extracted in, so Qwen2's value biases stay
+inside their heads (``z`` already contains them).
 
 Through attention, head ``h``'s write at destination ``p`` splits over source positions ``s`` as
-``A[p, s] (v_s . W_O[h] r̂)``: what each source token feeds into r̂ through that head. We keep it for the
+``factor_p A[p, s] (v_s . W_O[h]^T v)``: what each source token feeds into r̂ through that head. We keep it for the
 post-instruction destinations, summed by source span (template prefix, instruction, adversarial suffix,
 post-instruction), together with the attention mass per span (Arditi et al., section 5).
 :func:`source_matrix` returns the full ``[dest, src]`` matrix of chosen heads on one prompt.
 
 Direct logit attribution (DLA) projects the same writes at the last position on ``W_U[refusal] - W_U[compliance]``
-(mean unembedding of each token set) through the final norm with its scale frozen from the clean run, as
-TransformerLens does; the parts add up to the model's actual logit difference (checked on every batch).
+(mean unembedding of each token set, divided by Granite's ``logits_scaling``) through the final norm with its
+scale frozen from the clean run, as TransformerLens does; the parts add up to the model's actual logit difference
+(checked on every batch, :class:`~refusal_circuits.exactness.ExactnessError` otherwise). Gemma-2 soft-caps its
+logits (``c tanh(x / c)``), which no sum of parts can follow: there DLA explains the logit difference *before* the
+cap, and :attr:`LogitAttribution.space` says so.
 
 Everything here is one forward pass per batch with a handful of hooks that reduce on the spot; nothing of
 shape ``[batch, pos, head, d_model]`` is ever built.
@@ -35,17 +49,31 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from refusal_circuits import exactness, hooks
 from refusal_circuits import forward as fwd
-from refusal_circuits import hooks
 from refusal_circuits.chat import SPAN_NAMES, ChatFormat, Span, chat_format
 from refusal_circuits.data import PromptSet
 from refusal_circuits.directions import Direction, check_compatible
 from refusal_circuits.errors import InputError
 from refusal_circuits.forward import batches, decoder_forward, device_of
+from refusal_circuits.geometry import (
+    FrozenNorm,
+    HeadGeometry,
+    ResidualWrite,
+    attn_raw,
+    block_in,
+    final_norm,
+    head_geometry,
+    logit_map,
+    mlp_raw,
+)
 from refusal_circuits.models import hf_model_of, model_id
 from refusal_circuits.scores import RefusalTokens
 
 log = logging.getLogger(__name__)
+
+#: The final norm with its scale frozen (the same description as every post-norm).
+FinalNorm = FrozenNorm
 
 N_SPANS = len(Span)
 #: The file names :meth:`Attribution.save` writes.
@@ -55,104 +83,7 @@ SUMMARY_FILE = "summary.json"
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Model geometry: where heads write, and how the final norm maps the residual stream to logits.
-
-
-@dataclass(frozen=True)
-class HeadGeometry:
-    """The attention output projections of every layer, as the heads see them.
-
-    Attributes:
-        w_o: per layer ``[d_model, n_heads * d_head]`` (the ``o_proj`` weight; head ``h`` owns columns
-            ``h * d_head : (h + 1) * d_head``).
-        b_o: per layer the output bias ``[d_model]`` or None (Qwen2, Llama: None).
-        n_heads / n_kv_heads / d_head: query heads, key-value heads (grouped-query attention), head width.
-    """
-
-    w_o: list[Tensor]
-    b_o: list[Tensor | None]
-    n_heads: int
-    n_kv_heads: int
-    d_head: int
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.w_o)
-
-    @property
-    def has_bias(self) -> bool:
-        return any(b is not None for b in self.b_o)
-
-    def kv_of_head(self) -> Tensor:
-        """Index of the key-value head each query head reads (Hugging Face ``repeat_kv`` order)."""
-        return torch.arange(self.n_heads) // (self.n_heads // self.n_kv_heads)
-
-    def head_readout(self, layer: int, vectors: Float[Tensor, "k d_model"]) -> Float[Tensor, "k head d_head"]:
-        """``W_O[h]^T v`` for every head and vector, float64: dot it with ``z_h`` to get ``z_h W_O[h] . v``."""
-        w = self.w_o[layer].to(torch.float64)
-        return (vectors.to(torch.float64, copy=False).to(w.device) @ w).view(-1, self.n_heads, self.d_head)
-
-
-def head_geometry(model: Any) -> HeadGeometry:
-    """Read the attention output projections of a ``TransformerBridge`` in raw (non-compatibility) mode."""
-    if getattr(model, "compatibility_mode", False):
-        raise InputError("attribution needs the bridge in raw mode: compatibility mode moves value biases out of "
-                         "the heads and rewrites the weights r̂ was extracted against; load with rc.load_model()")
-    cfg = model.cfg
-    n_heads, d_head, d_model = int(cfg.n_heads), int(cfg.d_head), int(cfg.d_model)
-    n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
-    w_o: list[Tensor] = []
-    b_o: list[Tensor | None] = []
-    for layer in range(int(cfg.n_layers)):
-        o = model.blocks[layer].attn.o
-        mod = getattr(o, "original_component", o)
-        w = mod.weight.detach()
-        if type(mod).__name__ == "Conv1D":  # GPT-2 stores [in, out]
-            w = w.T
-        if tuple(w.shape) != (d_model, n_heads * d_head):
-            raise InputError(f"layer {layer}'s attention output projection has shape {tuple(w.shape)}; expected "
-                             f"({d_model}, {n_heads * d_head}) for {n_heads} heads of width {d_head}")
-        w_o.append(w)
-        bias = getattr(mod, "bias", None)
-        b_o.append(None if bias is None else bias.detach())
-    return HeadGeometry(w_o, b_o, n_heads, n_kv, d_head)
-
-
-@dataclass(frozen=True)
-class FinalNorm:
-    """The final norm with its scale frozen: ``logits . u = (x . v) / scale(x) + const``."""
-
-    weight: Tensor
-    bias: Tensor | None
-    eps: float
-    centered: bool  # LayerNorm subtracts the mean; RMSNorm does not
-
-    def scale(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
-        x = x.to(torch.float64)
-        if self.centered:
-            x = x - x.mean(-1, keepdim=True)
-        return (x.pow(2).mean(-1) + self.eps).sqrt()
-
-    def readout(self, u: Float[Tensor, "k d_model"]) -> tuple[Float[Tensor, "k d_model"], Float[Tensor, " k"]]:
-        """The residual-stream vector ``v`` and constant that a logit-space direction ``u`` becomes."""
-        u = u.to(torch.float64)
-        v = u * self.weight.to(torch.float64)
-        if self.centered:
-            v = v - v.mean(-1, keepdim=True)
-        const = u @ self.bias.to(torch.float64) if self.bias is not None else torch.zeros(len(u), dtype=torch.float64)
-        return v, const
-
-
-def final_norm(model: Any) -> FinalNorm:
-    cfg = model.cfg
-    mod = getattr(model.ln_final, "original_component", model.ln_final)
-    weight = mod.weight.detach()
-    if getattr(cfg, "rmsnorm_uses_offset", False):
-        weight = weight + 1.0
-    kind = str(getattr(cfg, "normalization_type", "RMS") or "RMS")
-    eps = float(getattr(mod, "variance_epsilon", getattr(mod, "eps", cfg.eps)))
-    bias = getattr(mod, "bias", None)
-    return FinalNorm(weight, None if bias is None else bias.detach(), eps, centered=kind.startswith("LN"))
+# Running the decoder, reading the unembedding.
 
 
 def _unembedding(model: Any) -> tuple[Tensor, Tensor | None]:
@@ -298,10 +229,13 @@ class Attribution:
     last ``n_post`` positions are the post-instruction tokens. All score tensors are float32 and zero on padding.
 
     Attributes:
-        embed: ``[prompt, pos]`` the token (and positional) embedding's projection.
-        heads: ``[prompt, layer, head, pos]`` ``z_h . (W_O[h] r̂)``.
-        mlps: ``[prompt, layer, pos]``.
-        attn_bias: ``[prompt, layer, pos]`` the attention output bias ``b_O . r̂`` where the model has one, else None.
+        embed: ``[prompt, pos]`` the token (and positional) embedding's projection (``resid_pre[0] . r̂``).
+        mlps: ``[prompt, layer, pos]`` each MLP's write (through its post-norm and multiplier) onto r̂.
+        heads: ``[prompt, layer, head, pos]`` head ``h``'s write onto r̂, ``factor * z_h . (W_O[h]^T v)`` (module
+            docstring; ``z_h . (W_O[h] r̂)`` without a post-norm or residual multiplier).
+        attn_bias: ``[prompt, layer, pos]`` what the attention writes outside its heads, ``factor * b_O . v +
+            const`` (per token through a post-norm; ``b_O . r̂`` otherwise), where the model has an output bias
+            (or a post-norm bias), else None.
         resid: ``[prompt, layer + 1, pos]`` ``resid_pre[l] . r̂`` for every layer, then the final residual stream
             (before the final norm).
         mask: ``[prompt, pos]`` 1 on real tokens.
@@ -456,8 +390,9 @@ class Attribution:
             "model": self.model, "direction": self.direction, "n_prompts": self.n_prompts, "counts": counts,
             "n_layers": self.n_layers, "n_heads": self.n_heads, "n_post": self.n_post, "adv_suffix": self.adv_suffix,
             "completeness_max_abs_error": self.completeness_error(),
-            "bias_folding": ("the attention output bias b_O . r̂ of layer l is added into mlps[:, l] in the file "
-                             "(also saved alone as attn_bias)" if self.attn_bias is not None else
+            "bias_folding": ("the attention output bias's write of layer l (b_O . r̂, per token through a post-norm) is "
+                             "added into mlps[:, l] in the file (also saved alone as attn_bias)"
+                             if self.attn_bias is not None else
                              "no component bias writes into the residual stream outside heads and MLPs; value "
                              "biases are inside each head's z (raw coordinates)"),
             "positions": "left-padded; the last n_post positions are the post-instruction tokens",
@@ -496,6 +431,7 @@ class Attribution:
             "spans": [[SPAN_NAMES[c] for c in row] for row in self.spans.tolist()],
             "adv_suffix": self.adv_suffix, "direction": self.direction,
             "dla_targets": None if self.dla is None else self.dla.targets.to_json(),
+            "dla_space": None if self.dla is None else self.dla.space,
             "has_attn_bias": self.attn_bias is not None, **(extra or {})}
         with atomic_paths(out / TENSORS_FILE, out / TOKENS_FILE, out / SUMMARY_FILE) as (t_tmp, j_tmp, s_tmp):
             t_tmp.write_bytes(save({k: v.contiguous() for k, v in tensors.items()}))
@@ -527,6 +463,8 @@ def concat_attributions(parts: Sequence[Attribution]) -> Attribution:
             raise InputError("attributions onto different directions cannot be concatenated")
         if (p.attn_bias is None) != (first.attn_bias is None) or (p.dla is None) != (first.dla is None):
             raise InputError("attributions with and without bias or DLA parts cannot be concatenated")
+        if p.dla is not None and first.dla is not None and p.dla.space != first.dla.space:
+            raise InputError("attributions of logit differences in different logit spaces cannot be concatenated")
     s = max(int(p.mask.shape[1]) for p in parts)
 
     def pad(t: Tensor) -> Tensor:
@@ -546,7 +484,7 @@ def concat_attributions(parts: Sequence[Attribution]) -> Attribution:
                                torch.cat([d.mlps for d in ds]),
                                None if ds[0].attn_bias is None else torch.cat([d.attn_bias for d in ds if d.attn_bias is not None]),
                                torch.cat([d.const for d in ds]), torch.cat([d.logit_diff for d in ds]),
-                               torch.cat([d.scale for d in ds]), LogitTargets(refusal, comp, strings))
+                               torch.cat([d.scale for d in ds]), LogitTargets(refusal, comp, strings), ds[0].space)
     return Attribution(
         embed=cat(lambda p: pad(p.embed)), heads=cat(lambda p: pad(p.heads)), mlps=cat(lambda p: pad(p.mlps)),
         attn_bias=None if first.attn_bias is None else cat(lambda p: pad(p.attn_bias)),
@@ -596,7 +534,8 @@ def load_attribution(path: str | os.PathLike[str]) -> Attribution:
                                {k: tuple(v) for k, v in tj["compliance_ids"].items()}, strings)
         bias = t.get("dla_bias")
         dla = LogitAttribution(t["dla_embed"], t["dla_heads"], t["dla_mlps"] - bias if bias is not None else t["dla_mlps"],
-                               bias, t["dla_const"], t["dla_logit_diff"], t["dla_scale"], targets)
+                               bias, t["dla_const"], t["dla_logit_diff"], t["dla_scale"], targets,
+                               str(meta.get("dla_space") or "logits"))
     tokens = [[tok for tok, m in zip(row, mrow, strict=True) if m] for row, mrow in zip(meta["tokens"], t["mask"].tolist(),
                                                                                          strict=True)]
     return Attribution(embed=t["embed"], heads=t["heads"], mlps=mlps, attn_bias=attn_bias, resid=t["resid"],
@@ -626,6 +565,10 @@ class LogitAttribution:
 
     Each part is the component's write ``c`` mapped through the final norm with the clean run's scale:
     ``(c . v) / scale``. ``embed + heads.sum + mlps.sum (+ attn_bias.sum) + const == logit_diff``.
+
+    ``space`` says which logits ``logit_diff`` is a difference of: ``"logits"``; Granite's logits (the
+    unembedding divided by ``logits_scaling``, folded into the parts); or, for Gemma-2, the logits *before* its
+    final soft-cap ``c tanh(x / c)``, which is not linear and so not split into parts.
     """
 
     embed: Float[Tensor, " prompt"]
@@ -636,6 +579,7 @@ class LogitAttribution:
     logit_diff: Float[Tensor, " prompt"]
     scale: Float[Tensor, " prompt"]
     targets: LogitTargets
+    space: str = "logits"
 
     def total(self) -> Float[Tensor, " prompt"]:
         out = self.embed.double() + self.heads.double().sum((1, 2)) + self.mlps.double().sum(1) + self.const.double()
@@ -661,7 +605,7 @@ class LogitAttribution:
 
     def summary(self, langs: Sequence[str], labels: Sequence[str], k: int) -> dict[str, Any]:
         out: dict[str, Any] = {"targets": self.targets.to_json(), "completeness_max_abs_error": self.completeness_error(),
-                               "groups": []}
+                               "space": self.space, "groups": []}
         n_heads = self.heads.shape[2]
         for lang in dict.fromkeys(langs):
             for label in dict.fromkeys(labels):
@@ -713,7 +657,12 @@ class HeadTable:
 
 
 class _BatchProbe:
-    """The hooks of one attribution forward pass; each reduces its activation on the spot."""
+    """The hooks of one attribution forward pass; each reduces its activation on the spot.
+
+    Per layer the hooks fire in the order ``hook_v``, ``hook_pattern``, ``hook_z`` (heads' raw scores
+    ``z_h . W_O[h]^T v``), ``attn.hook_out`` (the raw output ``o``: now each token's ``factor = m / scale(o)`` is
+    known and scales that layer's head scores, sources and DLA parts; the bias part is written), ``mlp.hook_out``.
+    """
 
     def __init__(self, geo: HeadGeometry, r: Tensor, dla_v: Tensor | None, b: int, s: int, n_post: int,
                  key_spans: Tensor | None, dla_rows: Tensor | None, prefix_vproj: list[Tensor] | None = None) -> None:
@@ -732,12 +681,16 @@ class _BatchProbe:
         self.dla_v = dla_v  # [groups, d_model] float64
         self.dla_rows = dla_rows  # [b] group index per row
         self.read_r = [geo.head_readout(layer, r[None])[0] for layer in range(n_layers)]  # [head, d_head]
+        self.bias_r = [tuple(t[0] for t in geo.bias_readout(layer, r[None])) for layer in range(n_layers)]
         self.read_dla = ([geo.head_readout(layer, dla_v) for layer in range(n_layers)]  # [groups, head, d_head]
+                         if dla_v is not None else None)
+        self.bias_dla = ([geo.bias_readout(layer, dla_v) for layer in range(n_layers)]  # ([groups], [groups])
                          if dla_v is not None else None)
         self.kv = geo.kv_of_head().to(r.device)
         f64, dev = torch.float64, r.device
         self.embed = torch.zeros(b, s, dtype=f64, device=dev)
         self.heads = torch.zeros(b, n_layers, geo.n_heads, s, dtype=f64, device=dev)
+        self.attn_bias = torch.zeros(b, n_layers, s, dtype=f64, device=dev)
         self.mlps = torch.zeros(b, n_layers, s, dtype=f64, device=dev)
         self.resid = torch.zeros(b, n_layers + 1, s, dtype=f64, device=dev)
         self.sources = torch.zeros(b, n_layers, geo.n_heads, n_post, N_SPANS, dtype=f64, device=dev)
@@ -750,46 +703,58 @@ class _BatchProbe:
         # DLA parts before dividing by the final norm's scale (known only at the end of the pass).
         self.dla_embed = torch.zeros(b, dtype=f64, device=dev)
         self.dla_heads = torch.zeros(b, n_layers, geo.n_heads, dtype=f64, device=dev)
+        self.dla_bias = torch.zeros(b, n_layers, dtype=f64, device=dev)
         self.dla_mlps = torch.zeros(b, n_layers, dtype=f64, device=dev)
         self.final_last: Tensor | None = None
+        self._z_seen: set[int] = set()
+        self._done: set[str] = set()
 
     def _dla(self, x_last: Tensor) -> Tensor:
         """``x . v_row`` for the last position of every row."""
         assert self.dla_v is not None and self.dla_rows is not None
         return (x_last.to(torch.float64) * self.dla_v[self.dla_rows]).sum(-1)
 
-    def hook_list(self, model: Any) -> list[tuple[str, hooks.HookFn]]:
+    def hook_list(self) -> list[tuple[str, hooks.HookFn]]:
         n_layers = self.geo.n_layers
-        out: list[tuple[str, hooks.HookFn]] = [(hooks.EMBED, self.on_embed)]
-        if hooks.POS_EMBED in model.hook_dict:
-            out.append((hooks.POS_EMBED, self.on_embed))
+        out: list[tuple[str, hooks.HookFn]] = [(block_in(0), self.on_embed)]
         for layer in range(n_layers):
             out += [(hooks.resid_pre(layer), self._on_resid(layer)),
                     (hooks.attn_v(layer), self._on_v(layer)),
                     (hooks.attn_pattern(layer), self._on_pattern(layer)),
                     (hooks.attn_z(layer), self._on_z(layer)),
-                    (hooks.mlp_out(layer), self._on_mlp(layer))]
+                    (attn_raw(layer), self._on_attn_out(layer)),
+                    (mlp_raw(layer), self._on_mlp(layer))]
         out.append((hooks.resid_post(n_layers - 1), self._on_resid(n_layers)))
         return out
 
+    def _layout(self, what: str, got: tuple[int, ...], want: str) -> InputError:
+        return InputError(f"{self.geo.architecture}: {what} has shape {got}; attribution needs {want} (this "
+                          "architecture's attention hooks have another layout and are not supported)")
+
     def on_embed(self, x: Tensor, _name: str) -> None:
-        if x.dim() != 3 or x.shape[1] != self.embed.shape[1]:
-            return  # rotary models have no positional embedding output of this shape
+        """``resid_pre[0]``: the embedding's whole write (token and position embeddings, every scale applied)."""
         self.embed += x.to(torch.float64) @ self.r
         if self.dla_v is not None:
             self.dla_embed += self._dla(x[:, -1])
+        self._done.add("embed")
 
     def _on_resid(self, slot: int) -> hooks.HookFn:
         def fn(x: Tensor, _name: str) -> None:
             self.resid[:, slot] = x.to(torch.float64) @ self.r
             if slot == self.geo.n_layers:
                 self.final_last = x[:, -1].to(torch.float64)
+            self._done.add(f"resid{slot}")
         return fn
 
     def _on_v(self, layer: int) -> hooks.HookFn:
+        geo = self.geo
+
         def fn(v: Tensor, _name: str) -> None:
             b, s = v.shape[:2]
-            v = v.reshape(b, s, self.geo.n_kv_heads, self.geo.d_head).to(torch.float64)[:, :, self.kv]  # [b,s,h,d]
+            if v.ndim != 3 or v.shape[-1] != geo.n_kv_heads * geo.d_head:
+                raise self._layout(f"layer {layer}'s attn.hook_v", tuple(v.shape),
+                                   f"[batch, pos, {geo.n_kv_heads} * {geo.d_head}]")
+            v = v.reshape(b, s, geo.n_kv_heads, geo.d_head).to(torch.float64)[:, :, self.kv]  # [b,s,h,d]
             self.vproj = torch.einsum("bshd,hd->bsh", v, self.read_r[layer])
             if self.span_onehot is None:
                 self.vprojs.append(self.vproj)
@@ -801,31 +766,90 @@ class _BatchProbe:
         n_post = self.n_post
 
         def fn(pattern: Tensor, _name: str) -> None:
+            if pattern.ndim != 4 or pattern.shape[1] != self.geo.n_heads:
+                raise self._layout(f"layer {layer}'s attn.hook_pattern", tuple(pattern.shape),
+                                   f"[batch, {self.geo.n_heads}, dest, src]")
             if self.span_onehot is None:  # a prefix pass: its positions are no destinations we keep
                 return
             a = pattern[:, :, -n_post:, :].to(torch.float64)  # [b, head, post, src]
-            assert self.vproj is not None, "hook_v did not fire before hook_pattern"
-            contrib = a * self.vproj.transpose(1, 2)[:, :, None, :]  # A[p, s] (v_s . W_O[h] r̂)
+            if self.vproj is None or self.vproj.shape[1] != a.shape[-1]:
+                raise self._layout(f"layer {layer}'s values (hook_v before hook_pattern)",
+                                   tuple(() if self.vproj is None else self.vproj.shape), f"{a.shape[-1]} keys")
+            contrib = a * self.vproj.transpose(1, 2)[:, :, None, :]  # A[p, s] (v_s . W_O[h]^T v), factor to come
             self.sources[:, layer] = torch.einsum("bhps,bsk->bhpk", contrib, self.span_onehot)
             self.attn_mass[:, layer] = torch.einsum("bhps,bsk->bhpk", a, self.span_onehot)
         return fn
 
     def _on_z(self, layer: int) -> hooks.HookFn:
+        geo = self.geo
+
         def fn(z: Tensor, _name: str) -> None:
             b, s = z.shape[:2]
-            z = z.reshape(b, s, self.geo.n_heads, self.geo.d_head).to(torch.float64)
+            if z.ndim != 3 or z.shape[-1] != geo.n_heads * geo.d_head:
+                raise self._layout(f"layer {layer}'s attn.hook_z", tuple(z.shape),
+                                   f"[batch, pos, {geo.n_heads} * {geo.d_head}] (the input of the output projection)")
+            z = z.reshape(b, s, geo.n_heads, geo.d_head).to(torch.float64)
             self.heads[:, layer] = torch.einsum("bshd,hd->bhs", z, self.read_r[layer])
             if self.read_dla is not None:
                 assert self.dla_rows is not None
                 self.dla_heads[:, layer] = torch.einsum("bhd,bhd->bh", z[:, -1], self.read_dla[layer][self.dla_rows])
+            self._z_seen.add(layer)
+        return fn
+
+    def _on_attn_out(self, layer: int) -> hooks.HookFn:
+        write: ResidualWrite = self.geo.attn[layer]
+        n_post = self.n_post
+
+        def fn(o: Tensor, _name: str) -> None:
+            if layer not in self._z_seen:
+                raise InputError(f"{self.geo.architecture}: layer {layer}'s attention output fired before its "
+                                 "hook_z; attribution cannot scale the heads' writes on this architecture")
+            f = write.factor(o)  # [b, s]: m / scale(o) per token (m without a post-norm)
+            if write.norm is not None or write.multiplier != 1.0:
+                self.heads[:, layer] *= f[:, None, :]
+                self.sources[:, layer] *= f[:, None, -n_post:, None]
+                self.dla_heads[:, layer] *= f[:, -1:]
+            dot, const = self.bias_r[layer]
+            self.attn_bias[:, layer] = dot * f + const
+            if self.bias_dla is not None:
+                assert self.dla_rows is not None
+                dot_g, const_g = self.bias_dla[layer]
+                self.dla_bias[:, layer] = dot_g[self.dla_rows] * f[:, -1] + const_g[self.dla_rows]
+            self._done.add(f"attn{layer}")
         return fn
 
     def _on_mlp(self, layer: int) -> hooks.HookFn:
+        write: ResidualWrite = self.geo.mlp[layer]
+
         def fn(x: Tensor, _name: str) -> None:
-            self.mlps[:, layer] = x.to(torch.float64) @ self.r
+            w = x if write.is_identity else write.apply(x)  # the MLP's write: m * post_norm(x)
+            self.mlps[:, layer] = w.to(torch.float64) @ self.r
             if self.dla_v is not None:
-                self.dla_mlps[:, layer] = self._dla(x[:, -1])
+                self.dla_mlps[:, layer] = self._dla(w[:, -1])
+            self._done.add(f"mlp{layer}")
         return fn
+
+    def reconstructed(self) -> Tensor:
+        """``resid`` rebuilt from this pass's parts, ``[b, layer + 1, s]``."""
+        per_layer = self.heads.sum(2) + self.attn_bias + self.mlps
+        cum = torch.cumsum(per_layer, dim=1)
+        return torch.cat([torch.zeros_like(cum[:, :1]), cum], 1) + self.embed[:, None]
+
+    def check(self, mask: Tensor, dtype: torch.dtype) -> float:
+        """Raise :class:`~refusal_circuits.exactness.ExactnessError` unless embed + heads + biases + MLPs rebuild
+        the measured ``resid`` at every layer and real position (``mask``: ``[b, s]``) of this pass."""
+        n_layers = self.geo.n_layers
+        missing = [k for k in ["embed", *(f"resid{i}" for i in range(n_layers + 1)),
+                               *(f"{w}{i}" for i in range(n_layers) for w in ("attn", "mlp"))] if k not in self._done]
+        if missing:
+            raise exactness.ExactnessError(f"attribution of {self.geo.architecture}: hook points for "
+                                           f"{', '.join(missing[:4])} never fired; the residual stream cannot be "
+                                           "rebuilt on this architecture")
+        keep = mask.bool()[:, None, :].expand_as(self.resid)
+        return exactness.require(self.reconstructed()[keep], self.resid[keep], dtype,
+                                 f"attribution of {self.geo.architecture}: embed + heads + biases + MLPs do not add "
+                                 "up to the measured residual stream", n_terms=2 * n_layers + 1,
+                                 hint="its writer geometry is not one this library describes correctly")
 
 
 @torch.inference_mode()
@@ -885,18 +909,25 @@ def attribute(
     norm = final_norm(model) if targets is not None else None
     group_of: dict[str, int] = {}
     dla_v = dla_const = u = u_bias = None
+    space = "logits"
     if targets is not None and norm is not None:
         w_u, b_u = _unembedding(model)
         w_u, b_u = w_u.cpu(), (None if b_u is None else b_u.cpu())
+        lmap = logit_map(model)
+        space = lmap.describe()
+        if lmap.softcap is not None:
+            log.warning("%s soft-caps its logits (%g tanh(x / %g)): direct logit attribution explains the logit "
+                        "difference before the cap", geo.architecture, lmap.softcap, lmap.softcap)
         langs = list(dict.fromkeys(r_.lang for r_ in records))
         group_of = {lang: i for i, lang in enumerate(langs)}
-        # Per language: the logit-space direction u (mean refusal row minus mean compliance row of W_U) and the
-        # matching unembedding-bias difference; the model's own logit difference is h_last . u + u_bias.
+        # Per language: the logit-space direction u (mean refusal row minus mean compliance row of W_U, divided by
+        # Granite's logits_scaling) and the matching unembedding-bias difference; the model's own (pre-cap) logit
+        # difference is h_last . u + u_bias.
         u = torch.stack([w_u[list(targets.refusal[lang])].double().mean(0) - w_u[list(targets.compliance[lang])].double().mean(0)
-                         for lang in langs])
+                         for lang in langs]) / lmap.scaling
         u_bias = (torch.zeros(len(langs), dtype=torch.float64) if b_u is None else
                   torch.stack([b_u[list(targets.refusal[lang])].double().mean()
-                               - b_u[list(targets.compliance[lang])].double().mean() for lang in langs]))
+                               - b_u[list(targets.compliance[lang])].double().mean() for lang in langs])) / lmap.scaling
         dla_v, dla_const = norm.readout(u)
         dla_const = dla_const + u_bias
         dla_v = dla_v.to(device_of(model))
@@ -906,30 +937,37 @@ def attribute(
     token_strs: list[list[str]] = [[] for _ in range(n)]
     tok = model.tokenizer
     device = device_of(model)
+    dtype = exactness.compute_dtype(model)
     r_dev = r.to(device)
+    worst = 0.0
     for idx, batch in batches(model, [rec.instruction for rec in records], batch_size, fmt=fmt,
                               adv_suffix=adv_suffix, names=[rec.id for rec in records], progress=progress,
                               desc="attribution"):
         rows = torch.tensor([group_of.get(records[i].lang, 0) for i in idx], dtype=torch.long, device=device)
         b = len(idx)
-        n_prefix = fwd.shared_prefix_length(batch) if (fwd.SHARE_PREFIX and hf_model_of(model) is not None) else 0
+        n_prefix = fwd.shared_prefix(model, batch)  # 0 where the prefix is not shared or its check failed
         prefix: _BatchProbe | None = None
         if n_prefix:
             # The template prefix is the same for every row: attribute it once (a batch of one), and let every row
             # continue from it; its value projections join the keys of the rows' own pass.
             prefix = _BatchProbe(geo, r_dev, None, 1, n_prefix, batch.n_post, None, None)
             not_prefix = batch.spans != int(Span.PREFIX)
-            rest_len = int((not_prefix & batch.attention_mask.bool()).sum(-1).max())
-            tail_spans = torch.where(batch.attention_mask[:, -rest_len:].bool() & not_prefix[:, -rest_len:],
-                                     batch.spans[:, -rest_len:], torch.zeros_like(batch.spans[:, -rest_len:]))
+            own = not_prefix & batch.attention_mask.bool()
+            rest_len = int(own.sum(-1).max())
+            tail_spans = torch.where(own[:, -rest_len:], batch.spans[:, -rest_len:],
+                                     torch.zeros_like(batch.spans[:, -rest_len:]))
             key_spans = torch.cat([torch.full((b, n_prefix), int(Span.PREFIX), device=device), tail_spans], 1)
             probe = _BatchProbe(geo, r_dev, dla_v, b, rest_len, batch.n_post, key_spans,
                                 rows if dla_v is not None else None, prefix_vproj=prefix.vprojs)
-            hidden = decoder_forward(model, batch, probe.hook_list(model), prefix_readers=prefix.hook_list(model))
+            hidden = decoder_forward(model, batch, probe.hook_list(), share_prefix=True,
+                                  prefix_readers=prefix.hook_list())
+            worst = max(worst, prefix.check(torch.ones(1, n_prefix, device=device), dtype))
+            worst = max(worst, probe.check(own[:, -rest_len:], dtype))
         else:
             probe = _BatchProbe(geo, r_dev, dla_v, b, batch.input_ids.shape[1], batch.n_post, batch.spans,
                                 rows if dla_v is not None else None)
-            hidden = decoder_forward(model, batch, probe.hook_list(model), share_prefix=False)
+            hidden = decoder_forward(model, batch, probe.hook_list(), share_prefix=False)
+            worst = max(worst, probe.check(batch.attention_mask, dtype))
         lengths = batch.lengths.tolist()
         extra: dict[str, Tensor] = {}
         if dla_v is not None and norm is not None and u is not None and u_bias is not None:
@@ -943,13 +981,12 @@ def attribute(
             # The model's own logit difference, from its real final norm and unembedding: the parts must add up.
             actual = (hidden[:, -1].to(torch.float64).cpu() * u[groups]).sum(-1) + u_bias[groups]
             extra["dla_logit_diff"] = actual
-            extra["dla_bias"] = _bias_dla(geo, dla_v, rows) / scale[:, None]
+            extra["dla_bias"] = probe.dla_bias.cpu() / scale[:, None]
             parts = (extra["dla_embed"] + extra["dla_heads"].sum((1, 2)) + extra["dla_mlps"].sum(1) + const
                      + extra["dla_bias"].sum(1))
-            err = float((parts - actual).abs().max())
-            if err > 1e-3 * (1.0 + float(actual.abs().max())):
-                raise RuntimeError(f"direct logit attribution does not add up (error {err:.3g}): this model's final "
-                                   "norm is not a plain RMSNorm/LayerNorm; pass dla=False")
+            exactness.require(parts, actual, dtype, f"direct logit attribution of {geo.architecture}: the parts do "
+                              "not add up to the model's logit difference", n_terms=2 * geo.n_layers + 1,
+                              hint="its final norm or unembedding is not one this library describes; pass dla=False")
         for j, i in enumerate(idx):
             k = lengths[j] - n_prefix  # this pass's own positions of row j (all of them without a shared prefix)
 
@@ -959,6 +996,7 @@ def attribute(
 
             row = {"embed": row_part(probe.embed, prefix.embed if prefix else None),
                    "heads": row_part(probe.heads, prefix.heads if prefix else None),
+                   "attn_bias": row_part(probe.attn_bias, prefix.attn_bias if prefix else None),
                    "mlps": row_part(probe.mlps, prefix.mlps if prefix else None),
                    "resid": row_part(probe.resid, prefix.resid if prefix else None), "spans": batch.spans[j, -lengths[j]:],
                    "sources": probe.sources[j], "attn_mass": probe.attn_mass[j]}
@@ -966,6 +1004,7 @@ def attribute(
             row = {key: val.cpu() for key, val in row.items()}
             per_row[i] = row
             token_strs[i] = [tok.decode([t]) for t in batch.input_ids[j, -lengths[j]:].tolist()]
+    log.debug("attribution of %s adds up to the residual stream within %.3g", geo.architecture, worst)
 
     rows_done = [row for row in per_row if row is not None]
     assert len(rows_done) == n
@@ -982,11 +1021,7 @@ def attribute(
     mask = torch.zeros(n, s_max, dtype=torch.long)
     for i, row in enumerate(rows_done):
         mask[i, s_max - row["embed"].shape[-1]:] = 1
-    attn_bias = None
-    if geo.has_bias:
-        b_r = torch.stack([(b.to(torch.float64).cpu() @ r.cpu()) if b is not None else torch.zeros((), dtype=torch.float64)
-                           for b in geo.b_o])  # [layer]
-        attn_bias = (b_r[None, :, None] * mask[:, None, :]).float()
+    attn_bias = (stack_padded("attn_bias") * mask[:, None, :]).float() if geo.has_bias else None
     dla_rec = None
     if targets is not None and "dla_embed" in rows_done[0]:
         def stack(key: str) -> Tensor:
@@ -994,7 +1029,7 @@ def attribute(
 
         dla_rec = LogitAttribution(stack("dla_embed"), stack("dla_heads"), stack("dla_mlps"),
                                    stack("dla_bias") if geo.has_bias else None, stack("dla_const"),
-                                   stack("dla_logit_diff"), stack("dla_scale"), targets)
+                                   stack("dla_logit_diff"), stack("dla_scale"), targets, space)
     return Attribution(
         embed=stack_padded("embed").float(), heads=stack_padded("heads").float(), mlps=stack_padded("mlps").float(),
         attn_bias=attn_bias, resid=stack_padded("resid").float(), mask=mask, spans=stack_padded("spans"),
@@ -1005,15 +1040,6 @@ def attribute(
         adv_suffix=adv_suffix)
 
 
-def _bias_dla(geo: HeadGeometry, dla_v: Tensor, rows: Tensor) -> Tensor:
-    """``b_O . v`` per row and layer (zero where a layer has no output bias)."""
-    out = torch.zeros(len(rows), geo.n_layers, dtype=torch.float64)
-    for layer, b in enumerate(geo.b_o):
-        if b is not None:
-            out[:, layer] = (dla_v[rows].to(torch.float64) @ b.to(torch.float64).to(dla_v.device)).cpu()
-    return out
-
-
 @dataclass(frozen=True)
 class SourceMatrix:
     """Through-attention decomposition of chosen heads on one prompt.
@@ -1021,7 +1047,9 @@ class SourceMatrix:
     Attributes:
         tokens / spans: the prompt's tokens and their span names.
         heads: the ``(layer, head)`` pairs, in the order of axis 0.
-        contributions: ``[head, dest, src]`` ``A[dest, src] (v_src . W_O[h] r̂)``; rows sum to the head's write.
+        contributions: ``[head, dest, src]`` ``factor_dest A[dest, src] (v_src . W_O[h]^T v)`` (``v = r̂`` and
+            ``factor = 1`` without a post-norm or residual multiplier, see the module docstring); rows sum to the
+            head's write.
         pattern: ``[head, dest, src]`` the attention probabilities.
     """
 
@@ -1085,24 +1113,39 @@ def source_matrix(model: Any, direction: Direction | Tensor, instruction: str, h
 
     def on_v(layer: int) -> hooks.HookFn:
         def fn(v: Tensor, _name: str) -> None:
+            if v.ndim != 3 or v.shape[-1] != geo.n_kv_heads * geo.d_head:
+                raise InputError(f"{geo.architecture}: layer {layer}'s attn.hook_v has shape {tuple(v.shape)}; "
+                                 f"source decomposition needs [batch, pos, {geo.n_kv_heads} * {geo.d_head}]")
             v = v[0].reshape(v.shape[1], geo.n_kv_heads, geo.d_head).to(torch.float64)[:, kv]  # [s, h, d]
             vproj[layer] = torch.einsum("shd,hd->hs", v, geo.head_readout(layer, r[None])[0])
         return fn
 
     def on_pattern(layer: int) -> hooks.HookFn:
         def fn(pattern: Tensor, _name: str) -> None:
+            if pattern.ndim != 4 or pattern.shape[1] != geo.n_heads:
+                raise InputError(f"{geo.architecture}: layer {layer}'s attn.hook_pattern has shape "
+                                 f"{tuple(pattern.shape)}; source decomposition needs [batch, {geo.n_heads}, dest, src]")
             for lay, head in heads:
                 if lay == layer:
                     a = pattern[0, head].to(torch.float64)
                     patt[(lay, head)] = a.cpu()
-                    contrib[(lay, head)] = (a * vproj[layer][head][None, :]).cpu()
+                    contrib[(lay, head)] = a * vproj[layer][head][None, :]
+        return fn
+
+    def on_attn_out(layer: int) -> hooks.HookFn:
+        def fn(o: Tensor, _name: str) -> None:
+            f = geo.attn[layer].factor(o[0])  # [dest]: m / scale(o) per token
+            for lay, head in heads:
+                if lay == layer:
+                    contrib[(lay, head)] = (contrib[(lay, head)] * f[:, None]).cpu()
         return fn
 
     readers = [x for layer in layers for x in ((hooks.attn_v(layer), on_v(layer)),
-                                                (hooks.attn_pattern(layer), on_pattern(layer)))]
+                                                (hooks.attn_pattern(layer), on_pattern(layer)),
+                                                (attn_raw(layer), on_attn_out(layer)))]
     fmt = fmt or chat_format(model.tokenizer)
     _, batch = next(iter(batches(model, [instruction], 1, fmt=fmt, adv_suffix=adv_suffix)))
-    decoder_forward(model, batch, readers, stop_at=hooks.attn_pattern(layers[-1]), share_prefix=False)
+    decoder_forward(model, batch, readers, stop_at=attn_raw(layers[-1]), share_prefix=False)
     tok = model.tokenizer
     return SourceMatrix([tok.decode([t]) for t in batch.input_ids[0].tolist()],
                         [SPAN_NAMES[c] for c in batch.spans[0].tolist()], heads,

@@ -36,3 +36,15 @@ class MissingExtraError(InputError):
 
 class ModelSpecError(InputError):
     """A model spec that names nothing loadable."""
+
+
+class NonFiniteJSONError(RefusalCircuitsError, ValueError):
+    """A NaN or an infinity reached the JSON writer: a bug in the code that built the record, which should have
+    written ``null`` with the reason beside it (:func:`refusal_circuits.io.nullable`). The message names the key
+    path that held it; the command line keeps the traceback, as for any bug."""
+
+    def __init__(self, path: str, value: float) -> None:
+        super().__init__(f"refusing to write {value!r} at {path}: NaN and infinity are not JSON compliant; a "
+                         "statistic that cannot be computed must be written as null with a '_why' reason beside it")
+        self.path = path
+        self.value = value

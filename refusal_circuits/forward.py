@@ -92,6 +92,19 @@ def batches(model: Any, instructions: Sequence[str], batch_size: int, *, fmt: Ch
         yield idx, batch.to(device)
 
 
+def decoder_parts(model: Any) -> tuple[Any, Any] | None:
+    """``(base decoder, output embedding)`` of a bridge's Hugging Face twin (``Qwen2ForCausalLM.model``,
+    ``GPT2LMHeadModel.transformer``, ... and its ``lm_head``), or None for a model without both."""
+    hf = hf_model_of(model)
+    if hf is None:
+        return None
+    base = getattr(hf, "base_model", None)
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    if base is None or base is hf or head is None:
+        return None
+    return base, head
+
+
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass early; never escapes :func:`run_until`."""
 
@@ -131,13 +144,14 @@ def prefix_continuation(model: Any, batch: ChatBatch, n_prefix: int,
                         prefix_readers: Sequence[tuple[str, hooks.HookFn]] = ()) -> PrefixContinuation:
     """Run the first ``n_prefix`` tokens (shared by every row, see :func:`shared_prefix_length`) once, with the
     model's own hooks and ``prefix_readers``, and return what every row continues from."""
-    hf = hf_model_of(model)
-    if hf is None:
+    parts = decoder_parts(model)
+    if parts is None:
         raise TypeError("prefix_continuation needs a model with a Hugging Face twin (a TransformerBridge)")
+    base = parts[0]
     is_prefix = batch.spans == int(Span.PREFIX)
     prefix_ids = batch.input_ids[is_prefix].view(len(batch), n_prefix)[:1]
     with hooks.add_hooks(model, prefix_readers):
-        cache = output_cache(hf.model(input_ids=prefix_ids, use_cache=True))
+        cache = output_cache(base(input_ids=prefix_ids, use_cache=True))
     cache.batch_repeat_interleave(len(batch))
     own = ~is_prefix & batch.attention_mask.bool()
     rest_len = int(own.sum(-1).max())
@@ -168,9 +182,10 @@ def shared_prefix(model: Any, batch: ChatBatch) -> int:
     run both ways (under the hooks registered now) and their outputs at each row's own positions are compared
     (:mod:`refusal_circuits.fastpaths`); a mismatch switches sharing off for the model with a warning.
     """
-    hf = hf_model_of(model)
-    if not SHARE_PREFIX or hf is None or not hasattr(hf, "model"):
+    parts = decoder_parts(model)
+    if not SHARE_PREFIX or parts is None:
         return 0
+    base = parts[0]
     n_prefix = shared_prefix_length(batch)
     if not n_prefix:
         return 0
@@ -180,11 +195,11 @@ def shared_prefix(model: Any, batch: ChatBatch) -> int:
 
         def fast() -> Tensor:
             cont = prefix_continuation(model, small, n_prefix)
-            return _decoder(hf, input_ids=cont.input_ids, attention_mask=cont.attention_mask,
-                            position_ids=cont.position_ids, **cache_kwargs(hf.model, cont.cache))[:, -k:]
+            return _decoder(base, input_ids=cont.input_ids, attention_mask=cont.attention_mask,
+                            position_ids=cont.position_ids, **cache_kwargs(base, cont.cache))[:, -k:]
 
         def plain() -> Tensor:
-            return _decoder(hf, input_ids=small.input_ids, attention_mask=small.attention_mask,
+            return _decoder(base, input_ids=small.input_ids, attention_mask=small.attention_mask,
                             position_ids=small.position_ids)[:, -k:]
 
         with torch.inference_mode():
@@ -209,19 +224,19 @@ def decoder_forward(model: Any, batch: ChatBatch, readers: Sequence[tuple[str, h
     Returns the decoder's last hidden states (after the final norm) for a ``TransformerBridge``; for other
     models the full logits.
     """
-    hf = hf_model_of(model)
+    parts = decoder_parts(model)
     run: Callable[[], Tensor]
-    if hf is None or not hasattr(hf, "model"):
+    if parts is None:
         run = partial(model, batch.input_ids, attention_mask=batch.attention_mask)
     elif not (share_prefix and (n_prefix := shared_prefix(model, batch))):
-        run = partial(_decoder, hf, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+        run = partial(_decoder, parts[0], input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                       position_ids=batch.position_ids)
     else:
         # The prefix once, with the model's own hooks (interventions) but not the readers; then every row
         # continues from its cache.
         cont = prefix_continuation(model, batch, n_prefix, prefix_readers)
-        run = partial(_decoder, hf, input_ids=cont.input_ids, attention_mask=cont.attention_mask,
-                      position_ids=cont.position_ids, **cache_kwargs(hf.model, cont.cache))
+        run = partial(_decoder, parts[0], input_ids=cont.input_ids, attention_mask=cont.attention_mask,
+                      position_ids=cont.position_ids, **cache_kwargs(parts[0], cont.cache))
 
     def stop(_x: Tensor, _name: str) -> None:
         raise _StopForward
@@ -233,8 +248,8 @@ def decoder_forward(model: Any, batch: ChatBatch, readers: Sequence[tuple[str, h
             return None
 
 
-def _decoder(hf: Any, **inputs: Any) -> Tensor:
-    return hf.model(**inputs, use_cache=False).last_hidden_state
+def _decoder(base: Any, **inputs: Any) -> Tensor:
+    return base(**inputs, use_cache=False).last_hidden_state
 
 
 def run_until(model: Any, batch: ChatBatch, stop_at: str, readers: Sequence[tuple[str, hooks.HookFn]] = ()) -> None:
@@ -255,12 +270,10 @@ def last_logits(model: Any, batch: ChatBatch, readers: Sequence[tuple[str, hooks
     ``TransformerBridge`` this runs the Hugging Face decoder (with the shared prefix computed once) and unembeds
     the last position only; other models run a full forward.
     """
-    hf = hf_model_of(model)
+    parts = decoder_parts(model)
     out = decoder_forward(model, batch, readers)
     assert out is not None
-    if hf is not None and hasattr(hf, "lm_head"):
-        return hf.lm_head(out[:, -1])
-    return out[:, -1]
+    return out[:, -1] if parts is None else parts[1](out[:, -1])
 
 
 #: Pack prompts end to end for first-token logits (set False to use padded batches, e.g. to compare).
@@ -306,11 +319,11 @@ def packed_last_logits(model: Any, instructions: Sequence[str], *, fmt: ChatForm
     kernel other than eager or SDPA, no shared prefix, ``PACK`` off, or a model on which packing disagreed with the
     plain forward pass when first checked, see :mod:`refusal_circuits.fastpaths`); callers then use padded batches.
     """
-    hf = hf_model_of(model)
-    if not (PACK and SHARE_PREFIX) or hf is None or not hasattr(hf, "model") or not hasattr(hf, "lm_head") \
-            or not instructions:
+    parts = decoder_parts(model)
+    if not (PACK and SHARE_PREFIX) or parts is None or not instructions:
         return None
-    if getattr(hf.config, "_attn_implementation", "eager") not in ("eager", "sdpa"):
+    base, head = parts
+    if getattr(base.config, "_attn_implementation", "eager") not in ("eager", "sdpa"):
         return None  # a kernel that ignores a custom 4-D mask (flash attention) would mix the packed prompts
     fmt = fmt or chat_format(model.tokenizer)
     n_prefix = len(fmt.prefix_ids)
@@ -328,7 +341,7 @@ def packed_last_logits(model: Any, instructions: Sequence[str], *, fmt: ChatForm
     rows = pack_rows([len(x) for x in own], max_tokens or PACK_TOKENS)
     per_pass = max(1, PACK_BATCH_TOKENS // (max_tokens or PACK_TOKENS))
     with torch.inference_mode():
-        prefix = hf.model(input_ids=torch.tensor([list(fmt.prefix_ids)], device=device), use_cache=True)
+        prefix = base(input_ids=torch.tensor([list(fmt.prefix_ids)], device=device), use_cache=True)
         if fastpaths.allowed(model, fastpaths.PACK) is None:
             # The first few prompts in one packed row (so the block-diagonal mask is what keeps them apart)
             # against the plain padded forward pass of the same prompts.
@@ -336,20 +349,22 @@ def packed_last_logits(model: Any, instructions: Sequence[str], *, fmt: ChatForm
             small = tokenize_chat(model.tokenizer, instructions[:k], fmt=fmt, max_length=context_length(model))
             small = small.to(device)
             fastpaths.check(
-                model, fastpaths.PACK, lambda: _packed(hf, prefix, own[:k], [list(range(k))], 1, n_prefix, fmt),
-                lambda: hf.lm_head(_decoder(hf, input_ids=small.input_ids, attention_mask=small.attention_mask,
-                                            position_ids=small.position_ids)[:, -1]),
+                model, fastpaths.PACK, lambda: _packed(parts, prefix, own[:k], [list(range(k))], 1, n_prefix, fmt),
+                lambda: head(_decoder(base, input_ids=small.input_ids, attention_mask=small.attention_mask,
+                                      position_ids=small.position_ids)[:, -1]),
                 n_terms=fastpaths.n_terms(model), n_prompts=k)
         if not fastpaths.allowed(model, fastpaths.PACK):
             return None
-        return _packed(hf, prefix, own, rows, per_pass, n_prefix, fmt, progress=progress, desc=desc)
+        return _packed(parts, prefix, own, rows, per_pass, n_prefix, fmt, progress=progress, desc=desc)
 
 
-def _packed(hf: Any, prefix: Any, own: Sequence[Sequence[int]], rows: Sequence[Sequence[int]], per_pass: int,
+def _packed(parts: tuple[Any, Any], prefix: Any, own: Sequence[Sequence[int]], rows: Sequence[Sequence[int]], per_pass: int,
             n_prefix: int, fmt: ChatFormat, *, progress: bool = False, desc: str = "") -> Tensor:
-    """Last-position logits of every prompt's ``own`` tokens packed into ``rows`` after the cached ``prefix``."""
+    """Last-position logits of every prompt's ``own`` tokens packed into ``rows`` after the cached ``prefix``
+    (``parts``: the base decoder and output embedding, :func:`decoder_parts`)."""
     from tqdm.auto import tqdm
 
+    base, head = parts
     device = prefix.last_hidden_state.device
     dtype = prefix.last_hidden_state.dtype
     out: list[Tensor | None] = [None] * len(own)
@@ -375,11 +390,10 @@ def _packed(hf: Any, prefix: Any, own: Sequence[Sequence[int]], rows: Sequence[S
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
         cache = copy.deepcopy(output_cache(prefix))
         cache.batch_repeat_interleave(len(group))
-        hidden = hf.model(input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
-                          position_ids=pos.to(device), use_cache=False,
-                          **cache_kwargs(hf.model, cache)).last_hidden_state
+        hidden = base(input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
+                      position_ids=pos.to(device), use_cache=False, **cache_kwargs(base, cache)).last_hidden_state
         index = torch.tensor([[r, at] for _, r, at in ends], device=device)
-        logits = hf.lm_head(hidden[index[:, 0], index[:, 1]])
+        logits = head(hidden[index[:, 0], index[:, 1]])
         for k, (i, _, _) in enumerate(ends):
             out[i] = logits[k]
     return torch.stack([t for t in out if t is not None])

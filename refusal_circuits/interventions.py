@@ -1,13 +1,22 @@
 """Interventions on the refusal direction: directional ablation, activation addition, weight orthogonalisation.
 
 * :func:`ablate` removes r̂ from every write into the residual stream (the embedding and every attention and
-  MLP output, at every layer and position, generated tokens included): ``x <- x - (x . r̂) r̂``. Since the
-  stream is a sum of those writes, r̂ never appears in it.
+  MLP write, at every layer and position, generated tokens included): ``x <- x - (x . r̂) r̂``. Since the
+  stream is a sum of those writes, r̂ never appears in it. A write is what is actually added to the stream
+  (:func:`~refusal_circuits.geometry.write_hooks`): ``resid_pre[0]`` for the embedding (after
+  Gemma's and Granite's embedding scales and GPT-2's position embedding), a post-norm's *output* where a sublayer
+  has one (Gemma-2/3, OLMo-2: projecting r̂ out of the attention output *before* the norm would not remove it,
+  the norm's weight turns other directions back into r̂), else the sublayer's raw output (a residual multiplier
+  after it, Granite's, is a scalar and keeps r̂'s span). This is the architecture-independent definition:
+  projecting r̂ out of the stream after every write; for Qwen2 and Llama it is the same hooks as before.
 * :func:`actadd` adds ``alpha * r̂`` to ``resid_pre[layer]`` at every position (Arditi et al.'s activation
   addition; ``alpha`` defaults to the norm of the unnormalised difference in means).
 * :func:`orthogonalize` makes the ablation permanent: it projects r̂ out of every weight and bias that writes
   into the residual stream and returns a new model; :func:`export_hf` writes it as a plain Hugging Face
-  directory that transformers and :func:`~refusal_circuits.models.load_model` load.
+  directory that transformers and :func:`~refusal_circuits.models.load_model` load. Scalar multipliers
+  (Gemma's ``sqrt(d_model)`` embedding scale, Granite's multipliers) commute with the projection. A post-norm
+  after a writer does not: ``w * P(o) / scale(P(o))`` is not ``P(w * o / scale(o))``, so no weight edit equals the
+  ablation, and :func:`orthogonalize` refuses such models (use :func:`ablate`).
 
 The first two are :class:`~refusal_circuits.hooks.HookHandle` objects: use them as context managers (they nest,
 and their hooks are removed when an exception flies) or call ``remove()``.
@@ -26,7 +35,8 @@ from torch import Tensor
 from refusal_circuits import hooks
 from refusal_circuits.directions import Direction, DirectionVector
 from refusal_circuits.errors import InputError
-from refusal_circuits.models import hf_model_of
+from refusal_circuits.geometry import head_geometry, write_hooks
+from refusal_circuits.models import boot_bridge, hf_model_of
 
 
 def _unit(direction: Direction | Tensor, model: Any, dtype: torch.dtype = torch.float32) -> DirectionVector:
@@ -42,12 +52,9 @@ def _unit(direction: Direction | Tensor, model: Any, dtype: torch.dtype = torch.
 
 
 def residual_write_hooks(model: Any) -> list[str]:
-    """Hook points of every write into the residual stream: the embeddings, then each attention and MLP output."""
-    names = hooks.residual_writers(int(model.cfg.n_layers))
-    # Learned absolute position embeddings (GPT-2 style) are a write too; rotary ones are not.
-    if getattr(model.cfg, "positional_embedding_type", None) == "standard" and hooks.POS_EMBED in model.hook_dict:
-        names.insert(1, hooks.POS_EMBED)
-    return names
+    """Hook points whose outputs are exactly the writes into the residual stream: ``resid_pre[0]`` (the whole
+    embedding), then each layer's attention and MLP write (a post-norm's output where there is one)."""
+    return write_hooks(model)
 
 
 def project_out(x: Tensor, unit: Tensor) -> Tensor:
@@ -61,6 +68,9 @@ def ablate(model: Any, direction: Direction | Tensor) -> hooks.HookHandle:
 
     >>> with ablate(model, direction):            # doctest: +SKIP
     ...     completions = generate(model, prompts)
+
+    Works on every architecture :func:`~refusal_circuits.geometry.head_geometry` describes, post-norms included
+    (where :func:`orthogonalize` refuses).
     """
     unit = _unit(direction, model)
 
@@ -157,9 +167,11 @@ def _writer_parameters(model: Any, expected: set[str]) -> dict[str, str]:
 
     def take(component: Any, kind: str) -> None:
         module = getattr(component, "original_component", component)
+        # GPT-2's Conv1D stores its weight [in, out]: the residual is the last axis, as for an embedding's rows.
+        layout = "rows" if type(module).__name__ == "Conv1D" else "linear"
         for pname, p in module.named_parameters(recurse=False):
             if id(p) in names:
-                found[names[id(p)]] = f"{kind}.{pname}"
+                found[names[id(p)]] = f"{kind}.{pname}" + (f".{layout}" if pname == "weight" else "")
 
     take(model.embed, "embed")
     if getattr(model.cfg, "positional_embedding_type", None) == "standard" and hasattr(model, "pos_embed"):
@@ -170,21 +182,36 @@ def _writer_parameters(model: Any, expected: set[str]) -> dict[str, str]:
     return found
 
 
+def check_orthogonalizable(model: Any) -> None:
+    """Raise :class:`InputError` unless projecting r̂ out of the writers' weights equals :func:`ablate` on
+    ``model``: it does not where a norm follows a writer (Gemma-2, Gemma-3, OLMo-2 post-norms)."""
+    geo = head_geometry(model)
+    if geo.has_post_norm:
+        raise InputError(
+            f"{geo.architecture} normalises its attention and MLP outputs after the output projection "
+            f"({', '.join(geo.post_norms())}): orthogonalising o_proj and down_proj no longer removes r̂ from what "
+            "reaches the residual stream (the norm rescales each token and its weight turns other directions back "
+            "into r̂), and no weight edit equals directional ablation there; use hook ablation instead: "
+            "refusal_circuits.interventions.ablate(model, direction)")
+
+
 def orthogonalized_state_dict(model: Any, direction: Direction | Tensor) -> tuple[dict[str, Tensor], bool]:
     """Raw HF weights with r̂ projected out of every residual-stream write; returns ``(state, untied)``.
 
     Weights are edited in float64 and cast back. If the input and output embeddings were tied, the output
-    embedding keeps the original weights and ``untied`` is True (the config must then be untied).
+    embedding keeps the original weights and ``untied`` is True (the config must then be untied). Raises
+    :class:`InputError` for models where no weight edit equals the ablation (:func:`check_orthogonalizable`).
     """
     unit = _unit(direction, model).to(torch.float64)
+    check_orthogonalizable(model)
     state = clean_state_dict(model)
     writers = _writer_parameters(model, set(state))  # the clean keys are exactly the architecture's own
     tied = bool(getattr((hf_model_of(model) or model).config, "tie_word_embeddings", False))
     out = dict(state)
     for name, kind in writers.items():
         w = state[name].to(torch.float64)
-        if kind.startswith(("embed", "pos_embed")):
-            edited = w - (w @ unit)[:, None] * unit[None, :]  # rows are residual vectors
+        if kind.startswith(("embed", "pos_embed")) or kind.endswith(".rows"):
+            edited = w - (w @ unit)[:, None] * unit[None, :]  # rows are residual vectors (Conv1D: x W, [in, out])
         elif w.ndim == 2:
             edited = w - unit[:, None] * (unit @ w)[None, :]  # nn.Linear: out = W x, out in the residual
         else:
@@ -193,7 +220,7 @@ def orthogonalized_state_dict(model: Any, direction: Direction | Tensor) -> tupl
     # The embedding is edited; an output embedding that shares its storage (tied weights) must keep the
     # original, so the new model gets its own copy and an untied config.
     hf = hf_model_of(model) or model
-    embed_name = next(n for n, k in writers.items() if k == "embed.weight")
+    embed_name = next(n for n, k in writers.items() if k.startswith("embed.weight"))
     embed_ptr = state[embed_name].data_ptr()
     for n, p in hf.named_parameters(remove_duplicate=False):
         clean = n.replace(_WRAPPER, "")
@@ -206,10 +233,11 @@ def orthogonalized_state_dict(model: Any, direction: Direction | Tensor) -> tupl
 def orthogonalize(model: Any, direction: Direction | Tensor) -> Any:
     """A new model (a TransformerBridge in raw weights) whose weights never write r̂ into the residual stream.
 
-    Its logits equal those of ``model`` under :func:`ablate` up to float32 rounding. The input model is not
-    changed; the new one holds a second copy of the weights.
+    Its logits equal those of ``model`` under :func:`ablate` up to float32 rounding (checked per architecture in
+    ``tests/test_architectures.py``). The input model is not changed; the new one holds a second copy of the
+    weights. Models with a norm after their writers (Gemma-2, Gemma-3, OLMo-2) are refused with
+    :class:`InputError`: use :func:`ablate` there.
     """
-    from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM
 
     hf = hf_model_of(model)
@@ -226,14 +254,32 @@ def orthogonalize(model: Any, direction: Direction | Tensor) -> Any:
     new.eval()
     new.requires_grad_(False)
     source = getattr(model, "refusal_circuits_source", None) or hf.config.name_or_path
-    bridge = TransformerBridge.boot_transformers(source, hf_model=new, tokenizer=model.tokenizer,
-                                                 device=next(hf.parameters()).device,
-                                                 dtype=next(hf.parameters()).dtype)
-    bridge.eval()
     spec = getattr(model, "refusal_circuits_spec", None) or source
-    bridge.refusal_circuits_spec = f"{spec}+orthogonalized"
-    bridge.refusal_circuits_source = source
+    bridge = boot_bridge(new, model.tokenizer, source, f"{spec}+orthogonalized", device=next(hf.parameters()).device,
+                         dtype=next(hf.parameters()).dtype)
+    _check_equals_ablation(model, new, direction)
     return bridge
+
+
+@torch.inference_mode()
+def _check_equals_ablation(model: Any, edited_hf: Any, direction: Direction | Tensor) -> None:
+    """Raise :class:`~refusal_circuits.exactness.ExactnessError` unless the edited weights' logits equal hook
+    ablation's on a short probe sequence (two forward passes of 12 tokens): the run-time proof that the weight
+    edit covered every writer of this architecture."""
+    from refusal_circuits import exactness
+    from refusal_circuits.geometry import architecture_of
+
+    hf = hf_model_of(model)
+    assert hf is not None
+    vocab = int(hf.get_input_embeddings().weight.shape[0])
+    ids = torch.randint(0, min(vocab, 4096), (1, 12), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(next(hf.parameters()).device)
+    with ablate(model, direction):
+        want = hf(input_ids=ids, use_cache=False).logits
+    got = edited_hf(input_ids=ids, use_cache=False).logits
+    exactness.require(got, want, exactness.compute_dtype(hf), f"orthogonalized weights of {architecture_of(model)} "
+                      "do not reproduce hook ablation", n_terms=2 * int(model.cfg.n_layers) + 1,
+                      hint="some residual-stream writer of this architecture was not edited; use ablate() instead")
 
 
 def export_hf(model: Any, out_dir: str | os.PathLike[str], *, extra_meta: dict[str, Any] | None = None) -> Path:

@@ -337,8 +337,6 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = torch.fl
         The bridge; ``bridge.original_model`` is the Hugging Face model, sharing its parameters. Hooks on the
         bridge also fire when the Hugging Face model is called directly (e.g. by ``generate``).
     """
-    from transformer_lens.model_bridge import TransformerBridge
-
     parsed = ModelSpec.parse(spec)
     t0 = time.perf_counter()
     if device_map is not None and str(device) != "cpu":
@@ -349,17 +347,30 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype | str = torch.fl
     model, tokenizer, source = load_hf(parsed, dtype=dtype, device=device, cache_dir=cache_dir,
                                        trust_remote_code=trust_remote_code, device_map=device_map)
     # A dispatched model keeps accelerate's placement: the bridge must not move it to one device.
-    bridge = TransformerBridge.boot_transformers(source, hf_model=model, tokenizer=tokenizer,
-                                                 device=None if device_map is not None else device,
+    bridge = boot_bridge(model, tokenizer, source, str(parsed), device=None if device_map is not None else device,
+                         dtype=dtype, trust_remote_code=trust_remote_code)
+    log.info("loaded %s in %.1f s", parsed, time.perf_counter() - t0)
+    return bridge
+
+
+def boot_bridge(hf_model: Any, tokenizer: Any, source: str, spec: str, *, device: str | torch.device | None,
+                dtype: torch.dtype, trust_remote_code: bool = False) -> TransformerBridge:
+    """Wrap a loaded Hugging Face model in a ``TransformerBridge`` (raw weights), the one way this library does.
+
+    Every bridge the library makes (loaded models, orthogonalized copies) comes from here, so each gets the cache
+    adapter of :mod:`refusal_circuits.compat` and carries its provenance (``spec``: what records name it by).
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(source, hf_model=hf_model, tokenizer=tokenizer, device=device,
                                                  dtype=dtype, trust_remote_code=trust_remote_code)
     bridge.eval()
     # TransformerLens 4.3's attention bridges read the key-value cache only as `past_key_values`; transformers 5.24
     # passes it as `cache` (see refusal_circuits.compat): without this every cached forward ignores the cache.
     adapt_bridge(bridge.original_model)
     # Provenance travels with the model: every record it produces names this spec.
-    bridge.refusal_circuits_spec = str(parsed)
+    bridge.refusal_circuits_spec = spec
     bridge.refusal_circuits_source = source
-    log.info("loaded %s in %.1f s", parsed, time.perf_counter() - t0)
     return bridge
 
 

@@ -139,7 +139,10 @@ class HeadEffect:
     """One head: its direct write onto r̂ and its total effects on refusal (means over prompts).
 
     Attributes:
-        direct_harmful / direct_harmless: mean direct write onto r̂ over the post-instruction tokens.
+        direct_harmful / direct_harmless: mean direct write onto r̂ over the post-instruction tokens (times the
+            residual multiplier where the model has one). NaN for a head whose layer normalises its attention output
+            (Gemma-2/3, OLMo-2 post-norms): there a write depends on each token's norm scale, which the mean output
+            does not have; :func:`~refusal_circuits.attribution.attribute` gives those writes exactly per token.
         patch_harmful: change of the refusal score on harmful prompts when the head's output at the
             post-instruction tokens is replaced by its harmless mean (negative: the head supports refusal).
         patch_harmless: change on harmless prompts under the harmful mean (positive: the head can induce refusal).
@@ -177,7 +180,18 @@ class HeadEffects:
         return {"model": self.model, "direction": self.direction, "baseline_harmful": self.baseline_harmful,
                 "baseline_harmless": self.baseline_harmless, "n_harmful": self.n_harmful,
                 "n_harmless": self.n_harmless,
-                "heads": [{**e.__dict__, "direct_gap": e.direct_gap} for e in self.effects]}
+                "heads": [self._head_json(e) for e in self.effects]}
+
+    @staticmethod
+    def _head_json(e: HeadEffect) -> dict[str, Any]:
+        from refusal_circuits.io import nullable
+
+        why = "the head's layer normalises its attention output per token (post-norm): see attribute()"
+        out: dict[str, Any] = {k: v for k, v in e.__dict__.items() if not k.startswith("direct_")}
+        for key in ("direct_harmful", "direct_harmless"):
+            out.update(nullable(key, getattr(e, key), why))
+        out.update(nullable("direct_gap", e.direct_gap, why))
+        return out
 
     def _repr_html_(self) -> str:
         rows = "".join(
@@ -228,6 +242,8 @@ def total_effects(model: Any, direction: Direction, harmful: Sequence[str], harm
              for name, group in (("harmful", harmful), ("harmless", harmless))}
     means = {name: {layer: z.to(torch.float64).mean(0) for layer, z in run.z.items()} for name, run in clean.items()}
     read = {layer: geo.head_readout(layer, r[None].to(geo.w_o[layer].device))[0].cpu() for layer in layers}
+    # Without a post-norm a head's write is m * z_h . W_O[h]^T r̂; with one it needs each token's scale (NaN).
+    factor = {layer: geo.attn[layer].multiplier if geo.attn[layer].norm is None else float("nan") for layer in layers}
 
     def head_mean(which: str, layer: int, head: int) -> Tensor:
         return means[which][layer][:, head * d_head:(head + 1) * d_head]
@@ -247,8 +263,8 @@ def total_effects(model: Any, direction: Direction, harmful: Sequence[str], harm
         s_l, _ = scores(harmless, to_harmful)
         effects.append(HeadEffect(
             layer, head,
-            direct_harmful=float((head_mean("harmful", layer, head) @ read[layer][head]).mean()),
-            direct_harmless=float((head_mean("harmless", layer, head) @ read[layer][head]).mean()),
+            direct_harmful=factor[layer] * float((head_mean("harmful", layer, head) @ read[layer][head]).mean()),
+            direct_harmless=factor[layer] * float((head_mean("harmless", layer, head) @ read[layer][head]).mean()),
             patch_harmful=s_h - base_h, patch_harmless=s_l - base_l, projection_harmful=p_h - base_proj_h))
     from refusal_circuits.models import model_id
 
