@@ -47,6 +47,11 @@ _EXPORTS = {
     "ablate_heads": "refusal_circuits.patching",
     "total_effects": "refusal_circuits.patching",
     "InputError": "refusal_circuits.errors",
+    "RefusalCircuitsError": "refusal_circuits.errors",
+    "ExactnessError": "refusal_circuits.exactness",
+    "FastPathWarning": "refusal_circuits.fastpaths",
+    "check": "refusal_circuits.selfcheck",
+    "CheckReport": "refusal_circuits.selfcheck",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -235,6 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--direction", required=True, help="a directory written by `directions`")
     o.add_argument("--out", required=True, help="output model directory")
     o.set_defaults(func=cmd_orthogonalize)
+
+    k = sub.add_parser("check", help="run every self-check on a model: what is exact for it and what is refused",
+                       description=(
+                           "Compare every fast path with the plain computation, the chat-template positions with "
+                           "the tokenizer's own template, attribution and DLA with what they must add up to, and "
+                           "orthogonalized weights with hook ablation, on a few fixed prompts; print the table with "
+                           "the package versions. Exit code 0 when nothing failed, 1 when something did."))
+    _model_arg(k)
+    k.add_argument("--json", dest="json_out", default=None, help="also write the report as JSON to this file")
+    k.set_defaults(func=cmd_check)
     return parser
 
 
@@ -327,11 +337,15 @@ def _print_headline(results: dict) -> None:
     base = results["refusal"]["baseline"]
     transfer = results["languages"]["transfer"]
     ablated = transfer["ablate"].get(d["lang"], {})
+
+    def pct(g: dict | None, key: str) -> str:
+        return "  n/a" if g is None or g.get(key) is None else f"{g[key]:5.1%}"
+
     for lang, groups in base.items():
         h, s = groups.get("harmful"), groups.get("harmless")
         a, b = ablated.get(lang), transfer["baseline"].get(lang, {}).get("harmful")
-        print(f"{lang}: refusal harmful {h['refusal_rate']:5.1%}  harmless {s['refusal_rate']:5.1%}"
-              + (f"  | first token, harmful: {b['rate']:5.1%}, with r̂({d['lang']}) ablated {a['rate']:5.1%}"
+        print(f"{lang}: refusal harmful {pct(h, 'refusal_rate')}  harmless {pct(s, 'refusal_rate')}"
+              + (f"  | first token, harmful: {pct(b, 'rate')}, with r̂({d['lang']}) ablated {pct(a, 'rate')}"
                  if a and b else ""))
 
 
@@ -395,7 +409,8 @@ def _splits(prompts, lang: str, max_prompts: int | None):
     own = prompts.filter(lang=lang)
     if not len(own):
         raise InputError(f"no prompts in language {lang!r}; the prompts have {', '.join(prompts.langs)}")
-    if any(r.split is not None for r in own):
+    hashed = not any(r.split is not None for r in own)
+    if not hashed:
         train, val = own.filter(split="train"), own.filter(split="val")
     else:
         def bucket(r) -> str:
@@ -408,7 +423,10 @@ def _splits(prompts, lang: str, max_prompts: int | None):
     for name, part in (("train", train), ("val", val)):
         counts = part.counts().get(lang, {})
         if not counts.get("harmful") or not counts.get("harmless"):
-            raise InputError(f"the {name} split of {lang!r} needs harmful and harmless prompts (has {counts or 'none'})")
+            have = ", ".join(f"{counts.get(label, 0)} {label}" for label in ("harmful", "harmless"))
+            how = (" (the prompts have no 'split' key: about 1 in 5 of each label goes to val, by a hash of its id)"
+                   if hashed else "")
+            raise InputError(f"the {name} split of {lang!r} needs harmful and harmless prompts (has {have}){how}")
     return train, val
 
 
@@ -482,7 +500,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from refusal_circuits.directions import Direction, check_compatible, load_direction
     from refusal_circuits.evaluation import evaluate_with_scores
     from refusal_circuits.forward import check_context
-    from refusal_circuits.io import write_json
+    from refusal_circuits.io import nullable, write_json
     from refusal_circuits.models import ModelSpec, load_model
 
     ModelSpec.parse(args.model)
@@ -535,6 +553,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         result["actadd"] = {"layer": args.layer if args.layer is not None else direction.layer,
                             "alpha": args.alpha if args.alpha is not None else interventions.default_alpha(direction),
                             "norm": direction.norm}
+    if make is not None and "capability" not in result:
+        result.update(nullable("capability", None, "no harmless prompts to measure it on"))
     result["prompts"] = args.prompts
     result["split"] = args.split
     write_json(args.out, result)
@@ -618,22 +638,32 @@ def cmd_attribute(args: argparse.Namespace) -> None:
                                     tokens.for_lang(lang), batch_size=args.batch_size, progress=_progress())
             write_json(out / "effects.json", effects.to_json())
             print(repr(effects))
+        else:
+            print(f"total effects skipped: they patch harmless means into harmful prompts and back, and the {lang} "
+                  f"prompts are {', '.join(sorted(set(own.labels)))} only")
     print(f"wrote {out / 'attributions.safetensors'}, {out / 'attributions.json'}, {out / 'summary.json'}"
           + (f" and {out / 'effects.json'}" if effects is not None else ""))
 
 
 def _baseline_from_evaluation(path: str) -> dict:
+    """Baseline (harmful, harmless) rates per language from an `evaluate` JSON; a label it lacks is None."""
     import json
 
     from refusal_circuits.crosslingual import Rate
+
+    def rate(g: dict | None) -> Rate | None:
+        if g is None:
+            return None
+        refused = g["refused"] if "refused" in g else round((g["refusal_rate"] or 0.0) * g["n"])
+        return Rate(int(refused), int(g["n"]))
 
     try:
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
         out = {}
         for lang, groups in obj["results"].items():
-            h, s = groups["harmful"], groups["harmless"]
-            out[lang] = (Rate(round(h["refusal_rate"] * h["n"]), int(h["n"])),
-                         Rate(round(s["refusal_rate"] * s["n"]), int(s["n"])))
+            if not {"harmful", "harmless"} & set(groups):
+                raise KeyError("harmful or harmless")
+            out[lang] = (rate(groups.get("harmful")), rate(groups.get("harmless")))
         return out
     except FileNotFoundError:
         raise InputError(f"--evaluation {path}: no such file") from None
@@ -645,7 +675,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     import json
 
     from refusal_circuits.attribution import TOKENS_FILE, load_attribution
-    from refusal_circuits.crosslingual import Rate, divergence, pair_rows, patch_top_heads
+    from refusal_circuits.crosslingual import Rate, divergence, patch_json, patch_top_heads, unpaired_why
     from refusal_circuits.io import write_json
 
     if not 0 < args.alpha < 1:
@@ -665,11 +695,12 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if unknown:
         raise InputError(f"--langs: {', '.join(unknown)} not in the attributions (they have {', '.join(present)})")
     if not langs:
-        raise InputError("nothing to compare: the attributions hold only the base language")
-    for lang in langs:
-        if len(pair_rows(attribution, args.base, lang)) < 2:
-            raise InputError(f"{lang}: fewer than 2 harmful prompts share an id with {args.base}; nothing to pair")
-    baseline: dict[str, tuple[Rate, Rate]] | None = None
+        raise InputError(f"nothing to compare: the attributions hold only the base language {args.base}")
+    unpaired = {x: unpaired_why(attribution, args.base, x) for x in langs}
+    if all(unpaired.values()):  # with some pairs the others are reported as skipped, with the reason
+        raise InputError("nothing to pair: " + "; ".join(str(why) for why in unpaired.values()))
+    paired_langs = [x for x in langs if not unpaired[x]]
+    baseline: dict[str, tuple[Rate | None, Rate | None]] | None = None
     patches = {}
     if args.evaluation:
         baseline = _baseline_from_evaluation(args.evaluation)
@@ -687,6 +718,13 @@ def cmd_compare(args: argparse.Namespace) -> None:
         direction = load_direction(dpath)
         source = args.prompts or meta.get("prompts") or "bundled"
         prompts = load_prompts(source, langs=[args.base, *langs])
+        if args.directions:  # every language's direction needs both labels: say so before the model loads
+            from refusal_circuits.crosslingual import check_language_groups
+
+            check_language_groups(prompts, [args.base, *langs], split="train", max_prompts=args.max_prompts,
+                                  what="--directions")
+            check_language_groups(prompts, [args.base, *langs], split="test", max_prompts=args.max_prompts,
+                                  what="--directions (the transfer matrix)")
         by_key = {(r.id, r.lang, r.label): r for r in prompts}
         missing = [k for k in zip(attribution.ids, attribution.langs, attribution.labels, strict=True)
                    if k[1] in (args.base, *langs) and k not in by_key]
@@ -701,12 +739,16 @@ def cmd_compare(args: argparse.Namespace) -> None:
             from refusal_circuits.evaluation import evaluate_refusal
 
             ev = evaluate_refusal(model, chosen, max_new_tokens=24, batch_size=args.batch_size, progress=_progress())
-            baseline = {lang: (Rate(g["harmful"].refused, g["harmful"].n), Rate(g["harmless"].refused, g["harmless"].n))
-                        for lang, g in ev.results.items() if "harmful" in g and "harmless" in g}
+
+            def rate(g: dict, label: str) -> Rate | None:
+                return Rate(g[label].refused, g[label].n) if label in g else None
+
+            baseline = {lang: (rate(g, "harmful"), rate(g, "harmless")) for lang, g in ev.results.items()}
         tokens = direction.meta.get("refusal_tokens", {}).get("ids", {}).get(direction.lang)
         if args.patch_top_k and tokens:
-            patches = patch_top_heads(model, direction, attribution, prompts, args.base, langs, args.patch_top_k,
-                                      tokens, alpha=args.alpha, batch_size=args.batch_size, progress=_progress())
+            patches = patch_top_heads(model, direction, attribution, prompts, args.base, paired_langs,
+                                      args.patch_top_k, tokens, alpha=args.alpha, batch_size=args.batch_size,
+                                      progress=_progress())
     result = divergence(attribution, args.base, langs, baseline=baseline, patch=patches, alpha=args.alpha)
     obj = result.to_json()
     from refusal_circuits.crosslingual import separation
@@ -715,10 +757,12 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if args.directions:
         obj.update(_directions_study(model, direction, prompts, [args.base, *langs], args))
     for lang, pp in patches.items():
-        obj["languages"][lang]["patch"] = pp.to_json()
+        obj["languages"][lang]["patch"] = patch_json(pp)
     write_json(out / "divergence.json", obj)
     for d in result.languages.values():
         print(d.summary())
+    for lang, why in result.skipped.items():
+        print(f"{lang}: not compared ({why})")
     print(f"wrote {out / 'divergence.json'}")
 
 
@@ -769,6 +813,21 @@ def cmd_orthogonalize(args: argparse.Namespace) -> None:
     print(f"wrote {out} (load it with --model {out})")
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from refusal_circuits.io import write_json
+    from refusal_circuits.models import ModelSpec, load_model
+    from refusal_circuits.selfcheck import check
+
+    ModelSpec.parse(args.model)
+    if args.json_out and not Path(args.json_out).resolve().parent.is_dir():
+        raise InputError(f"--json {args.json_out}: its directory does not exist")
+    report = check(load_model(args.model, **_placement(args)))
+    print(report.table())
+    if args.json_out:
+        write_json(args.json_out, report.to_json())
+    return 0 if report.ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -791,14 +850,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         os.environ.setdefault("TQDM_DISABLE", "1")
     try:
-        args.func(args)
+        code = args.func(args)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished outputs are intact", file=sys.stderr)
         return 130
-    return 0
+    return int(code or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,6 +36,7 @@ from refusal_circuits.data import PromptSet
 from refusal_circuits.directions import Direction, DirectionCandidates, candidates_from_means
 from refusal_circuits.errors import InputError
 from refusal_circuits.evaluation import wilson_interval
+from refusal_circuits.io import nullable
 from refusal_circuits.models import model_id
 
 # --------------------------------------------------------------------------------------------------------------
@@ -43,7 +44,8 @@ from refusal_circuits.models import model_id
 
 
 def auroc(pos: Tensor, neg: Tensor) -> float:
-    """Area under the ROC curve of ``pos`` above ``neg`` (ties count half): P(pos > neg)."""
+    """Area under the ROC curve of ``pos`` above ``neg`` (ties count half): P(pos > neg); NaN when either group is
+    empty (:func:`groups_why` says which)."""
     if len(pos) == 0 or len(neg) == 0:
         return float("nan")
     diff = pos.double()[:, None] - neg.double()[None, :]
@@ -51,16 +53,34 @@ def auroc(pos: Tensor, neg: Tensor) -> float:
 
 
 def cohens_d(pos: Tensor, neg: Tensor) -> float:
-    """Standardised mean difference with the pooled standard deviation."""
+    """Standardised mean difference with the pooled standard deviation; NaN with fewer than 2 values in a group
+    or no variation within the groups (:func:`groups_why`)."""
     n1, n2 = len(pos), len(neg)
     if n1 < 2 or n2 < 2:
         return float("nan")
     v = ((n1 - 1) * pos.double().var() + (n2 - 1) * neg.double().var()) / (n1 + n2 - 2)
-    return float((pos.double().mean() - neg.double().mean()) / v.sqrt().clamp(min=1e-12))
+    if float(v) <= 0.0:
+        return float("nan")
+    return float((pos.double().mean() - neg.double().mean()) / v.sqrt())
+
+
+def groups_why(n_pos: int, n_neg: int, *, need: int = 1, pos: str = "harmful", neg: str = "harmless"
+               ) -> str | None:
+    """Why a two-group statistic (:func:`auroc`: ``need=1``; :func:`cohens_d`: ``need=2``) cannot be computed on
+    groups of these sizes, or None when it can (Cohen's d also needs some spread within the groups)."""
+    short = [name for name, n in ((pos, n_pos), (neg, n_neg)) if n < need]
+    if not short:
+        return None
+    if need == 1:
+        return " and ".join(f"no {name} prompts" for name in short)
+    return " and ".join(f"fewer than {need} {name} prompts" for name in short)
 
 
 def spearman(a: Tensor, b: Tensor) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
+    """Spearman rank correlation (average ranks for ties); NaN for fewer than 3 points or a constant input
+    (:func:`correlation_why`)."""
+    if correlation_why(a, b) is not None:
+        return float("nan")
 
     def ranks(x: Tensor) -> Tensor:
         x = x.double().flatten()
@@ -77,18 +97,30 @@ def spearman(a: Tensor, b: Tensor) -> float:
 
     ra, rb = ranks(a), ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = (ra.norm() * rb.norm()).clamp(min=1e-12)
-    return float((ra @ rb) / denom)
+    return float((ra @ rb) / (ra.norm() * rb.norm()))
+
+
+def correlation_why(a: Tensor, b: Tensor, what: str = "points") -> str | None:
+    """Why the correlation of ``a`` and ``b`` is not defined (fewer than 3 ``what``, or a constant side), or None."""
+    if a.numel() < 3:
+        return f"fewer than 3 {what}"
+    if bool((a.flatten() == a.flatten()[0]).all()) or bool((b.flatten() == b.flatten()[0]).all()):
+        return f"the {what} do not vary"
+    return None
 
 
 def benjamini_hochberg(p: Tensor) -> Tensor:
-    """Benjamini-Hochberg adjusted p-values (monotone, capped at 1), same shape as ``p``."""
+    """Benjamini-Hochberg adjusted p-values (monotone, capped at 1), same shape as ``p``; NaN p-values (no test)
+    stay NaN and do not count among the tests."""
     flat = p.double().flatten()
-    m = len(flat)
-    order = torch.argsort(flat)
+    out = torch.full_like(flat, float("nan"))
+    tested = torch.nonzero(~torch.isnan(flat)).flatten()
+    m = len(tested)
+    if m == 0:
+        return out.view(p.shape)
+    order = tested[torch.argsort(flat[tested])]
     ranked = flat[order] * m / torch.arange(1, m + 1, dtype=torch.float64)
     adj = torch.flip(torch.cummin(torch.flip(ranked, [0]), 0).values, [0]).clamp(max=1.0)
-    out = torch.empty_like(flat)
     out[order] = adj
     return out.view(p.shape)
 
@@ -120,6 +152,19 @@ def paired_stats(diffs: Float[Tensor, "pair ..."], *, n_boot: int = 2000, n_perm
             "std": d.std(0).view(shape)}
 
 
+#: Why a paired comparison of one pair has no interval, test or significance.
+ONE_PAIR = "one pair: no interval or test from a single difference"
+
+
+def _paired_stats_or_single(diffs: Tensor, **kw: Any) -> dict[str, Tensor]:
+    """:func:`paired_stats`, or for a single pair its difference as the mean and NaN for everything else."""
+    if diffs.shape[0] != 1:
+        return paired_stats(diffs, **kw)
+    mean = diffs[0].double()
+    nan = torch.full_like(mean, float("nan"))
+    return {"mean": mean, "ci_low": nan, "ci_high": nan.clone(), "p": nan.clone(), "std": nan.clone()}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Directions per language.
 
@@ -133,8 +178,20 @@ def _language_groups(prompts: PromptSet, lang: str, split: str, max_prompts: int
         own = own.head(max_prompts)
     harmful, harmless = own.filter(label="harmful"), own.filter(label="harmless")
     if not len(harmful) or not len(harmless):
-        raise InputError(f"language {lang!r} needs harmful and harmless {split} prompts")
+        raise InputError(f"language {lang!r} needs harmful and harmless {split} prompts (has {len(harmful)} harmful, "
+                         f"{len(harmless)} harmless)")
     return harmful, harmless, own
+
+
+def check_language_groups(prompts: PromptSet, langs: Sequence[str], *, split: str = "train",
+                          max_prompts: int | None = None, what: str = "a language's direction") -> None:
+    """Raise :class:`~refusal_circuits.errors.InputError` naming the first language of ``langs`` whose ``split``
+    lacks harmful or harmless prompts (a difference in means, or a transfer cell, needs both), before any work."""
+    for lang in langs:
+        try:
+            _language_groups(prompts, lang, split, max_prompts)
+        except InputError as e:
+            raise InputError(f"{what}: {e}") from None
 
 
 def language_candidates(model: Any, prompts: PromptSet, langs: Sequence[str] | None = None, *, split: str = "train",
@@ -179,6 +236,29 @@ def language_candidate_halves(model: Any, prompts: PromptSet, langs: Sequence[st
     return {lang: (half(lang, 0, own.sha256), half(lang, 1, own.sha256)) for lang, (_, _, own) in groups.items()}
 
 
+def halves_why(prompts: PromptSet, langs: Sequence[str] | None = None, *, split: str = "train",
+               max_prompts: int | None = None) -> dict[str, str]:
+    """The languages :func:`language_candidate_halves` cannot split (fewer than 2 prompts of a label in
+    ``split``), each with the reason; pass the others to it, and these to :func:`split_half_cosines`."""
+    out = {}
+    for lang in langs or prompts.langs:
+        harmful, harmless, _ = _language_groups(prompts, lang, split, max_prompts)
+        short = [f"{len(g)} {name}" for name, g in (("harmful", harmful), ("harmless", harmless)) if len(g) < 2]
+        if short:
+            out[lang] = f"too few {split} prompts to split in halves ({' and '.join(short)}; needs 2 of each)"
+    return out
+
+
+def _cosine(u: Tensor, v: Tensor) -> float:
+    """Cosine similarity; NaN when either vector is zero (it has no direction)."""
+    nu, nv = float(u.norm()), float(v.norm())
+    return float(u @ v) / (nu * nv) if nu > 0 and nv > 0 else math.nan
+
+
+#: Why a cosine with a zero vector is missing.
+ZERO_DIRECTION = "zero direction (the harmful and harmless means are equal)"
+
+
 @dataclass(frozen=True)
 class SplitHalfCosines:
     """How parallel the languages' directions are, against how reproducible each one is.
@@ -195,6 +275,9 @@ class SplitHalfCosines:
     * ``paired[lang]``: cosine of halves of the same prompts (base and translation), for comparison;
     * :meth:`corrected`: ``disjoint / sqrt(within[base] * within[lang])``, the cross-lingual cosine corrected for
       the noise of both estimates (about 1: as parallel as the noise lets one see).
+
+    A cosine that cannot be computed is NaN here (``null`` in :meth:`to_json`, with the reason): a language too
+    small to split (``unsplit[lang]`` says why), or a half whose direction is zero.
     """
 
     base: str
@@ -203,43 +286,77 @@ class SplitHalfCosines:
     within: dict[str, float]
     disjoint: dict[str, float]
     paired: dict[str, float]
+    unsplit: dict[str, str] = field(default_factory=dict)
 
     def corrected(self, lang: str) -> float:
         a, b = self.within[self.base], self.within[lang]
         return self.disjoint[lang] / math.sqrt(a * b) if a > 0 and b > 0 else math.nan
 
+    def why(self, lang: str, what: str = "within") -> str:
+        """Why ``what`` (within, disjoint, paired, corrected) of ``lang`` is missing."""
+        if what == "within" and lang in self.unsplit:
+            return self.unsplit[lang]
+        own = [x for x in dict.fromkeys([self.base, lang]) if x in self.unsplit]
+        if own:
+            return "; ".join(f"{x}: {self.unsplit[x]}" for x in own)
+        if what == "corrected" and not math.isnan(self.disjoint[lang]):
+            return (f"a within-language cosine is not positive (within {self.base} {_fmt(self.within[self.base])}, "
+                    f"within {lang} {_fmt(self.within[lang])}): the halves do not reproduce each other")
+        return ZERO_DIRECTION + " in a half"
+
     def to_json(self) -> dict[str, Any]:
-        return {"base": self.base, "layer": self.layer, "position": self.position, "within": self.within,
-                "disjoint": self.disjoint, "paired": self.paired,
-                "corrected": {lang: _finite(self.corrected(lang)) for lang in self.within}}
+        out: dict[str, Any] = {"base": self.base, "layer": self.layer, "position": self.position}
+        corrected = {lang: self.corrected(lang) for lang in self.within}
+        for name, values in (("within", self.within), ("disjoint", self.disjoint), ("paired", self.paired),
+                             ("corrected", corrected)):
+            out.update(nullable(name, values, {x: self.why(x, name) for x, v in values.items() if not math.isfinite(v)}))
+        return out
 
     def _repr_html_(self) -> str:
-        rows = "".join(f"<tr><td>{html.escape(x)}</td><td>{self.paired[x]:.2f}</td><td>{self.disjoint[x]:.2f}</td>"
-                       f"<td>{self.within[x]:.2f}</td><td>{self.corrected(x):.2f}</td></tr>" for x in self.within)
+        rows = "".join(f"<tr><td>{html.escape(x)}</td><td>{_fmt(self.paired[x])}</td><td>{_fmt(self.disjoint[x])}</td>"
+                       f"<td>{_fmt(self.within[x])}</td><td>{_fmt(self.corrected(x))}</td></tr>" for x in self.within)
         return (f"<b>Split-half cosines with {html.escape(self.base)}</b> (layer {self.layer}, position "
                 f"{self.position})<table><tr><th>lang</th><th>same prompts</th><th>disjoint prompts</th>"
                 f"<th>within language</th><th>corrected</th></tr>{rows}</table>")
 
 
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
+def _fmt(x: float | None, spec: str = ".2f", why: str | None = None) -> str:
+    """``x`` formatted, or ``n/a`` (with ``why`` in brackets) when it is None or not finite."""
+    if x is None or not math.isfinite(x):
+        return f"n/a ({why})" if why else "n/a"
+    return format(x, spec)
 
 
 def split_half_cosines(halves: Mapping[str, tuple[DirectionCandidates, DirectionCandidates]], base: str, layer: int,
-                       position: int) -> SplitHalfCosines:
-    """The split-half check of :class:`SplitHalfCosines` from :func:`language_candidate_halves`."""
-    if base not in halves:
+                       position: int, *, unsplit: Mapping[str, str] | None = None,
+                       langs: Sequence[str] | None = None) -> SplitHalfCosines:
+    """The split-half check of :class:`SplitHalfCosines` from :func:`language_candidate_halves`.
+
+    ``unsplit``: languages that could not be split, with the reason (:func:`halves_why`); their cosines (and, if
+    the base language is among them, every disjoint and same-prompt cosine) are missing. ``langs``: the order of
+    the languages (default: ``halves``, then ``unsplit``)."""
+    unsplit = dict(unsplit or {})
+    if base not in halves and base not in unsplit:
         raise InputError(f"the base language {base!r} has no halves")
+    order = list(langs or dict.fromkeys([*halves, *unsplit]))
+    nan = math.nan
 
     def cos(a: DirectionCandidates, b: DirectionCandidates) -> float:
-        u, v = a.vector(position, layer), b.vector(position, layer)
-        return float(u @ v / (u.norm() * v.norm()).clamp(min=1e-12))
+        if a.is_zero(position, layer) or b.is_zero(position, layer):
+            return nan
+        return _cosine(a.vector(position, layer), b.vector(position, layer))
 
-    b1, b2 = halves[base]
-    within = {lang: cos(x1, x2) for lang, (x1, x2) in halves.items()}
-    disjoint = {lang: (cos(b1, x2) + cos(b2, x1)) / 2 for lang, (x1, x2) in halves.items()}
-    paired = {lang: (cos(b1, x1) + cos(b2, x2)) / 2 for lang, (x1, x2) in halves.items()}
-    return SplitHalfCosines(base, layer, position, within, disjoint, paired)
+    def across(x: str, same: bool) -> float:
+        """Mean cosine of the base language's halves with ``x``'s: the same prompts' halves, or the other ones."""
+        if x not in halves or base not in halves:
+            return nan
+        (b1, b2), (x1, x2) = halves[base], halves[x]
+        return (cos(b1, x1) + cos(b2, x2)) / 2 if same else (cos(b1, x2) + cos(b2, x1)) / 2
+
+    within = {x: cos(*halves[x]) if x in halves else nan for x in order}
+    disjoint = {x: across(x, same=False) for x in order}
+    paired = {x: across(x, same=True) for x in order}
+    return SplitHalfCosines(base, layer, position, within, disjoint, paired, unsplit)
 
 
 @dataclass(frozen=True)
@@ -252,26 +369,38 @@ class CosineMatrix:
     at_site: Float[Tensor, "lang lang"]
     per_layer: Float[Tensor, "layer lang lang"]
 
+    def zero_layers(self, lang: str) -> list[int]:
+        """The layers where ``lang``'s direction is zero (its cosines there are NaN)."""
+        i = self.langs.index(lang)
+        return [k for k in range(self.per_layer.shape[0]) if bool(torch.isnan(self.per_layer[k, i, i]))]
+
     def to_json(self) -> dict[str, Any]:
+        zero = {x: self.zero_layers(x) for x in self.langs}
+        at_site = {x: ZERO_DIRECTION for x, layers in zero.items() if self.layer in layers}
+        per_layer = {x: f"{ZERO_DIRECTION} at layer(s) {', '.join(map(str, layers))}"
+                     for x, layers in zero.items() if layers}
         return {"langs": self.langs, "layer": self.layer, "position": self.position,
-                "at_site": self.at_site.tolist(), "per_layer": self.per_layer.tolist()}
+                **nullable("at_site", self.at_site, at_site), **nullable("per_layer", self.per_layer, per_layer)}
 
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{html.escape(x)}</th>" for x in self.langs)
         rows = "".join(f"<tr><th>{html.escape(a)}</th>" + "".join(
-            f"<td style='background:rgba(31,119,180,{max(0.0, float(v)):.2f})'>{float(v):.2f}</td>"
+            f"<td style='background:rgba(31,119,180,{max(0.0, float(v.nan_to_num())):.2f})'>{_fmt(float(v))}</td>"
             for v in self.at_site[i]) + "</tr>" for i, a in enumerate(self.langs))
         return (f"<table><caption>Cosine similarity of per-language refusal directions, layer {self.layer}, "
                 f"position {self.position}</caption><tr><th></th>{head}</tr>{rows}</table>")
 
 
 def direction_cosines(candidates: Mapping[str, DirectionCandidates], layer: int, position: int) -> CosineMatrix:
-    """Cosines of every pair of languages' candidates at ``(layer, position)`` and per layer at ``position``."""
+    """Cosines of every pair of languages' candidates at ``(layer, position)`` and per layer at ``position``; NaN
+    where a language's direction is zero (:data:`ZERO_DIRECTION`)."""
     langs = list(candidates)
     if not langs:
         raise InputError("no languages to compare")
     vecs = torch.stack([candidates[x].vectors[candidates[x].positions.index(position)] for x in langs])  # [L, layer, d]
-    unit = vecs / vecs.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    zero = torch.tensor([[candidates[x].is_zero(position, k) for k in range(vecs.shape[1])] for x in langs])
+    unit = vecs / vecs.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+    unit[zero] = float("nan")
     per_layer = torch.einsum("ald,bld->lab", unit, unit).float()
     if not 0 <= layer < per_layer.shape[0]:
         raise InputError(f"layer {layer} out of range")
@@ -289,7 +418,9 @@ class SharedPCA:
     position: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"langs": self.langs, "coords": self.coords.tolist(), "explained_variance_ratio": self.explained.tolist(),
+        return {"langs": self.langs, "coords": self.coords.tolist(),
+                **nullable("explained_variance_ratio", self.explained,
+                           "every language's direction is zero: no variance to explain"),
                 "layer": self.layer, "position": self.position}
 
 
@@ -310,16 +441,23 @@ def shared_pca(candidates: Mapping[str, DirectionCandidates], layer: int, positi
 
 @dataclass(frozen=True)
 class Separation:
-    """Per language and layer: AUROC and Cohen's d of harmful vs harmless projections on r̂ at r̂'s position."""
+    """Per language and layer: AUROC and Cohen's d of harmful vs harmless projections on r̂ at r̂'s position.
+
+    NaN where a statistic cannot be computed; ``auroc_why`` / ``effect_size_why`` give the reason per language
+    (e.g. no harmless prompts; for Cohen's d also fewer than 2 prompts of a label, or layers where every prompt
+    has the same projection, as at layer 0 on a template token, whose embedding is the same in every prompt).
+    """
 
     langs: list[str]
     auroc: Float[Tensor, "lang layer"]
     effect_size: Float[Tensor, "lang layer"]
     position: int
+    auroc_why: dict[str, str] = field(default_factory=dict)
+    effect_size_why: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"langs": self.langs, "position": self.position, "auroc": self.auroc.tolist(),
-                "effect_size": self.effect_size.tolist()}
+        return {"langs": self.langs, "position": self.position, **nullable("auroc", self.auroc, self.auroc_why),
+                **nullable("effect_size", self.effect_size, self.effect_size_why)}
 
 
 def separation(attribution: Attribution, position: int | None = None) -> Separation:
@@ -329,19 +467,31 @@ def separation(attribution: Attribution, position: int | None = None) -> Separat
     n_layers = attribution.resid.shape[1]
     au = torch.full((len(langs), n_layers), float("nan"))
     es = torch.full((len(langs), n_layers), float("nan"))
+    au_why: dict[str, str] = {}
+    es_why: dict[str, str] = {}
     for i, lang in enumerate(langs):
         rows_h = [j for j, (a, b) in enumerate(zip(attribution.langs, attribution.labels, strict=True))
                   if a == lang and b == "harmful"]
         rows_l = [j for j, (a, b) in enumerate(zip(attribution.langs, attribution.labels, strict=True))
                   if a == lang and b == "harmless"]
-        if not rows_h or not rows_l:
+        why = groups_why(len(rows_h), len(rows_l))
+        if why is not None:
+            au_why[lang] = es_why[lang] = why
             continue
+        flat = []
         for layer in range(n_layers):
             h = attribution.resid[rows_h, layer, pos]
             s = attribution.resid[rows_l, layer, pos]
             au[i, layer] = auroc(h, s)
             es[i, layer] = cohens_d(h, s)
-    return Separation(langs, au, es, pos)
+            if math.isnan(float(es[i, layer])) and len(rows_h) >= 2 and len(rows_l) >= 2:
+                flat.append(layer)
+        short = groups_why(len(rows_h), len(rows_l), need=2)
+        if short is not None:
+            es_why[lang] = short
+        elif flat:
+            es_why[lang] = f"no variation within the groups at layer(s) {', '.join(map(str, flat))}"
+    return Separation(langs, au, es, pos, au_why, es_why)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -363,6 +513,9 @@ class PairedHeads:
         rank_correlation: Spearman correlation of the two languages' mean head scores.
         slope: least-squares slope (through 0) of the translation's head scores on English's.
         floor: the smallest |mean difference| that can count as significant (see :func:`paired_heads`).
+        why: the reasons for statistics that are NaN: ``ci`` (the intervals), ``p`` (p- and q-values; such heads
+            are never significant), ``rank_correlation``, ``slope``. One pair gives differences but no interval
+            or test (:data:`ONE_PAIR`).
     """
 
     base: str
@@ -380,20 +533,32 @@ class PairedHeads:
     floor: float
     alpha: float
     method: str = field(default="sign-flip permutation test per head, Benjamini-Hochberg across heads")
+    why: dict[str, str] = field(default_factory=dict)
 
     @property
-    def pattern(self) -> str:
-        """"same heads, weaker", "same heads, stronger", "same heads, similar strength" or "different heads"."""
+    def pattern(self) -> str | None:
+        """"same heads, weaker", "same heads, stronger", "same heads, similar strength" or "different heads"; None
+        where the rank correlation or the slope it needs is missing (:meth:`pattern_why`)."""
+        if math.isnan(self.rank_correlation):
+            return None
         if self.rank_correlation < 0.6:
             return "different heads"
+        if math.isnan(self.slope):
+            return None
         if self.slope < 0.75:
             return "same heads, weaker"
         if self.slope > 1.25:
             return "same heads, stronger"
         return "same heads, similar strength"
 
+    def pattern_why(self) -> str | None:
+        if self.pattern is not None:
+            return None
+        key = "rank_correlation" if math.isnan(self.rank_correlation) else "slope"
+        return f"no {key.replace('_', ' ')}: {self.why.get(key, 'not computed')}"
+
     def ranked_heads(self, k: int | None = None) -> list[dict[str, Any]]:
-        """Heads sorted by |mean difference|, with their intervals and significance."""
+        """Heads sorted by |mean difference|, with their intervals and significance (NaN where :attr:`why` says)."""
         m = self.heads["mean"]
         n_heads = m.shape[1]
         order = torch.argsort(m.abs().flatten(), descending=True).tolist()
@@ -408,25 +573,40 @@ class PairedHeads:
     def n_significant(self) -> int:
         return int(self.heads["significant"].sum())
 
+    def stats_json(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """One row of statistics (a head of :meth:`ranked_heads`, a layer, a span) as JSON, with ``null`` and the
+        reason (:func:`~refusal_circuits.io.nullable`) for intervals and p-values that cannot be computed."""
+        out: dict[str, Any] = {}
+        for key, value in row.items():
+            group = "ci" if key in ("ci_low", "ci_high") else "p" if key in ("p", "q") else key
+            out.update(nullable(key, value, self.why.get(group)) if isinstance(value, float) else {key: value})
+        return out
+
     def to_json(self, k: int = 20) -> dict[str, Any]:
         return {"base": self.base, "lang": self.lang, "n_pairs": self.n_pairs, "label": self.label,
-                "positions": self.positions, "rank_correlation": self.rank_correlation, "slope": self.slope,
-                "pattern": self.pattern, "floor": self.floor, "alpha": self.alpha, "method": self.method,
-                "n_significant": self.n_significant(), "heads": self.ranked_heads(k),
-                "layers": [{"layer": i, "mean": float(self.layers["mean"][i]), "ci_low": float(self.layers["ci_low"][i]),
-                            "ci_high": float(self.layers["ci_high"][i])} for i in range(len(self.layers["mean"]))],
-                "spans": {SPAN_NAMES[j]: {"mean": float(self.spans["mean"][j]), "ci_low": float(self.spans["ci_low"][j]),
-                                          "ci_high": float(self.spans["ci_high"][j])}
+                "positions": self.positions,
+                **nullable("rank_correlation", self.rank_correlation, self.why.get("rank_correlation")),
+                **nullable("slope", self.slope, self.why.get("slope")),
+                **nullable("pattern", self.pattern, self.pattern_why()),
+                "floor": self.floor, "alpha": self.alpha, "method": self.method,
+                "n_significant": self.n_significant(), "heads": [self.stats_json(h) for h in self.ranked_heads(k)],
+                "layers": [self.stats_json({"layer": i, **{key: float(self.layers[key][i])
+                                                           for key in ("mean", "ci_low", "ci_high")}})
+                           for i in range(len(self.layers["mean"]))],
+                "spans": {SPAN_NAMES[j]: self.stats_json({key: float(self.spans[key][j])
+                                                          for key in ("mean", "ci_low", "ci_high")})
                           for j in range(1, len(SPAN_NAMES)) if j != int(Span.PAD)}}
 
     def _repr_html_(self) -> str:
         rows = "".join(
             f"<tr><td>L{h['layer']}.H{h['head']}</td><td>{h['base_mean']:+.3f}</td><td>{h['other_mean']:+.3f}</td>"
-            f"<td>{h['mean']:+.3f}</td><td>[{h['ci_low']:+.3f}, {h['ci_high']:+.3f}]</td><td>{h['q']:.3g}</td>"
-            f"<td>{'✔' if h['significant'] else ''}</td></tr>" for h in self.ranked_heads(10))
+            f"<td>{h['mean']:+.3f}</td><td>[{_fmt(h['ci_low'], '+.3f')}, {_fmt(h['ci_high'], '+.3f')}]</td>"
+            f"<td>{_fmt(h['q'], '.3g')}</td><td>{'✔' if h['significant'] else ''}</td></tr>" for h in self.ranked_heads(10))
         return (f"<table><caption>{html.escape(self.lang)} − {html.escape(self.base)}, {self.n_pairs} {self.label} pairs: "
-                f"{html.escape(self.pattern)} (Spearman {self.rank_correlation:.2f}, slope {self.slope:.2f}); "
-                f"{self.n_significant()} significant heads</caption><tr><th>head</th><th>{html.escape(self.base)}</th>"
+                f"{html.escape(self.pattern or _fmt(None, why=self.pattern_why()))} (Spearman "
+                f"{_fmt(self.rank_correlation)}, slope {_fmt(self.slope)}); {self.n_significant()} significant heads"
+                + (f" ({html.escape(self.why['p'])})" if "p" in self.why else "")
+                + f"</caption><tr><th>head</th><th>{html.escape(self.base)}</th>"
                 f"<th>{html.escape(self.lang)}</th><th>diff</th><th>95% CI</th><th>q</th><th>sig.</th></tr>{rows}</table>")
 
 
@@ -452,16 +632,18 @@ def paired_heads(attribution: Attribution, base: str, lang: str, *, label: str =
     permutation test on the paired differences) is below ``alpha`` **and** its mean difference is at least
     ``rel_floor`` times the largest mean |write| of any head in ``base``: differences smaller than that are float
     noise (different batching, padding) or too small to matter, however consistent.
+
+    One pair gives every difference but no interval, test or significance (NaN, with :data:`ONE_PAIR` in
+    :attr:`PairedHeads.why`); none is an error.
     """
     pairs = pair_rows(attribution, base, lang, label)
-    if len(pairs) < 2:
-        raise InputError(f"need at least 2 {label} prompts present in both {base!r} and {lang!r} (same id); found "
-                         f"{len(pairs)}")
+    if not pairs:
+        raise InputError(f"no {label} prompt is present in both {base!r} and {lang!r} (same id): nothing to pair")
     bi = [p[0] for p in pairs]
     oi = [p[1] for p in pairs]
     scores = attribution.head_scores(positions)  # [prompt, layer, head]
     d = scores[oi].double() - scores[bi].double()
-    stats = paired_stats(d, n_boot=n_boot, n_perm=n_perm, seed=seed)
+    stats = _paired_stats_or_single(d, n_boot=n_boot, n_perm=n_perm, seed=seed)
     base_mean, other_mean = scores[bi].double().mean(0), scores[oi].double().mean(0)
     floor = rel_floor * float(base_mean.abs().max())
     q = benjamini_hochberg(stats["p"])
@@ -469,14 +651,21 @@ def paired_heads(attribution: Attribution, base: str, lang: str, *, label: str =
     heads = {**stats, "q": q, "significant": significant}
     # Layers: every head plus the MLP.
     per_layer = scores.double().sum(2) + attribution.mlp_scores(positions).double()
-    layers = paired_stats(per_layer[oi] - per_layer[bi], n_boot=n_boot, n_perm=n_perm, seed=seed + 1)
+    layers = _paired_stats_or_single(per_layer[oi] - per_layer[bi], n_boot=n_boot, n_perm=n_perm, seed=seed + 1)
     # Spans: heads' writes at the post-instruction tokens, by the span they read from, summed over heads.
     spans_t = attribution.source_spans().double().sum((1, 2))  # [prompt, span]
-    spans = paired_stats(spans_t[oi] - spans_t[bi], n_boot=n_boot, n_perm=n_perm, seed=seed + 2)
+    spans = _paired_stats_or_single(spans_t[oi] - spans_t[bi], n_boot=n_boot, n_perm=n_perm, seed=seed + 2)
     rho = spearman(base_mean, other_mean)
-    slope = float((base_mean.flatten() @ other_mean.flatten()) / (base_mean.flatten() @ base_mean.flatten()).clamp(min=1e-12))
+    power = float(base_mean.flatten() @ base_mean.flatten())
+    slope = float(base_mean.flatten() @ other_mean.flatten()) / power if power > 0 else math.nan
+    why = {"ci": ONE_PAIR, "p": ONE_PAIR} if len(pairs) == 1 else {}
+    rho_why = correlation_why(base_mean, other_mean, "mean head scores")
+    if rho_why is not None:
+        why["rank_correlation"] = rho_why
+    if power == 0:
+        why["slope"] = f"no head writes onto r̂ in {base}"
     return PairedHeads(base, lang, len(pairs), label, str(positions), heads, layers, spans, base_mean.float(),
-                       other_mean.float(), rho, slope, floor, alpha)
+                       other_mean.float(), rho, slope, floor, alpha, why=why)
 
 
 def trajectory_split_layer(attribution: Attribution, base: str, lang: str, *, label: str = "harmful",
@@ -486,15 +675,16 @@ def trajectory_split_layer(attribution: Attribution, base: str, lang: str, *, la
 
     Apart means: the paired bootstrap interval of the difference excludes 0 and the difference is at least
     ``rel_gap`` times the base language's mean projection at that layer, at every layer from there on (up to the
-    final residual stream). Returns the layer (or None) and both mean trajectories.
+    final residual stream). Returns the layer (or None) and both mean trajectories. One pair has no interval, so
+    its layer is None (and :class:`LanguageDivergence` says why).
     """
     pairs = pair_rows(attribution, base, lang, label)
-    if len(pairs) < 2:
-        raise InputError(f"need at least 2 paired {label} prompts in {base!r} and {lang!r}")
+    if not pairs:
+        raise InputError(f"no paired {label} prompts in {base!r} and {lang!r}")
     pos = int(attribution.direction.get("position", -1) if position is None else position)
     b = attribution.resid[[p[0] for p in pairs], :, pos].double()
     o = attribution.resid[[p[1] for p in pairs], :, pos].double()
-    st = paired_stats(o - b, n_boot=n_boot, n_perm=10, seed=seed)
+    st = _paired_stats_or_single(o - b, n_boot=n_boot, n_perm=10, seed=seed)
     bm = b.mean(0)
     apart = ((st["ci_low"] > 0) | (st["ci_high"] < 0)) & (st["mean"].abs() >= rel_gap * bm.abs())
     split = None
@@ -511,6 +701,8 @@ def trajectory_split_layer(attribution: Attribution, base: str, lang: str, *, la
 
 @dataclass(frozen=True)
 class Rate:
+    """``refused`` of ``n`` prompts; the rate of no prompts is NaN (``null`` in JSON, with the reason)."""
+
     refused: int
     n: int
 
@@ -523,8 +715,10 @@ class Rate:
         return wilson_interval(self.refused, self.n)
 
     def to_json(self) -> dict[str, Any]:
-        lo, hi = self.ci
-        return {"refused": self.refused, "n": self.n, "rate": self.rate, "ci_low": lo, "ci_high": hi}
+        lo, hi = self.ci if self.n else (math.nan, math.nan)
+        why = "no prompts"
+        return {"refused": self.refused, "n": self.n, **nullable("rate", self.rate, why),
+                **nullable("ci_low", lo, why), **nullable("ci_high", hi, why)}
 
 
 def is_aligned(harmful: Rate, harmless: Rate) -> bool:
@@ -700,9 +894,30 @@ def site_directions(candidates: Mapping[str, DirectionCandidates], like: Directi
 # The per-language summary.
 
 
+#: Why a patched fraction is missing: the two runs agree, so there is no gap to close.
+_NO_GAP = {"fraction": "no gap in the r̂ projection between the base language and the translation to close",
+           "score_fraction": "no gap in the refusal score between the base language and the translation to close",
+           "base_score": "the base run's refusal score was not measured"}
+
+
+def patch_json(pp: Any) -> dict[str, Any]:
+    """A :class:`~refusal_circuits.patching.PairPatch` as JSON, with ``null`` and the reason
+    (:func:`~refusal_circuits.io.nullable`) for a fraction of a gap that is not there."""
+    out: dict[str, Any] = {}
+    for key, value in pp.to_json().items():
+        out.update(nullable(key, value, _NO_GAP.get(key)) if isinstance(value, float) else {key: value})
+    return out
+
+
 @dataclass(frozen=True)
 class LanguageDivergence:
-    """Everything the summary of one language says, with the numbers behind it."""
+    """Everything the summary of one language says, with the numbers behind it.
+
+    A number that cannot be computed is NaN (or None for a baseline rate not measured), with the reason in
+    ``why`` under the same name (``auroc_at_site``, ``base_auroc_at_site``, ``baseline_harmful``,
+    ``baseline_harmless``, ``patched_fraction``, ``patched_score_fraction``); :meth:`to_json` writes them as
+    ``null`` with ``<key>_why`` beside them, and :meth:`summary` as "n/a (reason)".
+    """
 
     lang: str
     base: str
@@ -719,6 +934,7 @@ class LanguageDivergence:
     patched_heads: list[tuple[int, int]] = field(default_factory=list)
     site: tuple[int, int] = (0, -1)
     patched_score_fraction: float | None = None
+    why: dict[str, str] = field(default_factory=dict)
 
     @property
     def aligned(self) -> bool | None:
@@ -726,67 +942,116 @@ class LanguageDivergence:
             return None
         return is_aligned(self.baseline_harmful, self.baseline_harmless)
 
+    def _why(self, key: str) -> str:
+        if key == "aligned":
+            missing = [k for k in ("baseline_harmful", "baseline_harmless") if getattr(self, k) is None]
+            return "; ".join(f"{k.split('_')[1]}: {self._why(k)}" for k in missing)
+        if key == "trajectory_split_layer":
+            return ONE_PAIR
+        if key in ("baseline_harmful", "baseline_harmless"):
+            return self.why.get(key, "baseline refusal not measured")
+        if key in ("patched_fraction", "patched_score_fraction") and key not in self.why:
+            return "not patched"
+        return self.why.get(key, "not computed")
+
+    def _baseline_text(self) -> str:
+        h, s = self.baseline_harmful, self.baseline_harmless
+        if h is None and s is None:
+            return f"{self.lang}: baseline refusal not measured."
+        if h is not None:
+            lo, hi = h.ci
+            text = (f"{self.lang}: refuses {h.refused}/{h.n} harmful prompts ({_fmt(h.rate, '.0%', 'no prompts')}, "
+                    f"95% CI {lo:.0%}–{hi:.0%})" if h.n else f"{self.lang}: harmful refusal n/a (no prompts)")
+        else:
+            text = f"{self.lang}: harmful refusal n/a ({self._why('baseline_harmful')})"
+        harmless = (_fmt(s.rate, ".0%", "no prompts") if s is not None
+                    else _fmt(None, why=self._why("baseline_harmless")))
+        verdict = ("safety-aligned" if self.aligned else "not clearly aligned") if self.aligned is not None else \
+            "alignment n/a"
+        return f"{text} vs {harmless} of harmless ones: {verdict}."
+
     def summary(self) -> str:
         layer, pos = self.site
-        parts = []
-        if self.baseline_harmful is not None and self.baseline_harmless is not None:
-            lo, hi = self.baseline_harmful.ci
-            parts.append(
-                f"{self.lang}: refuses {self.baseline_harmful.refused}/{self.baseline_harmful.n} harmful prompts "
-                f"({self.baseline_harmful.rate:.0%}, 95% CI {lo:.0%}–{hi:.0%}) vs {self.baseline_harmless.rate:.0%} of "
-                f"harmless ones: {'safety-aligned' if self.aligned else 'not clearly aligned'}.")
+        parts = [self._baseline_text()]
+        au = self.auroc_at_site
+        base_au = _fmt(self.base_auroc_at_site, why=self.why.get("base_auroc_at_site"))
+        if math.isnan(au):
+            parts.append(f"Whether r̂ at the post-instruction tokens (layer {layer}, position {pos}) separates harmful "
+                         f"from harmless prompts cannot be judged: AUROC {_fmt(au, why=self._why('auroc_at_site'))} "
+                         f"({self.base}: {base_au}).")
         else:
-            parts.append(f"{self.lang}: baseline refusal not measured.")
-        present = "present" if self.auroc_at_site >= 0.75 else "weak" if self.auroc_at_site >= 0.6 else "absent"
-        parts.append(f"r̂ at the post-instruction tokens (layer {layer}, position {pos}) is {present}: AUROC "
-                     f"{self.auroc_at_site:.2f} harmful vs harmless ({self.base}: {self.base_auroc_at_site:.2f}).")
+            present = "present" if au >= 0.75 else "weak" if au >= 0.6 else "absent"
+            parts.append(f"r̂ at the post-instruction tokens (layer {layer}, position {pos}) is {present}: AUROC "
+                         f"{au:.2f} harmful vs harmless ({self.base}: {base_au}).")
         b, o = self.trajectories["base"][layer], self.trajectories["other"][layer]
-        if self.trajectory_split_layer is None:
+        if self.n_pairs < 2:
+            parts.append(f"Whether the {self.base} and {self.lang} projections on r̂ (harmful prompts) stay apart is "
+                         f"n/a ({ONE_PAIR}) (at layer {layer}: {b:.2f} vs {o:.2f}).")
+        elif self.trajectory_split_layer is None:
             parts.append(f"The {self.base} and {self.lang} projections on r̂ (harmful prompts) do not stay apart "
                          f"(at layer {layer}: {b:.2f} vs {o:.2f}).")
         else:
             parts.append(f"The {self.base} and {self.lang} projections on r̂ separate from layer "
                          f"{self.trajectory_split_layer} on (at layer {layer}: {b:.2f} vs {o:.2f}).")
-        top = [h for h in self.paired.ranked_heads(5) if h["significant"]][:3]
+        ph = self.paired
+        pattern = ph.pattern or _fmt(None, why=ph.pattern_why())
+        numbers = (f"Spearman {_fmt(ph.rank_correlation, why=ph.why.get('rank_correlation'))}, slope "
+                   f"{_fmt(ph.slope, why=ph.why.get('slope'))}")
+        top = [h for h in ph.ranked_heads(5) if h["significant"]][:3]
         if top:
             heads = ", ".join(f"L{h['layer']}.H{h['head']} ({h['mean']:+.2f})" for h in top)
-            parts.append(f"Heads: {self.paired.pattern} (Spearman {self.paired.rank_correlation:.2f}, slope "
-                         f"{self.paired.slope:.2f}); largest significant differences {heads}; "
-                         f"{self.paired.n_significant()} heads significant.")
+            parts.append(f"Heads: {pattern} ({numbers}); largest significant differences {heads}; "
+                         f"{ph.n_significant()} heads significant.")
+        elif "p" in ph.why:
+            h = ph.ranked_heads(1)[0]
+            parts.append(f"Heads: {pattern} ({numbers}); significance n/a ({ph.why['p']}); the largest difference is "
+                         f"L{h['layer']}.H{h['head']} ({h['mean']:+.2f}).")
         else:
-            parts.append(f"Heads: {self.paired.pattern} (Spearman {self.paired.rank_correlation:.2f}, slope "
-                         f"{self.paired.slope:.2f}); no head differs significantly.")
-        spans = self.paired.spans["mean"]
+            parts.append(f"Heads: {pattern} ({numbers}); no head differs significantly.")
+        spans = ph.spans["mean"]
         j = int(torch.argmax(spans.abs()[1:])) + 1
         parts.append(f"By source span the largest change is in what heads read from the {SPAN_NAMES[j]} "
                      f"({float(spans[j]):+.2f}).")
         if self.patched_fraction is not None and self.patched_heads:
             hs = ", ".join(f"L{a}.H{b}" for a, b in self.patched_heads)
-            score = ("" if self.patched_score_fraction is None or self.patched_score_fraction != self.patched_score_fraction
-                     else f" and {self.patched_score_fraction:.0%} of the gap in the refusal score")
+            sf = self.patched_score_fraction
+            score = "" if sf is None else (f" and {_fmt(sf, '.0%', self._why('patched_score_fraction'))} of the gap "
+                                           "in the refusal score")
             parts.append(f"Patching the {len(self.patched_heads)} heads that lose most ({hs}) from the {self.base} run "
-                         f"into the {self.lang} run closes {self.patched_fraction:.0%} of the gap in the r̂ projection "
-                         f"at layer {layer}{score}.")
+                         f"into the {self.lang} run closes {_fmt(self.patched_fraction, '.0%', self._why('patched_fraction'))}"
+                         f" of the gap in the r̂ projection at layer {layer}{score}.")
         return " ".join(parts)
 
     def to_json(self, k: int = 20) -> dict[str, Any]:
+        ph = self.paired
+        paired = ph.to_json(k)
+        baseline: dict[str, Any] = {}
+        for label, rate in (("harmful", self.baseline_harmful), ("harmless", self.baseline_harmless)):
+            baseline.update(nullable(label, None if rate is None else rate.to_json(),
+                                     None if rate is not None else self._why(f"baseline_{label}")))
+        none_measured = self.baseline_harmful is None and self.baseline_harmless is None
         return {
-            "n_pairs": self.n_pairs, "aligned": self.aligned,
-            "baseline_refusal": None if self.baseline_harmful is None or self.baseline_harmless is None else
-            {"harmful": self.baseline_harmful.to_json(), "harmless": self.baseline_harmless.to_json()},
-            "trajectory_split_layer": self.trajectory_split_layer,
-            "heads": [{key: h[key] for key in ("layer", "head", "mean", "ci_low", "ci_high", "significant")}
-                      | {"mean_diff": h["mean"], "q": h["q"], "base_mean": h["base_mean"], "other_mean": h["other_mean"]}
-                      for h in self.paired.ranked_heads(k)],
-            "rank_correlation": self.paired.rank_correlation,
-            "summary": self.summary(),
-            "pattern": self.paired.pattern, "slope": self.paired.slope, "n_significant": self.paired.n_significant(),
-            "auroc_at_site": self.auroc_at_site, "gap_at_site": self.gap_at_site,
-            "trajectories": self.trajectories, "layers": self.paired.to_json()["layers"],
-            "spans": self.paired.to_json()["spans"], "patched_fraction": self.patched_fraction,
-            "patched_score_fraction": self.patched_score_fraction,
-            "patched_heads": [list(h) for h in self.patched_heads], "floor": self.paired.floor,
-            "method": self.paired.method,
+            "n_pairs": self.n_pairs, **nullable("aligned", self.aligned, self._why("aligned") or None),
+            **nullable("baseline_refusal", None if none_measured else baseline,
+                       self._why("baseline_harmful") if none_measured else None),
+            **nullable("trajectory_split_layer", self.trajectory_split_layer,
+                       ONE_PAIR if self.n_pairs < 2 else None),
+            "heads": [ph.stats_json({key: h[key] for key in ("layer", "head", "mean", "ci_low", "ci_high", "significant")}
+                                    | {"mean_diff": h["mean"], "q": h["q"], "base_mean": h["base_mean"],
+                                       "other_mean": h["other_mean"]})
+                      for h in ph.ranked_heads(k)],
+            **{key: paired[key] for key in paired if key.startswith(("rank_correlation", "pattern", "slope"))},
+            "summary": self.summary(), "n_significant": ph.n_significant(),
+            **nullable("auroc_at_site", self.auroc_at_site, self._why("auroc_at_site")),
+            "gap_at_site": self.gap_at_site,
+            "trajectories": self.trajectories, "layers": paired["layers"], "spans": paired["spans"],
+            **nullable("patched_fraction", self.patched_fraction,
+                       self._why("patched_fraction") if self.patched_fraction is None or
+                       not math.isfinite(self.patched_fraction) else None),
+            **nullable("patched_score_fraction", self.patched_score_fraction,
+                       self._why("patched_score_fraction") if self.patched_score_fraction is None or
+                       not math.isfinite(self.patched_score_fraction) else None),
+            "patched_heads": [list(h) for h in self.patched_heads], "floor": ph.floor, "method": ph.method,
         }
 
     def _repr_html_(self) -> str:
@@ -795,27 +1060,46 @@ class LanguageDivergence:
 
 @dataclass(frozen=True)
 class Divergence:
-    """The divergence summaries of every language against the base language."""
+    """The divergence summaries of every language against the base language; ``skipped``: the languages that
+    could not be compared, with the reason (``null`` under ``languages`` in :meth:`to_json`, the reason under
+    ``languages_why``)."""
 
     base: str
     languages: dict[str, LanguageDivergence]
     model: str
     direction: dict[str, Any]
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"base": self.base, "model": self.model, "direction": self.direction,
-                "languages": {k: v.to_json() for k, v in self.languages.items()}}
+        out: dict[str, Any] = {"base": self.base, "model": self.model, "direction": self.direction,
+                               "languages": {k: v.to_json() for k, v in self.languages.items()}}
+        if self.skipped:
+            out["languages"].update(dict.fromkeys(self.skipped))
+            out["languages_why"] = dict(self.skipped)
+        return out
 
     def _repr_html_(self) -> str:
-        return "".join(f"<h4>{html.escape(k)}</h4>" + v._repr_html_() for k, v in self.languages.items())
+        return "".join(f"<h4>{html.escape(k)}</h4>" + v._repr_html_() for k, v in self.languages.items()) + "".join(
+            f"<h4>{html.escape(k)}</h4><p>n/a ({html.escape(why)})</p>" for k, why in self.skipped.items())
+
+
+def unpaired_why(attribution: Attribution, base: str, lang: str, label: str = "harmful") -> str | None:
+    """Why ``lang`` cannot be compared with ``base`` (no ``label`` prompt shares an id with one of ``base``), or
+    None."""
+    if pair_rows(attribution, base, lang, label):
+        return None
+    have = sorted({b for a, b in zip(attribution.langs, attribution.labels, strict=True) if a == lang})
+    return (f"no {label} prompt of {lang} shares an id with one of {base} (the paired comparison needs {label} "
+            f"translations; {lang} has {', '.join(have) or 'no'} prompts)")
 
 
 def divergence(attribution: Attribution, base: str = "en", langs: Sequence[str] | None = None, *,
-               baseline: Mapping[str, tuple[Rate, Rate]] | None = None,
+               baseline: Mapping[str, tuple[Rate | None, Rate | None]] | None = None,
                patch: Mapping[str, Any] | None = None,
                alpha: float = 0.05, seed: int = 0) -> Divergence:
-    """Per-language divergence summaries from an attribution of paired prompts (and optional baseline rates and
-    :class:`~refusal_circuits.patching.PairPatch` results per language)."""
+    """Per-language divergence summaries from an attribution of paired prompts (and optional baseline rates, where
+    one of a language's labels may be None, and :class:`~refusal_circuits.patching.PairPatch` results per
+    language). Languages with no pair are skipped, with the reason (:func:`unpaired_why`)."""
     present = list(dict.fromkeys(attribution.langs))
     if base not in present:
         raise InputError(f"the base language {base!r} is not in the attribution (has {', '.join(present)})")
@@ -824,19 +1108,32 @@ def divergence(attribution: Attribution, base: str = "en", langs: Sequence[str] 
     layer = int(attribution.direction.get("layer") or 0)
     pos = sep.position
     out: dict[str, LanguageDivergence] = {}
+    skipped: dict[str, str] = {}
     for lang in langs:
+        unpaired = unpaired_why(attribution, base, lang)
+        if unpaired is not None:
+            skipped[lang] = unpaired
+            continue
         paired = paired_heads(attribution, base, lang, alpha=alpha, seed=seed)
         split, traj = trajectory_split_layer(attribution, base, lang, seed=seed)
         i, bi = sep.langs.index(lang), sep.langs.index(base)
         h, s = (baseline or {}).get(lang, (None, None))
         pp = (patch or {}).get(lang)
         frac, sfrac, heads = (pp.fraction, pp.score_fraction, pp.heads) if pp is not None else (None, None, [])
+        why = {}
+        for key, x in (("auroc_at_site", lang), ("base_auroc_at_site", base)):
+            if x in sep.auroc_why:
+                why[key] = f"{sep.auroc_why[x]} in {x}"
+        for key, rate in (("baseline_harmful", h), ("baseline_harmless", s)):
+            if rate is None and baseline is not None and lang in baseline:
+                why[key] = f"no {key.split('_')[1]} prompts in {lang}"
+        for key, value, gap in (("patched_fraction", frac, "fraction"), ("patched_score_fraction", sfrac, "score_fraction")):
+            if value is not None and not math.isfinite(value):
+                why[key] = _NO_GAP[gap]
         out[lang] = LanguageDivergence(
             lang, base, paired.n_pairs, h, s, float(sep.auroc[i, layer]), float(sep.auroc[bi, layer]), split, traj,
-            paired, traj["base"][layer] - traj["other"][layer], frac, list(heads), (layer, pos), sfrac)
-    return Divergence(base, out, attribution.model, attribution.direction)
-
-
+            paired, traj["base"][layer] - traj["other"][layer], frac, list(heads), (layer, pos), sfrac, why)
+    return Divergence(base, out, attribution.model, attribution.direction, skipped)
 
 
 def losing_heads(paired: PairedHeads, k: int) -> list[tuple[int, int]]:

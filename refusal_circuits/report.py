@@ -160,9 +160,9 @@ def build_report(out: Path, results: dict[str, Any]) -> str:
         f"<p>r̂ from {d['n_harmful']} harmful and {d['n_harmless']} harmless {esc(base)} train prompts, read at "
         f"<b>resid_pre of layer {d['layer']}</b>, post-instruction position <b>{d['position']}</b>; filter "
         f"{esc(sel.get('filter'))}{' (fallback from ' + esc(sel['fallback_from']) + ')' if sel.get('fallback_from') else ''}"
-        f": bypass {sel.get('bypass', float('nan')):.2f} (baseline {sel.get('baseline_harmful', float('nan')):.2f}), "
-        f"induce {_num(sel.get('induce'))}, KL {_num(sel.get('kl'), 3)}; ‖r‖ = {d['norm']:.2f}, activation "
-        f"addition α = {_num((results.get('actadd') or {}).get('alpha'))}.</p>")
+        f": bypass {_na(sel, 'bypass')} (baseline {_na(sel, 'baseline_harmful')}), "
+        f"induce {_na(sel, 'induce')}, KL {_na(sel, 'kl', 3)}; ‖r‖ = {_na(d, 'norm')}, activation "
+        f"addition α = {_na(results.get('actadd') or {}, 'alpha')}.</p>")
 
     # Refusal rates
     body.append("<h2>Refusal per language</h2>")
@@ -213,7 +213,8 @@ def build_report(out: Path, results: dict[str, Any]) -> str:
                                                      f"position {cos['position']})", cbar="cosine"),
                          "Difference-in-means directions of each language at r̂'s site (train split). The languages' "
                          "prompts are translations of each other, and shared content raises these cosines: the "
-                         "split-half figure below separates it from a shared direction."))
+                         "split-half figure below separates it from a shared direction."
+                         + _missing_text(cos, ("at_site",))))
     halved = langs_json.get("split_half")
     if halved:
         others = [x for x in halved["within"] if x != base]
@@ -230,8 +231,9 @@ def build_report(out: Path, results: dict[str, Any]) -> str:
             f"Same prompts: cosine of {base} and the language on halves of the same (translated) prompts. "
             "Disjoint prompts: on different halves. Within language: the language's own two halves (how well a "
             "half-size direction reproduces itself). Noise-corrected: disjoint / sqrt(within base × within "
-            "language); near 1 means the directions are as parallel as their noise lets one see."))
-    per_layer = torch.tensor(cos["per_layer"])
+            "language); near 1 means the directions are as parallel as their noise lets one see."
+            + _missing_text(halved, ("within", "disjoint", "paired", "corrected"))))
+    per_layer = torch.tensor(_nan_for_null(cos["per_layer"]), dtype=torch.float32)
     bi = cos["langs"].index(base)
     curves = {lang: per_layer[:, bi, i].tolist() for i, lang in enumerate(cos["langs"]) if lang != base}
     fig = viz.trajectories(curves, title=f"cosine with the {base} direction per layer", marker_layer=cos["layer"])
@@ -250,7 +252,8 @@ def build_report(out: Path, results: dict[str, Any]) -> str:
                                                 fmt="{:.0%}", title="harmful refusal with a direction ablated",
                                                 cbar="refusal rate", xlabel="prompts in", ylabel="direction from"),
                          "Rows: whose direction is ablated (first row: none); columns: the language of the harmful "
-                         "test prompts; first-token judge. Empty cells were not measured (transfer='base')."))
+                         "test prompts; first-token judge. Empty cells were not measured (transfer='base'); n/a: no "
+                         "prompts."))
 
     # Attribution
     body.append("<h2>Where r̂ is written: attribution</h2>")
@@ -264,7 +267,8 @@ def build_report(out: Path, results: dict[str, Any]) -> str:
                                                       [str(i) for i in range(len(sep["auroc"][0]))],
                                                       vmin=0.5, vmax=1, fmt="{:.2f}", title="AUROC harmful vs "
                                                       "harmless along r̂", cbar="AUROC", xlabel="layer"),
-                             f"Projection on r̂ at position {sep['position']}, per language and layer."))
+                             f"Projection on r̂ at position {sep['position']}, per language and layer."
+                             + _missing_text(sep, ("auroc",))))
     site = int(d["position"])
     curves = {}
     for lang in langs:
@@ -289,7 +293,13 @@ def build_report(out: Path, results: dict[str, Any]) -> str:
         body.append(figs.add(f"heads_{base}", viz.head_heatmap(paired[f"{base}.mean"], limit=lim,
                                                                title=f"{base}: mean head write onto r̂ (harmful)"),
                              "Mean direct write onto r̂ at the post-instruction tokens, paired prompts."))
+    if not div["languages"]:
+        body.append(f"<p>Only the base language ({esc(base)}) was studied: there is nothing to compare it with.</p>")
     for lang, entry in div["languages"].items():
+        if entry is None:
+            why = (div.get("languages_why") or {}).get(lang, "not compared")
+            body.append(f"<h3>{esc(lang)}</h3><p class='summary'>n/a ({esc(why)})</p>")
+            continue
         body.append(f"<h3>{esc(lang)}</h3><p class='summary'>{esc(entry['summary'])}</p>")
         if f"{lang}.diff" in paired:
             body.append(figs.add(f"heads_{lang}", viz.head_heatmap(paired[f"{lang}.mean"], limit=lim,
@@ -313,6 +323,12 @@ def build_report(out: Path, results: dict[str, Any]) -> str:
                 + "</details><details><summary>Activation addition</summary>"
                 + _completions(json.loads((stages["evaluate"] / "actadd.json").read_text(encoding="utf-8"))["completions"])
                 + "</details>")
+    gaps = _gaps(results)
+    if gaps:
+        body.append("<h2>Not computed on these prompts</h2><p>Statistics that the prompts cannot give (the results "
+                    f"hold them as null with the reason beside them): {len(gaps)}.</p><details><summary>Each, with "
+                    "its reason</summary><ul>" + "".join(f"<li><code>{esc(path)}</code>: n/a ({esc(why)})</li>"
+                                                       for path, why in gaps) + "</ul></details>")
     body.append("<script>document.body.dataset.figures=String(document.querySelectorAll('figure svg').length);"
                 "</script>")
     return _page(f"refusal_circuits: {d['model']}", "".join(body), scripts=True)
@@ -341,7 +357,49 @@ def _views(stage: Path, attribution: Any, layer: int) -> str:
     return "".join(parts)
 
 
-def _num(x: Any, digits: int = 2) -> str:
-    if x is None or (isinstance(x, float) and x != x):
-        return "–"
+def _na(obj: dict[str, Any], key: str, digits: int = 2) -> str:
+    """``obj[key]`` as a number, or "n/a (reason)" for a statistic written as null with ``key_why`` beside it
+    (:func:`refusal_circuits.io.nullable`); "–" where it was never part of the record."""
+    x = obj.get(key)
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        why = obj.get(f"{key}_why")
+        return f"n/a ({esc(why)})" if isinstance(why, str) else "–"
     return f"{float(x):.{digits}f}"
+
+
+def _nan_for_null(value: Any) -> Any:
+    """Nested lists with every null as NaN (what the figures draw as an empty, n/a cell)."""
+    if isinstance(value, list):
+        return [_nan_for_null(v) for v in value]
+    return math.nan if value is None else value
+
+
+def _missing_text(obj: dict[str, Any], keys: tuple[str, ...]) -> str:
+    """A caption sentence giving the reasons for the null entries of ``obj[key]`` (its ``key_why``)."""
+    by_reason: dict[str, list[str]] = {}  # one sentence per reason, naming everything it explains
+    for key in keys:
+        why = obj.get(f"{key}_why")
+        if isinstance(why, str):
+            by_reason.setdefault(why, []).append(key)
+        elif isinstance(why, dict):
+            for k, v in why.items():
+                by_reason.setdefault(v, []).append(f"{key} {k}")
+    parts = [f"{', '.join(what)}: n/a ({why})" for why, what in by_reason.items()]
+    return (" " + "; ".join(parts) + ".") if parts else ""
+
+
+def _gaps(obj: Any, path: str = "") -> list[tuple[str, str]]:
+    """Every statistic the results hold as null with a reason: (key path, reason), in file order."""
+    out: list[tuple[str, str]] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            where = f"{path}.{k}" if path else str(k)
+            if k.endswith("_why"):
+                stem = where[: -len("_why")]
+                out += [(stem, v)] if isinstance(v, str) else [(f"{stem}.{a}", b) for a, b in v.items()]
+            else:
+                out += _gaps(v, where)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _gaps(v, f"{path}[{i}]")
+    return out

@@ -133,6 +133,12 @@ class Study:
                              f"(it has {', '.join(everything.langs)})")
         self.langs = [self.config.base, *[x for x in (wanted or everything.langs) if x != self.config.base]]
         self.prompts = everything.filter(lang=self.langs)
+        # Every language's direction (train split) and its refusal with and without it (test split) need both
+        # labels: a one-label file fails here, before any stage, rather than after the first ones.
+        from refusal_circuits.crosslingual import check_language_groups
+
+        for split in ("train", "test"):
+            check_language_groups(self.prompts, self.langs, split=split, what=str(self.config.prompts))
         self._keys()
 
     # ---------------------------------------------------------------------------------------------- bookkeeping
@@ -295,7 +301,9 @@ def _stage_languages(study: Study, out: Path) -> None:
 
     from refusal_circuits.crosslingual import (
         direction_cosines,
+        halves_why,
         language_candidate_halves,
+        language_candidates,
         shared_pca,
         site_directions,
         split_half_cosines,
@@ -305,13 +313,22 @@ def _stage_languages(study: Study, out: Path) -> None:
 
     cfg, model, direction = study.config, study.model(), study.direction()
     caps = [n for n in (cfg.train_prompts, cfg.lang_train_prompts) if n]
+    cap = min(caps, default=None)
     # Halves of each language's train prompts: merged they are its candidates, apart they say how much of a
-    # cross-lingual cosine is shared prompt content rather than a shared direction (same forward passes).
-    halves = language_candidate_halves(model, study.prompts, study.langs, split="train",
-                                       max_prompts=min(caps, default=None), batch_size=cfg.batch_size,
-                                       progress=study.progress)
-    cands = {lang: a.merge(b, prompts_sha256=a.prompts_sha256) for lang, (a, b) in halves.items()}
-    halved = split_half_cosines(halves, cfg.base, direction.layer, direction.position)
+    # cross-lingual cosine is shared prompt content rather than a shared direction (same forward passes). A
+    # language with a single prompt of a label cannot be split: its direction comes whole, its split-half
+    # cosines are null with the reason.
+    unsplit = halves_why(study.prompts, study.langs, split="train", max_prompts=cap)
+    splittable = [x for x in study.langs if x not in unsplit]
+    halves = language_candidate_halves(model, study.prompts, splittable, split="train", max_prompts=cap,
+                                       batch_size=cfg.batch_size, progress=study.progress) if splittable else {}
+    whole = {lang: a.merge(b, prompts_sha256=a.prompts_sha256) for lang, (a, b) in halves.items()}
+    if unsplit:
+        whole |= language_candidates(model, study.prompts, list(unsplit), split="train", max_prompts=cap,
+                                     batch_size=cfg.batch_size, progress=study.progress)
+    cands = {lang: whole[lang] for lang in study.langs}
+    halved = split_half_cosines(halves, cfg.base, direction.layer, direction.position, unsplit=unsplit,
+                                langs=study.langs)
     cos = direction_cosines(cands, direction.layer, direction.position)
     pca = shared_pca(cands, direction.layer, direction.position)
     dirs = site_directions(cands, direction)
@@ -421,32 +438,42 @@ def _stage_compare(study: Study, out: Path) -> None:
     from safetensors.torch import save_file
 
     from refusal_circuits.attribution import load_attribution, source_matrix, top_k_heads
-    from refusal_circuits.crosslingual import Rate, divergence, pair_rows, patch_top_heads, separation
+    from refusal_circuits.crosslingual import (
+        Rate,
+        divergence,
+        pair_rows,
+        patch_json,
+        patch_top_heads,
+        separation,
+        unpaired_why,
+    )
     from refusal_circuits.io import atomic_path, write_json
 
     cfg, direction = study.config, study.direction()
     attribution = load_attribution(study.stages["attribute"].path / "attribution")
     baseline_json = study.read_json("evaluate", "baseline.json")["results"]
-    baseline = {lang: (Rate(round(g["harmful"]["refusal_rate"] * g["harmful"]["n"]), g["harmful"]["n"]),
-                       Rate(round(g["harmless"]["refusal_rate"] * g["harmless"]["n"]), g["harmless"]["n"]))
-                for lang, g in baseline_json.items() if "harmful" in g and "harmless" in g}
-    langs = [x for x in study.langs[1:] if len(pair_rows(attribution, cfg.base, x)) >= 2]
-    if not langs:
-        write_json(out / "divergence.json", {"base": cfg.base, "languages": {},
-                                             "separation": separation(attribution).to_json()})
-        return
+
+    def rate(g: dict[str, Any], label: str) -> Rate | None:
+        return Rate(round(g[label]["refusal_rate"] * g[label]["n"]), g[label]["n"]) if label in g else None
+
+    baseline = {lang: (rate(g, "harmful"), rate(g, "harmless")) for lang, g in baseline_json.items()}
+    # Languages without a paired harmful prompt are kept in divergence.json as null, with the reason.
+    langs = [x for x in study.langs[1:] if unpaired_why(attribution, cfg.base, x) is None]
     tokens = direction.meta.get("refusal_tokens", {}).get("ids", {}).get(direction.lang)
-    model = study.model()
     patches = {}
-    if cfg.patch_top_k and tokens:
-        patches = patch_top_heads(model, direction, attribution, study.prompts, cfg.base, langs, cfg.patch_top_k,
-                                  tokens, alpha=cfg.alpha, batch_size=cfg.batch_size, progress=study.progress)
-    result = divergence(attribution, cfg.base, langs, baseline=baseline, patch=patches, alpha=cfg.alpha)
+    if langs and cfg.patch_top_k and tokens:
+        patches = patch_top_heads(study.model(), direction, attribution, study.prompts, cfg.base, langs,
+                                  cfg.patch_top_k, tokens, alpha=cfg.alpha, batch_size=cfg.batch_size,
+                                  progress=study.progress)
+    result = divergence(attribution, cfg.base, study.langs[1:], baseline=baseline, patch=patches, alpha=cfg.alpha)
     obj = result.to_json()
     obj["separation"] = separation(attribution).to_json()
     for lang, pp in patches.items():
-        obj["languages"][lang]["patch"] = pp.to_json()
+        obj["languages"][lang]["patch"] = patch_json(pp)
     write_json(out / "divergence.json", obj)
+    if not langs:
+        return
+    model = study.model()
     paired = {f"{cfg.base}.mean": next(iter(result.languages.values())).paired.base_mean.float().contiguous()}
     for lang, d in result.languages.items():
         paired[f"{lang}.mean"] = d.paired.other_mean.float().contiguous()
@@ -458,7 +485,11 @@ def _stage_compare(study: Study, out: Path) -> None:
     # into the language whose refusal drops most (by baseline).
     base_heads = attribution.select(lang=cfg.base, label="harmful").head_scores().mean(0)
     heads = top_k_heads(base_heads, 4)
-    worst = min(langs, key=lambda x: baseline[x][0].rate if x in baseline else 1.0)
+    def harmful_rate(lang: str) -> float:
+        h = baseline.get(lang, (None, None))[0]
+        return h.rate if h is not None and h.n else 1.0
+
+    worst = min(langs, key=harmful_rate)
     i, j = pair_rows(attribution, cfg.base, worst)[0]
     by_key = {(r.id, r.lang, r.label): r for r in study.prompts}
     views: dict[str, Any] = {}

@@ -106,8 +106,11 @@ def _bars(values: Mapping[str, Mapping[str, tuple[float, float, float]]], *, tit
 def matrix(values: Tensor | Sequence[Sequence[float]], rows: Sequence[str], cols: Sequence[str], *, title: str,
            cbar: str, vmin: float | None = None, vmax: float | None = None, cmap: str = "viridis",
            fmt: str = "{:.2f}", xlabel: str = "", ylabel: str = "") -> Any:
-    """A labelled heatmap with the value printed in every cell (cosine and transfer matrices)."""
+    """A labelled heatmap with the value printed in every cell (cosine and transfer matrices); a NaN or None
+    cell (not measured, or not computable: the caption says why) is left empty."""
     plt = _plt()
+    if not isinstance(values, Tensor):
+        values = [[float("nan") if x is None else x for x in row] for row in values]
     v = torch.as_tensor(values, dtype=torch.float32)
     fig, ax = plt.subplots(figsize=(0.38 * len(cols) + 1.6, 0.32 * len(rows) + 1.0))
     im = ax.imshow(v.numpy(), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
@@ -188,7 +191,8 @@ def trajectories(curves: Mapping[str, Sequence[float]], *, title: str, marker_la
     ax.set_xlabel("layer (resid_pre; last point: final residual)")
     ax.set_ylabel("projection on r̂")
     ax.set_title(title)
-    ax.legend(frameon=False, ncol=2)
+    if curves:
+        ax.legend(frameon=False, ncol=2)
     return fig
 
 

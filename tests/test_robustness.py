@@ -194,6 +194,7 @@ _MODEL_COMMANDS = {
     "attribute": ["attribute", "--direction", "{dir}", "--out", "{out}", "--prompts", "{prompts}", "--model"],
     "orthogonalize": ["orthogonalize", "--direction", "{dir}", "--out", "{out}", "--model"],
     "compare": ["compare", "--attributions", "{attr}", "--out", "{out}", "--model"],
+    "check": ["check", "--json", "{out_json}", "--model"],
 }
 _BAD_MODELS = [
     ("packaged:nope", "unknown packaged model 'packaged:nope'; known: packaged:qwen2.5-coder-0.5b-instruct"),
@@ -281,6 +282,8 @@ CASES += [
           "--evaluation {eval-keys}: not an `evaluate` JSON with harmful and harmless rates"),
     _case("compare", ["compare", "--attributions", "{attr}", "--evaluation", "{eval-not-utf8}", "--out", "{out}"],
           "--evaluation {eval-not-utf8}: not an `evaluate` JSON"),
+    _case("check", ["check", "--model", "{model}", "--json", "{no-model}/sub/check.json"],
+          "--json {no-model}/sub/check.json: its directory does not exist"),
     # 7. `report` on what is not a finished `run` directory
     _case("report", ["report", "{no-model}"], "{no-model}: not a finished `run` directory"),
     _case("report", ["report", "{prompts}"], "{prompts}: not a finished `run` directory"),
