@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
@@ -48,6 +49,11 @@ def _negative_ints(value: str) -> list[int]:
     return out
 
 
+_SPLIT_HELP = ("which prompts (default: test when the direction came from these prompts, all of them when it came "
+               "from another prompt set; a file without a split key is split by a hash of each id, 3:1:1 "
+               "train:val:test)")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors follow our contract: one line on stderr and exit code 2."""
 
@@ -56,6 +62,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from refusal_circuits.study import StudyConfig
 
     parser = _Parser(prog="refusal-circuits", description=(
         "Find, remove and explain the refusal direction of chat LLMs: which heads write it, at which token "
@@ -72,38 +79,41 @@ def build_parser() -> argparse.ArgumentParser:
                              "comparison with patching, and an offline report. Each stage is cached under "
                              "OUT/stages and skipped on a rerun unless its inputs changed. Writes OUT/report.html, "
                              "OUT/results.json and OUT/figures/*.svg."))
+    # The study's defaults live in StudyConfig alone; the flags show them.
+    defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(StudyConfig)}
     _model_arg(run)
     _prompts_arg(run)
     run.add_argument("--langs", type=_langs, default=None, help="comma-separated ISO 639-1 codes (default: all)")
-    run.add_argument("--base", default="en", help="the language whose direction is selected (default: en)")
+    run.add_argument("--base", default=defaults["base"], help=f"the language whose direction is selected (default: {defaults['base']})")
     run.add_argument("--max-prompts", type=_positive, default=None,
                      help="at most this many test prompts per language and label (a quicker, smaller study)")
     run.add_argument("--train-prompts", type=_positive, default=None,
                      help="at most this many train (and val) prompts per label for the directions (default: all, "
                           "as `directions` does)")
-    run.add_argument("--positions", type=_negative_ints, default=[-2, -1],
-                     help="post-instruction positions of the selection grid (default -2,-1)")
-    run.add_argument("--lang-train-prompts", type=_positive, default=64,
+    run.add_argument("--positions", type=_negative_ints, default=list(defaults["positions"]),
+                     help="post-instruction positions of the selection grid (default "
+                          + ",".join(map(str, defaults["positions"])) + ")")
+    run.add_argument("--lang-train-prompts", type=_positive, default=defaults["lang_train_prompts"],
                      help="at most this many train prompts per label for each language's own direction (default "
-                          "64; the cosines, PCA and transfer sources)")
-    run.add_argument("--filter", default="polyrefuse", choices=["auto", "arditi", "polyrefuse"],
+                          f"{defaults['lang_train_prompts']}; the cosines, PCA and transfer sources)")
+    run.add_argument("--filter", default=defaults["filter"], choices=["auto", "arditi", "polyrefuse"],
                      help="selection filter (default polyrefuse: KL < 0.2; on the packaged 0.5B `auto` falls back "
                           "to it after scoring every candidate)")
     run.add_argument("--kl-max", type=float, default=None, help="override the filter's KL threshold")
     run.add_argument("--max-layer-frac", type=float, default=None, help="override the layer cap (default 0.8)")
     run.add_argument("--refusal-tokens", default=None, help="comma-separated refusal tokens (default: discovered)")
     run.add_argument("--compliance-tokens", default=None, help="comma-separated compliance tokens for DLA")
-    run.add_argument("--transfer", default="base", choices=["base", "all"],
+    run.add_argument("--transfer", default=defaults["transfer"], choices=["base", "all"],
                      help="transfer matrix: the base direction on every language plus each language's own "
                           "(base), or every language's direction on every language (all)")
-    run.add_argument("--total-effects", type=int, default=4, metavar="K", help="patch K heads for total effects")
-    run.add_argument("--patch-top-k", type=int, default=3, metavar="K",
+    run.add_argument("--total-effects", type=int, default=defaults["total_effects"], metavar="K", help="patch K heads for total effects")
+    run.add_argument("--patch-top-k", type=int, default=defaults["patch_top_k"], metavar="K",
                      help="patch K heads from the base run into each translation")
-    run.add_argument("--max-new-tokens", type=_positive, default=16,
-                     help="tokens generated per prompt (default 16: enough for the phrase judge to see the opening)")
-    run.add_argument("--batch-size", type=_positive, default=32,
-                     help="prompts per forward pass and per generation batch (default 32: generation on 2 CPU "
-                          "cores is 28%% faster than with 16)")
+    run.add_argument("--max-new-tokens", type=_positive, default=defaults["max_new_tokens"],
+                     help=f"tokens generated per prompt (default {defaults['max_new_tokens']}: enough for the phrase judge to see the opening)")
+    run.add_argument("--batch-size", type=_positive, default=defaults["batch_size"],
+                     help=f"prompts per forward pass and per generation batch (default {defaults['batch_size']}: "
+                          "generation on 2 CPU cores is 28%% faster than with 16)")
     run.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: ./{DEFAULT_OUT})")
     run.set_defaults(func=cmd_run)
 
@@ -140,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(e)
     _prompts_arg(e)
     e.add_argument("--langs", type=_langs, default=None, help="comma-separated ISO 639-1 codes (default: all)")
-    e.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    e.add_argument("--split", default=None, choices=["train", "val", "test", "all"], help=_SPLIT_HELP)
     e.add_argument("--direction", default=None, help="a directory written by `directions`")
     e.add_argument("--intervention", default="none", choices=["none", "ablate", "actadd"])
     e.add_argument("--alpha", type=float, default=None,
@@ -173,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--direction", required=True, help="a directory written by `directions`")
     a.add_argument("--out", required=True, help="output directory")
     a.add_argument("--langs", type=_langs, default=None, help="comma-separated ISO 639-1 codes (default: all)")
-    a.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    a.add_argument("--split", default=None, choices=["train", "val", "test", "all"], help=_SPLIT_HELP)
     a.add_argument("--max-prompts", type=_positive, default=None, help="at most this many per language and label")
     a.add_argument("--batch-size", type=_positive, default=16)
     a.add_argument("--adv-suffix", default=None, help="text appended to every instruction (its own span)")
@@ -313,7 +323,8 @@ def cmd_run(args: argparse.Namespace) -> None:
                 with contextlib.suppress(OSError):
                     d.rmdir()
         raise
-    results = _write_report(study.out, config.to_json() | {"langs": study.langs},
+    results = _write_report(study.out, config.to_json() | {"langs": study.langs,
+                                                           "split_policy": study.split_policy.to_json()},
                             {k: v.seconds for k, v in study.stages.items()})
     _print_headline(results)
     print(f"study took {time.perf_counter() - t0:.0f} s this time; wrote {study.out / 'report.html'} and "
@@ -370,12 +381,13 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'report.html'}")
 
 
-def _split_and_cap(prompts, args: argparse.Namespace):
-    """``--split`` (when the prompts have splits) and ``--max-prompts`` per language and label."""
-    if args.split != "all" and any(r.split is not None for r in prompts):
-        prompts = prompts.filter(split=args.split)
+def _split_and_cap(prompts, split: str, args: argparse.Namespace):
+    """The prompts of ``split`` (every one for ``all``; the split policy has given every prompt one) and
+    ``--max-prompts`` per language and label."""
+    if split != "all":
+        prompts = prompts.filter(split=split)
         if not len(prompts):
-            raise InputError(f"{args.prompts} has no prompts in split {args.split!r}")
+            raise InputError(f"{args.prompts} has no prompts in split {split!r}")
     if args.max_prompts:
         prompts = prompts.head(args.max_prompts)
     return prompts
@@ -398,36 +410,6 @@ def _out_dir(path: str, flag: str = "--out") -> Path:
     if out.exists() and not out.is_dir():
         raise InputError(f"{flag} {out} exists and is not a directory")
     return out
-
-
-def _splits(prompts, lang: str, max_prompts: int | None):
-    """(train, val) of one language: the 'split' key when the prompts have one, else a stable hash split."""
-    import hashlib
-
-    from refusal_circuits.data import PromptSet
-
-    own = prompts.filter(lang=lang)
-    if not len(own):
-        raise InputError(f"no prompts in language {lang!r}; the prompts have {', '.join(prompts.langs)}")
-    hashed = not any(r.split is not None for r in own)
-    if not hashed:
-        train, val = own.filter(split="train"), own.filter(split="val")
-    else:
-        def bucket(r) -> str:
-            return "val" if int(hashlib.sha256(r.id.encode()).hexdigest(), 16) % 5 == 0 else "train"
-
-        train = PromptSet(tuple(r for r in own if bucket(r) == "train"), own.source)
-        val = PromptSet(tuple(r for r in own if bucket(r) == "val"), own.source)
-    if max_prompts:
-        train, val = train.head(max_prompts), val.head(max_prompts)
-    for name, part in (("train", train), ("val", val)):
-        counts = part.counts().get(lang, {})
-        if not counts.get("harmful") or not counts.get("harmless"):
-            have = ", ".join(f"{counts.get(label, 0)} {label}" for label in ("harmful", "harmless"))
-            how = (" (the prompts have no 'split' key: about 1 in 5 of each label goes to val, by a hash of its id)"
-                   if hashed else "")
-            raise InputError(f"the {name} split of {lang!r} needs harmful and harmless prompts (has {have}){how}")
-    return train, val
 
 
 def _token_strings(value: str, flag: str) -> list[str]:
@@ -456,16 +438,16 @@ def _progress() -> bool:
 
 def cmd_directions(args: argparse.Namespace) -> None:
     from refusal_circuits.chat import check_positions
-    from refusal_circuits.data import load_prompts
     from refusal_circuits.directions import extract_candidates
     from refusal_circuits.forward import check_context
     from refusal_circuits.models import ModelSpec, load_model
     from refusal_circuits.selection import filter_configs, select_direction
+    from refusal_circuits.workflows import direction_splits, load_split_prompts
 
     ModelSpec.parse(args.model)
     out = _out_dir(args.out)
-    prompts = load_prompts(args.prompts)
-    train, val = _splits(prompts, args.lang, args.max_prompts)
+    prompts, policy = load_split_prompts(args.prompts)
+    train, val = direction_splits(prompts, args.lang, policy, max_prompts=args.max_prompts)
     config, fallback = filter_configs(args.filter, kl_max=args.kl_max, max_layer_frac=args.max_layer_frac)
     model = load_model(args.model, **_placement(args))
     check_positions(model.tokenizer, args.positions)
@@ -482,6 +464,7 @@ def cmd_directions(args: argparse.Namespace) -> None:
         progress=_progress())
     direction = selection.direction
     direction.meta["prompts"] = args.prompts
+    direction.meta["split_policy"] = policy.to_json()
     direction.meta["selection_scores"] = selection.to_json()
     direction.save(out)
     s = direction.meta["selection"]
@@ -496,12 +479,12 @@ def cmd_directions(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from refusal_circuits import interventions
-    from refusal_circuits.data import load_prompts
     from refusal_circuits.directions import Direction, check_compatible, load_direction
     from refusal_circuits.evaluation import evaluate_with_scores
     from refusal_circuits.forward import check_context
     from refusal_circuits.io import nullable, write_json
     from refusal_circuits.models import ModelSpec, load_model
+    from refusal_circuits.workflows import evaluation_split, load_split_prompts
 
     ModelSpec.parse(args.model)
     if Path(args.out).is_dir():
@@ -512,11 +495,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.intervention != "none" and args.direction is None:
         raise InputError(f"--intervention {args.intervention} needs --direction")
     direction = load_direction(args.direction) if args.direction else None
-    all_prompts = load_prompts(args.prompts, langs=args.langs)
-    prompts = all_prompts
-    prompts = _split_and_cap(prompts, args)
+    all_prompts, policy = load_split_prompts(args.prompts, langs=args.langs)
+    split = evaluation_split(args.split, all_prompts, direction.prompts_sha256 if direction else None,
+                             direction.lang if direction else None)
+    prompts = _split_and_cap(all_prompts, split, args)
     if args.backend != "hf":
-        _evaluate_on_backend(args, prompts)
+        _evaluate_on_backend(args, prompts, split)
         return
     model = load_model(args.model, **_placement(args))
     if direction is not None:
@@ -525,7 +509,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             raise InputError(f"--layer {args.layer} out of range; the model has {int(model.cfg.n_layers)} layers")
     check_context(model, prompts)
     if args.refusal_tokens or direction is None or "refusal_tokens" not in direction.meta:
-        train = all_prompts.filter(split="train") if any(r.split for r in all_prompts) else prompts
+        train = all_prompts.filter(split="train")  # refusal tokens are learned on train prompts, never on test
         train = train if len(train) else prompts
         if not args.refusal_tokens:
             check_context(model, train.head(32))  # the prompts the refusal tokens are discovered on
@@ -556,7 +540,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if make is not None and "capability" not in result:
         result.update(nullable("capability", None, "no harmless prompts to measure it on"))
     result["prompts"] = args.prompts
-    result["split"] = args.split
+    result["split"] = split
+    result["split_policy"] = policy.to_json()
     write_json(args.out, result)
     for lang, groups in result["results"].items():
         rates = "  ".join(f"{lab} {g['refusal_rate']:5.1%} (n={g['n']}"
@@ -569,7 +554,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
-def _evaluate_on_backend(args: argparse.Namespace, prompts) -> None:
+def _evaluate_on_backend(args: argparse.Namespace, prompts, split: str) -> None:
     """``evaluate --backend vllm``: generation by a serving engine, judged the same way; no hooks, no scores."""
     from refusal_circuits.backends import make_generator
     from refusal_circuits.evaluation import evaluate_refusal
@@ -581,7 +566,7 @@ def _evaluate_on_backend(args: argparse.Namespace, prompts) -> None:
     ev = evaluate_refusal(None, prompts, max_new_tokens=args.max_new_tokens, generator=generator,
                           progress=_progress())
     write_json(args.out, {**ev.to_dict(), "direction": None, "backend": args.backend, "prompts": args.prompts,
-                          "split": args.split})
+                          "split": split})
     for lang, groups in ev.results.items():
         print(f"{lang} [{args.backend}]: " + "  ".join(f"{lab} {g.refusal_rate:5.1%} (n={g.n})"
                                                      for lab, g in groups.items()))
@@ -590,21 +575,22 @@ def _evaluate_on_backend(args: argparse.Namespace, prompts) -> None:
 
 def cmd_attribute(args: argparse.Namespace) -> None:
     from refusal_circuits.attribution import attribute, top_k_heads
-    from refusal_circuits.data import load_prompts
     from refusal_circuits.directions import check_compatible, load_direction
     from refusal_circuits.forward import check_context
     from refusal_circuits.io import write_json
     from refusal_circuits.models import ModelSpec, load_model
     from refusal_circuits.patching import total_effects
     from refusal_circuits.scores import first_token_ids
+    from refusal_circuits.workflows import evaluation_split, load_split_prompts
 
     ModelSpec.parse(args.model)
     out = _out_dir(args.out)
     if args.total_effects < 0:
         raise InputError("--total-effects must be 0 or more")
     direction = load_direction(args.direction)
-    prompts = load_prompts(args.prompts, langs=args.langs)
-    prompts = _split_and_cap(prompts, args)
+    all_prompts, policy = load_split_prompts(args.prompts, langs=args.langs)
+    split = evaluation_split(args.split, all_prompts, direction.prompts_sha256, direction.lang)
+    prompts = _split_and_cap(all_prompts, split, args)
     model = load_model(args.model, **_placement(args))
     check_compatible(direction, model, f"--direction {args.direction}")
     check_context(model, prompts, adv_suffix=args.adv_suffix)
@@ -622,7 +608,8 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     # `compare` reads the prompts again from what is recorded here, maybe from another directory.
     local = args.prompts != "bundled" and not args.prompts.startswith("hf:")
     result.save(out, extra={"prompts": str(Path(args.prompts).resolve()) if local else args.prompts,
-                            "split": args.split, "direction_path": str(Path(args.direction).resolve())})
+                            "split": split, "split_policy": policy.to_json(),
+                            "direction_path": str(Path(args.direction).resolve())})
     err = result.completeness_error()
     print(f"attributed {result.n_prompts} prompts ({', '.join(prompts.langs)}); completeness error {err:.2e}")
     print(repr(result.top_heads(5, positions="post").where(label="harmful")))
@@ -705,10 +692,11 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if args.evaluation:
         baseline = _baseline_from_evaluation(args.evaluation)
     if not args.no_model:
-        from refusal_circuits.data import PromptSet, load_prompts
+        from refusal_circuits.data import PromptSet
         from refusal_circuits.directions import check_compatible, load_direction
         from refusal_circuits.forward import check_context
         from refusal_circuits.models import ModelSpec, load_model
+        from refusal_circuits.workflows import load_split_prompts
 
         spec = args.model or attribution.model
         ModelSpec.parse(spec)
@@ -717,7 +705,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
             raise InputError("--direction is needed: the attributions do not record theirs")
         direction = load_direction(dpath)
         source = args.prompts or meta.get("prompts") or "bundled"
-        prompts = load_prompts(source, langs=[args.base, *langs])
+        prompts, _ = load_split_prompts(source, langs=[args.base, *langs])
         if args.directions:  # every language's direction needs both labels: say so before the model loads
             from refusal_circuits.crosslingual import check_language_groups
 
@@ -780,7 +768,7 @@ def _directions_study(model, direction, prompts, langs: list[str], args: argpars
                                 batch_size=args.batch_size, progress=_progress())
     cos = direction_cosines(cands, direction.layer, direction.position)
     pca = shared_pca(cands, direction.layer, direction.position)
-    test = prompts.filter(split="test") if any(r.split for r in prompts) else prompts
+    test = prompts.filter(split="test")
     if args.max_prompts:
         test = test.head(args.max_prompts)
     ids = direction.meta.get("refusal_tokens", {}).get("ids", {})

@@ -110,14 +110,15 @@ class Study:
     config: StudyConfig
     out: Path
     progress: bool = True
-    prompts: Any = None  # PromptSet, loaded in __post_init__
+    prompts: Any = None  # PromptSet, loaded in __post_init__, every prompt in a split
+    split_policy: Any = None  # workflows.SplitPolicy, how they were split
     stages: dict[str, StageInfo] = field(default_factory=dict)
     _model: Any = None
     _model_loader: Callable[[str], Any] | None = None
 
     def __post_init__(self) -> None:
-        from refusal_circuits.data import load_prompts
         from refusal_circuits.models import ModelSpec
+        from refusal_circuits.workflows import load_split_prompts
 
         ModelSpec.parse(self.config.model)  # a bad spec fails before anything slow
         if self.out.exists() and not self.out.is_dir():
@@ -127,7 +128,8 @@ class Study:
         wanted = list(self.config.langs) if self.config.langs else None
         if wanted and self.config.base not in wanted:
             wanted = [self.config.base, *wanted]
-        everything = load_prompts(self.config.prompts, langs=wanted)  # names an unknown language or file line
+        # names an unknown language or file line; every prompt gets a split (refusal_circuits.workflows)
+        everything, self.split_policy = load_split_prompts(self.config.prompts, langs=wanted)
         if self.config.base not in everything.langs:
             raise InputError(f"--base {self.config.base}: not in {self.config.prompts} "
                              f"(it has {', '.join(everything.langs)})")
@@ -170,9 +172,7 @@ class Study:
         return self._model
 
     def test_split(self, langs: Sequence[str] | None = None) -> Any:
-        p = self.prompts.filter(lang=list(langs or self.langs))
-        if any(r.split is not None for r in p):
-            p = p.filter(split="test")
+        p = self.prompts.filter(lang=list(langs or self.langs), split="test")
         return p.head(self.config.max_prompts) if self.config.max_prompts else p
 
     # -------------------------------------------------------------------------------------------------- running
@@ -236,18 +236,12 @@ def _stage_direction(study: Study, out: Path) -> None:
     from refusal_circuits.directions import extract_candidates
     from refusal_circuits.scores import discover_refusal_tokens, refusal_tokens_from_strings
     from refusal_circuits.selection import filter_configs, select_direction
+    from refusal_circuits.workflows import direction_splits
 
     cfg, base = study.config, study.config.base
     own = study.prompts.filter(lang=base)
-    has_splits = any(r.split is not None for r in own)
-    train = own.filter(split="train") if has_splits else own
-    val = own.filter(split="val") if has_splits else own
-    if cfg.train_prompts:
-        train, val = train.head(cfg.train_prompts), val.head(cfg.train_prompts)
-    for name, part in (("train", train), ("val", val)):
-        counts = part.counts().get(base, {})
-        if not counts.get("harmful") or not counts.get("harmless"):
-            raise InputError(f"the {name} split of {base!r} needs harmful and harmless prompts")
+    train, val = direction_splits(study.prompts, base, study.split_policy, max_prompts=cfg.train_prompts,
+                                  what=str(cfg.prompts))
     model = study.model()
     if cfg.refusal_tokens:
         tokens = refusal_tokens_from_strings(model.tokenizer, [t for t in cfg.refusal_tokens.split(",") if t.strip()],
@@ -266,6 +260,7 @@ def _stage_direction(study: Study, out: Path) -> None:
         progress=study.progress)
     direction = selection.direction
     direction.meta["prompts"] = cfg.prompts
+    direction.meta["split_policy"] = study.split_policy.to_json()
     direction.meta["selection_scores"] = selection.to_json()
     direction.save(out)
 

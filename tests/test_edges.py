@@ -25,7 +25,7 @@ WORDS = {"harmful": ["bad", "evil", "harm", "hurt", "break", "steal"],
 SPLITS = ["train", "train", "val", "val", "test", "test"]
 
 
-def _rows(langs=("en", "de"), labels=("harmful", "harmless"), n=6, splits=True):
+def _rows(langs=("en", "de"), labels=("harmful", "harmless"), n=6, splits=True, split_names=SPLITS):
     """Translations (same id across languages) of ``n`` prompts per label, with a train/val/test split."""
     rows = []
     for label in labels:
@@ -33,7 +33,7 @@ def _rows(langs=("en", "de"), labels=("harmful", "harmless"), n=6, splits=True):
             for lang in langs:
                 row = {"id": f"{label}-{i}", "lang": lang, "label": label, "instruction": f"{lang}: tell me about {word}"}
                 if splits:
-                    row["split"] = SPLITS[i]
+                    row["split"] = split_names[i]
                 rows.append(row)
     return rows
 
@@ -45,6 +45,9 @@ CASES = {
     "harmless-only": _rows(labels=("harmless",)),
     "one-language": _rows(langs=("en",)),
     "single-prompt": _rows(n=1, splits=False),
+    # one prompt per language x label x split: the smallest file a study can use without ever selecting or
+    # evaluating on the prompts its direction came from
+    "one-per-split": _rows(n=3, split_names=["train", "val", "test"]),
     "mixed": _rows(langs=("en", "de")) + [r | {"lang": "fr"} for r in _rows(langs=("en",), labels=("harmless",))],
 }
 RUN_FLAGS = ["--refusal-tokens", "I,S", "--compliance-tokens", "T", "--filter", "polyrefuse", "--kl-max", "1e9",
@@ -345,9 +348,18 @@ def test_run_on_one_label_exits_2_before_any_stage(env, tmp_path, capsys, case, 
 
 
 @pytest.mark.tiny
+def test_run_on_one_prompt_per_label_without_splits_exits_2_naming_the_hash_split(env, tmp_path, capsys):
+    """One prompt per language and label, no split key: the hash split cannot give the direction train and val
+    prompts of both labels and test prompts to evaluate on, and the study says so before any stage."""
+    out = tmp_path / "run"
+    _fails(capsys, ["run", "--model", env["model"], "--prompts", str(env["files"]["single-prompt"]), "--out",
+                    str(out), *RUN_FLAGS], "needs harmful and harmless", out)
+
+
+@pytest.mark.tiny
 def test_run_and_report_on_one_prompt_per_group_render_nulls_as_na_with_the_reason(env, tmp_path, capsys):
     out = tmp_path / "run"
-    _, reasons = _ok(capsys, ["run", "--model", env["model"], "--prompts", str(env["files"]["single-prompt"]),
+    _, reasons = _ok(capsys, ["run", "--model", env["model"], "--prompts", str(env["files"]["one-per-split"]),
                               "--out", str(out), *RUN_FLAGS], out)
     results = _strict_json(out / "results.json")
     halved = results["languages"]["split_half"]

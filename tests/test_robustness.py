@@ -180,7 +180,8 @@ for _cmd, _argv in _PROMPT_COMMANDS.items():
         CASES.append(_case(_cmd, [*_argv, "{" + _name + "}"], _message.replace("{f}", "{" + _name + "}")))
     # a prompt longer than the model's context: named with its id, language and file, before any work
     CASES.append(_case(_cmd, [*_argv, "{long}", *(["--directions"] if _cmd == "compare" else [])],
-                       "prompt 'harmful-0' (en) of {long} is 6" if _cmd in ("run", "directions", "compare")
+                       # attribute holds a direction from another file out whole: its first long prompt
+                       "prompt 'harmful-0' (en) of {long} is 6" if _cmd in ("run", "directions", "compare", "attribute")
                        else "prompt 'harmful-4' (en) of {long} is 6"))
     # prompts from the hub without the `hub` extra
     CASES.append(_case(_cmd, [*_argv, "hf:advbench"], "loading hub datasets needs the 'hub' extra: pip install",
