@@ -73,9 +73,9 @@ def _digest(root: Path, placeholders: dict[str, str]) -> dict[str, object]:
 
 def _close(a: object, b: object, where: str, problems: list[str]) -> None:
     if isinstance(a, float) or isinstance(b, float):
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-            if math.isclose(float(a), float(b), rel_tol=1e-5, abs_tol=1e-6):
-                return
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+                and math.isclose(float(a), float(b), rel_tol=1e-5, abs_tol=1e-6):
+            return
         problems.append(f"{where}: {a!r} != golden {b!r}")
     elif isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
