@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -20,6 +19,8 @@ from refusal_circuits.data import LABELS, PromptSet
 from refusal_circuits.forward import batches
 from refusal_circuits.judges import Judge, PhraseJudge
 from refusal_circuits.models import hf_model_of, model_id
+from refusal_circuits.stats import Rate
+from refusal_circuits.stats import wilson_interval as wilson_interval  # re-exported: its former home
 
 if TYPE_CHECKING:
     from refusal_circuits.scores import RefusalTokens
@@ -162,39 +163,12 @@ def _greedy_loop(model: Any, ids: torch.Tensor, mask: torch.Tensor, n: int, eos:
     return ids
 
 
-def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95% by default); (0, 1) when n == 0."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+class GroupRate(Rate):
+    """The former name of :class:`~refusal_circuits.stats.Rate` for a (language, label) group of the evaluation,
+    with its former argument order ``(n, refused, refusal_score)``; new code builds a ``Rate(k, n, ...)``."""
 
-
-@dataclass(frozen=True)
-class GroupRate:
-    """Refusal rate of one (language, label) group."""
-
-    n: int
-    refused: int
-    refusal_score: float | None = None
-
-    @property
-    def refusal_rate(self) -> float:
-        return self.refused / self.n if self.n else float("nan")
-
-    @property
-    def ci(self) -> tuple[float, float]:
-        return wilson_interval(self.refused, self.n)
-
-    def to_dict(self) -> dict[str, Any]:
-        lo, hi = self.ci
-        out = {"n": self.n, "refusal_rate": self.refusal_rate, "ci_low": lo, "ci_high": hi}
-        if self.refusal_score is not None:
-            out["refusal_score"] = self.refusal_score
-        return out
+    def __init__(self, n: int, refused: int, refusal_score: float | None = None) -> None:
+        super().__init__(refused, n, refusal_score)
 
 
 @dataclass(frozen=True)
@@ -214,7 +188,7 @@ class RefusalEvaluation:
     model: str
     intervention: str
     judge: str
-    results: dict[str, dict[str, GroupRate]]
+    results: dict[str, dict[str, Rate]]
     completions: tuple[Completion, ...] = field(repr=False)
     prompts_sha256: str = ""
     max_new_tokens: int = 0
@@ -302,7 +276,7 @@ def evaluate_refusal(
         c[2] += scores[i] if scores else 0.0
         completions.append(Completion(r.id, r.lang, r.label, text, bool(refused),
                                       int(ids[i][0]) if ids and ids[i] else None))
-    results = {lang: {lab: GroupRate(int(n), int(k), sc / n if scores else None)
+    results = {lang: {lab: Rate(int(k), int(n), sc / n if scores else None)
                       for lab, (n, k, sc) in groups.items()} for lang, groups in counts.items()}
     name = model_id(model) if model is not None else str(getattr(generator, "model", "unknown"))
     return RefusalEvaluation(name, intervention, judge.name, results, tuple(completions),

@@ -71,7 +71,7 @@ def _judge_tokens_text(transfer: dict[str, Any]) -> str:
 
 
 def _rate(g: dict[str, Any]) -> tuple[float, float, float]:
-    from refusal_circuits.evaluation import wilson_interval
+    from refusal_circuits.stats import wilson_interval
 
     n = int(g["n"])
     k = int(g["refused"]) if "refused" in g else round(float(g.get("refusal_rate", g.get("rate", 0.0))) * n)

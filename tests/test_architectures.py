@@ -357,9 +357,11 @@ def test_a_missing_mlp_term_raises_exactness_error(build, monkeypatch):
 def test_a_wrong_final_norm_raises_exactness_error_in_dla(build, monkeypatch):
     from dataclasses import replace
 
+    from refusal_circuits.attribution import compute
+
     b = build("llama")
     real = attr.final_norm(b.model)
-    monkeypatch.setattr(attr, "final_norm", lambda model: replace(real, eps=real.eps + 0.5))
+    monkeypatch.setattr(compute, "final_norm", lambda model: replace(real, eps=real.eps + 0.5))
     with pytest.raises(ExactnessError, match=r"direct logit attribution of LlamaForCausalLM.*do not add up"):
         attr.attribute(b.model, b.r.float(), PROMPTS[:2], refusal_tokens=b.refusal, compliance_tokens=b.compliance,
                        progress=False)

@@ -1,0 +1,113 @@
+"""Where refusal diverges between English and its translations.
+
+Wang et al. (PolyRefuse) find one refusal direction shared by the languages a model is safety-aligned in. This
+package measures that and goes down to heads, one idea per module (each imports only from the ones above it):
+
+* :mod:`~refusal_circuits.crosslingual.directions`: each language's difference-in-means direction, their cosine
+  similarities (:func:`direction_cosines`, and from disjoint halves :func:`split_half_cosines`), one shared PCA
+  (:func:`shared_pca`), and how well the base language's direction separates harmful from harmless prompts in
+  every language (:func:`separation`: AUROC and Cohen's d).
+* :mod:`~refusal_circuits.crosslingual.paired`: for every prompt id, each head's write in English vs in the
+  translation (:func:`paired_heads`: mean paired difference with bootstrap intervals and sign-flip permutation
+  p-values, Benjamini-Hochberg across heads, plus a floor of practical size so float noise never counts; rank
+  correlation tells "the same heads, weaker" from "different heads"), where the projections part along the
+  layers (:func:`trajectory_split_layer`), and patching the heads that lose most (:func:`patch_top_heads`).
+* :mod:`~refusal_circuits.crosslingual.transfer`: language A's direction ablated on language B's harmful prompts
+  (and added on B's harmless prompts), refusal rates with Wilson intervals, next to the baseline row
+  (:func:`transfer_matrix`).
+* :mod:`~refusal_circuits.crosslingual.divergence`: the per-language summary, in words and numbers
+  (:func:`divergence`).
+
+The statistics themselves (intervals, AUROC, rank correlation, false-discovery control, resampling tests, the
+:class:`~refusal_circuits.stats.Rate` record) live in :mod:`refusal_circuits.stats`; they are importable from
+here too, as before the split.
+"""
+
+from __future__ import annotations
+
+from refusal_circuits.crosslingual.directions import (
+    ZERO_DIRECTION,
+    CosineMatrix,
+    Separation,
+    SharedPCA,
+    SplitHalfCosines,
+    check_language_groups,
+    direction_cosines,
+    halves_why,
+    language_candidate_halves,
+    language_candidates,
+    separation,
+    shared_pca,
+    site_directions,
+    split_half_cosines,
+)
+from refusal_circuits.crosslingual.directions import _cosine as _cosine
+from refusal_circuits.crosslingual.divergence import Divergence, LanguageDivergence, divergence
+from refusal_circuits.crosslingual.paired import (
+    PairedHeads,
+    losing_heads,
+    pair_rows,
+    paired_heads,
+    patch_json,
+    patch_top_heads,
+    trajectory_split_layer,
+    unpaired_why,
+)
+from refusal_circuits.crosslingual.transfer import (
+    TransferMatrix,
+    first_token_refusals,
+    is_aligned,
+    transfer_matrix,
+)
+from refusal_circuits.stats import (
+    ONE_PAIR,
+    Rate,
+    auroc,
+    benjamini_hochberg,
+    cohens_d,
+    correlation_why,
+    groups_why,
+    paired_stats,
+    spearman,
+)
+
+__all__ = [
+    "ONE_PAIR",
+    "ZERO_DIRECTION",
+    "CosineMatrix",
+    "Divergence",
+    "LanguageDivergence",
+    "PairedHeads",
+    "Rate",
+    "Separation",
+    "SharedPCA",
+    "SplitHalfCosines",
+    "TransferMatrix",
+    "auroc",
+    "benjamini_hochberg",
+    "check_language_groups",
+    "cohens_d",
+    "correlation_why",
+    "direction_cosines",
+    "divergence",
+    "first_token_refusals",
+    "groups_why",
+    "halves_why",
+    "is_aligned",
+    "language_candidate_halves",
+    "language_candidates",
+    "losing_heads",
+    "pair_rows",
+    "paired_heads",
+    "paired_stats",
+    "patch_json",
+    "patch_top_heads",
+    "separation",
+    "shared_pca",
+    "site_directions",
+    "spearman",
+    "split_half_cosines",
+    "trajectory_split_layer",
+    "transfer_matrix",
+    "unpaired_why",
+]

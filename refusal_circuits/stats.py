@@ -1,0 +1,244 @@
+"""Small, exact, seeded statistics: intervals, two-group separation, rank correlation, false-discovery control,
+paired resampling tests, and the one record of a refusal rate.
+
+Nothing here knows about models or prompts: every function takes counts or tensors, so the same numbers back the
+evaluation, the transfer matrix and the paired per-head comparison. A statistic that cannot be computed on the
+given data is NaN, and a ``*_why`` function beside it says why (the JSON writes ``null`` and that reason,
+:func:`~refusal_circuits.io.nullable`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from refusal_circuits.errors import InputError
+from refusal_circuits.io import nullable
+
+# --------------------------------------------------------------------------------------------------------------
+# Binomial proportions.
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% by default); (0, 1) when n == 0.
+
+    The interval is every ``p`` that the score test accepts, ``|k/n - p| <= z sqrt(p (1 - p) / n)``. Squaring
+    gives a quadratic in ``p`` whose roots are ``centre ± half`` with ``centre = (p̂ + z²/2n) / (1 + z²/n)`` and
+    ``half = z sqrt(p̂ (1 - p̂) / n + z²/4n²) / (1 + z²/n)``: unlike the normal interval it stays inside [0, 1] and
+    is not empty at ``k = 0`` or ``k = n``.
+
+    >>> tuple(round(x, 4) for x in wilson_interval(0, 10))
+    (0.0, 0.2775)
+    """
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+#: Why the rate of no prompts (and its interval) is missing.
+NO_PROMPTS = "no prompts"
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``k`` refusals of ``n`` prompts: the counts, the rate ``k / n`` and its Wilson interval.
+
+    The one record of a refusal rate: a group of the evaluation (which also carries the group's mean first-token
+    ``refusal_score``, where measured), a baseline or a cell of the transfer matrix. The rate of no prompts is
+    NaN. It is written in two shapes, both kept as they were before the record was shared:
+
+    * :meth:`to_json` (baselines, the transfer matrix): ``refused``, ``n``, ``rate``, ``ci_low``, ``ci_high``,
+      ``null`` with the reason for no prompts;
+    * :meth:`to_dict` (the ``evaluate`` command's ``results``): ``n``, ``refusal_rate``, ``ci_low``, ``ci_high``
+      and ``refusal_score`` where measured.
+
+    >>> r = Rate(3, 4)
+    >>> r.rate, r.refused
+    (0.75, 3)
+    >>> Rate(0, 0).to_json()["rate_why"]
+    'no prompts'
+    """
+
+    k: int
+    n: int
+    refusal_score: float | None = None
+
+    @property
+    def refused(self) -> int:
+        """The number of refusals (``k``, under the name the JSON uses)."""
+        return self.k
+
+    @property
+    def rate(self) -> float:
+        return self.k / self.n if self.n else float("nan")
+
+    @property
+    def refusal_rate(self) -> float:
+        """:attr:`rate`, under the name the evaluation's JSON uses."""
+        return self.rate
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        return wilson_interval(self.k, self.n)
+
+    def to_json(self) -> dict[str, Any]:
+        lo, hi = self.ci if self.n else (math.nan, math.nan)
+        out: dict[str, Any] = {"refused": self.k, "n": self.n, **nullable("rate", self.rate, NO_PROMPTS),
+               **nullable("ci_low", lo, NO_PROMPTS), **nullable("ci_high", hi, NO_PROMPTS)}
+        if self.refusal_score is not None:
+            out["refusal_score"] = self.refusal_score
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        lo, hi = self.ci
+        out: dict[str, Any] = {"n": self.n, "refusal_rate": self.rate, "ci_low": lo, "ci_high": hi}
+        if self.refusal_score is not None:
+            out["refusal_score"] = self.refusal_score
+        return out
+
+
+def fmt_stat(x: float | None, spec: str = ".2f", why: str | None = None) -> str:
+    """``x`` formatted, or ``n/a`` (with ``why`` in brackets) when it is None or not finite: the text twin of
+    :func:`~refusal_circuits.io.nullable`.
+
+    >>> fmt_stat(0.123), fmt_stat(float("nan"), why="one pair")
+    ('0.12', 'n/a (one pair)')
+    """
+    if x is None or not math.isfinite(x):
+        return f"n/a ({why})" if why else "n/a"
+    return format(x, spec)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Two groups, rank correlation, false-discovery control, paired resampling.
+
+
+def auroc(pos: Tensor, neg: Tensor) -> float:
+    """Area under the ROC curve of ``pos`` above ``neg`` (ties count half): P(pos > neg); NaN when either group is
+    empty (:func:`groups_why` says which)."""
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    diff = pos.double()[:, None] - neg.double()[None, :]
+    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+
+
+def cohens_d(pos: Tensor, neg: Tensor) -> float:
+    """Standardised mean difference with the pooled standard deviation; NaN with fewer than 2 values in a group
+    or no variation within the groups (:func:`groups_why`)."""
+    n1, n2 = len(pos), len(neg)
+    if n1 < 2 or n2 < 2:
+        return float("nan")
+    v = ((n1 - 1) * pos.double().var() + (n2 - 1) * neg.double().var()) / (n1 + n2 - 2)
+    if float(v) <= 0.0:
+        return float("nan")
+    return float((pos.double().mean() - neg.double().mean()) / v.sqrt())
+
+
+def groups_why(n_pos: int, n_neg: int, *, need: int = 1, pos: str = "harmful", neg: str = "harmless"
+               ) -> str | None:
+    """Why a two-group statistic (:func:`auroc`: ``need=1``; :func:`cohens_d`: ``need=2``) cannot be computed on
+    groups of these sizes, or None when it can (Cohen's d also needs some spread within the groups)."""
+    short = [name for name, n in ((pos, n_pos), (neg, n_neg)) if n < need]
+    if not short:
+        return None
+    if need == 1:
+        return " and ".join(f"no {name} prompts" for name in short)
+    return " and ".join(f"fewer than {need} {name} prompts" for name in short)
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN for fewer than 3 points or a constant input
+    (:func:`correlation_why`)."""
+    if correlation_why(a, b) is not None:
+        return float("nan")
+
+    def ranks(x: Tensor) -> Tensor:
+        x = x.double().flatten()
+        order = torch.argsort(x)
+        r = torch.empty_like(x)
+        r[order] = torch.arange(len(x), dtype=torch.float64)
+        # average ties
+        uniq, inv = torch.unique(x, return_inverse=True)
+        if len(uniq) < len(x):
+            sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, r)
+            counts = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, torch.ones_like(r))
+            r = (sums / counts)[inv]
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / (ra.norm() * rb.norm()))
+
+
+def correlation_why(a: Tensor, b: Tensor, what: str = "points") -> str | None:
+    """Why the correlation of ``a`` and ``b`` is not defined (fewer than 3 ``what``, or a constant side), or None."""
+    if a.numel() < 3:
+        return f"fewer than 3 {what}"
+    if bool((a.flatten() == a.flatten()[0]).all()) or bool((b.flatten() == b.flatten()[0]).all()):
+        return f"the {what} do not vary"
+    return None
+
+
+def benjamini_hochberg(p: Tensor) -> Tensor:
+    """Benjamini-Hochberg adjusted p-values (monotone, capped at 1), same shape as ``p``; NaN p-values (no test)
+    stay NaN and do not count among the tests."""
+    flat = p.double().flatten()
+    out = torch.full_like(flat, float("nan"))
+    tested = torch.nonzero(~torch.isnan(flat)).flatten()
+    m = len(tested)
+    if m == 0:
+        return out.view(p.shape)
+    order = tested[torch.argsort(flat[tested])]
+    ranked = flat[order] * m / torch.arange(1, m + 1, dtype=torch.float64)
+    adj = torch.flip(torch.cummin(torch.flip(ranked, [0]), 0).values, [0]).clamp(max=1.0)
+    out[order] = adj
+    return out.view(p.shape)
+
+
+def paired_stats(diffs: Float[Tensor, "pair ..."], *, n_boot: int = 2000, n_perm: int = 2000, seed: int = 0,
+                 ci: float = 0.95) -> dict[str, Tensor]:
+    """Mean of paired differences per feature, percentile bootstrap interval and sign-flip permutation p-value.
+
+    ``diffs`` is ``[pair, ...]``; every statistic has the trailing shape. Both resamplings use one seeded
+    generator and are vectorised over features.
+    """
+    n = diffs.shape[0]
+    if n < 2:
+        raise InputError(f"need at least 2 pairs for a paired comparison, got {n}")
+    d = diffs.double().reshape(n, -1)
+    g = torch.Generator().manual_seed(seed)
+    mean = d.mean(0)
+    idx = torch.randint(0, n, (n_boot, n), generator=g)
+    boots = d[idx].mean(1)  # [n_boot, features]
+    lo_q, hi_q = (1 - ci) / 2, 1 - (1 - ci) / 2
+    lo, hi = torch.quantile(boots, lo_q, dim=0), torch.quantile(boots, hi_q, dim=0)
+    signs = torch.randint(0, 2, (n_perm, n), generator=g).double() * 2 - 1
+    perm = (signs @ d) / n  # [n_perm, features]
+    # Compare with a relative tolerance so that exact-zero differences give p = 1.
+    exceed = (perm.abs() >= mean.abs()[None] * (1 - 1e-12)).sum(0)
+    p = (exceed + 1).double() / (n_perm + 1)
+    shape = diffs.shape[1:]
+    return {"mean": mean.view(shape), "ci_low": lo.view(shape), "ci_high": hi.view(shape), "p": p.view(shape),
+            "std": d.std(0).view(shape)}
+
+
+#: Why a paired comparison of one pair has no interval, test or significance.
+ONE_PAIR = "one pair: no interval or test from a single difference"
+
+
+def paired_stats_or_single(diffs: Tensor, **kw: Any) -> dict[str, Tensor]:
+    """:func:`paired_stats`, or for a single pair its difference as the mean and NaN for everything else."""
+    if diffs.shape[0] != 1:
+        return paired_stats(diffs, **kw)
+    mean = diffs[0].double()
+    nan = torch.full_like(mean, float("nan"))
+    return {"mean": mean, "ci_low": nan, "ci_high": nan.clone(), "p": nan.clone(), "std": nan.clone()}
