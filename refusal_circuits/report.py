@@ -9,38 +9,15 @@ sees).
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 from refusal_circuits.evaluation import RefusalEvaluation
+from refusal_circuits.markup import esc, page
 
-_STYLE = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:72em;color:#222;line-height:1.45}
-table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .5em;text-align:left}
-th{background:#f3f3f3}small,.muted{color:#666}.refused{color:#a00}.complied{color:#070}
-details{margin:.3em 0}pre{white-space:pre-wrap;background:#fafafa;padding:.4em}
-figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}figcaption{font-size:.85em;color:#555;max-width:40em}
-figure svg{max-width:100%;height:auto}.summary{background:#f7f7fb;padding:.5em .8em;border-left:3px solid #88a}
-"""
-
-#: Bidirectional-control characters shown as visible markers instead of being obeyed.
-_BIDI = {c: f"⟨U+{c:04X}⟩" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C)}
-
-
-def esc(text: Any) -> str:
-    """HTML-escape ``text`` (quotes included) and make bidi controls visible."""
-    return html.escape(str(text), quote=True).translate(_BIDI)
-
-
-def _page(title: str, body: str, *, scripts: bool = False) -> str:
-    script = "script-src 'unsafe-inline'; " if scripts else ""
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            f"<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; {script}"
-            "style-src 'unsafe-inline'; img-src data:\">"
-            f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>{body}</body></html>")
+_page = page  # the former private name
 
 
 def baseline_report_html(evaluation: RefusalEvaluation) -> str:

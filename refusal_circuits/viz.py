@@ -215,7 +215,7 @@ def scatter(coords: Sequence[Sequence[float]], labels: Sequence[str], *, title: 
 
 def token_projection_html(tokens: Sequence[str], values: Sequence[float], *, limit: float | None = None) -> str:
     """Tokens coloured by their projection on r̂ (red positive, blue negative); escaped, no script."""
-    from refusal_circuits.report import esc
+    from refusal_circuits.markup import esc
 
     lim = limit or max((abs(float(v)) for v in values), default=1.0) or 1.0
     out = []
