@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_circuits.errors import InputError, MissingExtraError, PromptFileError
+from refusal_circuits.sampling import stratified_halves, stratified_ids
 
 LABELS = ("harmful", "harmless")
 REQUIRED_KEYS = ("id", "lang", "label", "instruction")
@@ -108,7 +109,8 @@ class PromptSet(Sequence[PromptRecord]):
         return PromptSet(keep, self.source)
 
     def head(self, n: int) -> PromptSet:
-        """The first ``n`` prompts of every (lang, label) group, keeping order: a smaller, balanced study."""
+        """The first ``n`` prompts of every (lang, label) group in file order (a block of categories when the file
+        is sorted by category: measured subsets use :meth:`sample`)."""
         seen: Counter[tuple[str, str]] = Counter()
         keep = []
         for r in self.records:
@@ -116,6 +118,29 @@ class PromptSet(Sequence[PromptRecord]):
                 seen[(r.lang, r.label)] += 1
                 keep.append(r)
         return PromptSet(tuple(keep), self.source)
+
+    def sample(self, n: int, *, seed: int = 0) -> PromptSet:
+        """``n`` prompts of every (lang, label) group, stratified by category and seeded, keeping file order.
+
+        Translations share ids and categories, so every language gets the same prompts
+        (:func:`~refusal_circuits.sampling.stratified_ids`). Use this, not :meth:`head`, for any subset that is
+        measured: files sorted by category make the first ``n`` a block of categories.
+        """
+        groups: dict[tuple[str, str], dict[str, str | None]] = {}
+        for r in self.records:
+            groups.setdefault((r.lang, r.label), {})[r.id] = r.category
+        keep = {key: stratified_ids(cats, n, seed=seed) for key, cats in groups.items()}
+        return PromptSet(tuple(r for r in self.records if r.id in keep[(r.lang, r.label)]), self.source)
+
+    def halves(self, *, seed: int = 0) -> tuple[PromptSet, PromptSet]:
+        """Two disjoint halves of every (lang, label) group, each with half of every category, seeded."""
+        groups: dict[tuple[str, str], dict[str, str | None]] = {}
+        for r in self.records:
+            groups.setdefault((r.lang, r.label), {})[r.id] = r.category
+        cut = {key: stratified_halves(cats, seed=seed)[0] for key, cats in groups.items()}
+        first = tuple(r for r in self.records if r.id in cut[(r.lang, r.label)])
+        second = tuple(r for r in self.records if r.id not in cut[(r.lang, r.label)])
+        return PromptSet(first, self.source), PromptSet(second, self.source)
 
     @property
     def instructions(self) -> list[str]:
