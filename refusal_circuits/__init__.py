@@ -12,9 +12,36 @@ The public API is small; everything else lives in the submodules (``refusal_circ
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from refusal_circuits._version import __version__
+
+if TYPE_CHECKING:
+    # What type checkers and IDEs see: the real objects. At run time the names below are imported lazily by
+    # ``__getattr__`` (so ``import refusal_circuits`` stays free of torch); tests/test_api.py checks that this block
+    # and ``_EXPORTS`` name the same objects.
+    from refusal_circuits.attribution import (
+        Attribution,
+        attribute,
+        load_attribution,
+        source_matrix,
+        top_k_heads,
+    )
+    from refusal_circuits.chat import chat_format, tokenize_chat
+    from refusal_circuits.data import PromptRecord, PromptSet, load_prompts
+    from refusal_circuits.directions import Direction, extract_candidates, load_direction
+    from refusal_circuits.errors import InputError, RefusalCircuitsError
+    from refusal_circuits.evaluation import evaluate_refusal, generate
+    from refusal_circuits.exactness import ExactnessError
+    from refusal_circuits.fastpaths import FastPathWarning
+    from refusal_circuits.hooks import add_hooks
+    from refusal_circuits.interventions import ablate, actadd, export_hf, orthogonalize
+    from refusal_circuits.judges import PhraseJudge
+    from refusal_circuits.models import DEFAULT_MODEL, HookedModel, load_model
+    from refusal_circuits.patching import ablate_heads, total_effects
+    from refusal_circuits.scores import discover_refusal_tokens, refusal_tokens_from_strings
+    from refusal_circuits.selection import select_direction
+    from refusal_circuits.selfcheck import CheckReport, check
 
 _EXPORTS = {
     "load_model": "refusal_circuits.models",
@@ -59,7 +86,9 @@ __all__ = ["__version__", *_EXPORTS]
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
     raise AttributeError(f"module 'refusal_circuits' has no attribute {name!r}")
 
 

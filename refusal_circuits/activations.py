@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from jaxtyping import Float
@@ -21,6 +21,7 @@ from refusal_circuits import hooks
 from refusal_circuits.chat import ChatFormat, chat_format
 from refusal_circuits.errors import InputError
 from refusal_circuits.forward import batches, run_until
+from refusal_circuits.models import HookedModel
 
 K = TypeVar("K")
 
@@ -58,7 +59,7 @@ class MeanActivations:
 
 @torch.inference_mode()
 def mean_resid_pre(
-    model: Any,
+    model: HookedModel,
     instructions: Sequence[str],
     *,
     layers: Sequence[int] | None = None,
@@ -87,7 +88,7 @@ def mean_resid_pre(
 
 @torch.inference_mode()
 def group_means(
-    model: Any,
+    model: HookedModel,
     groups: Mapping[K, Sequence[str]],
     *,
     layers: Sequence[int] | None = None,

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from refusal_circuits.errors import InputError
 
 
+@runtime_checkable
 class Generator(Protocol):
-    """Greedy completions (text, special tokens removed) of chat-formatted instructions, in input order."""
+    """Greedy completions (text, special tokens removed) of chat-formatted instructions, in input order.
+
+    Runtime-checkable (by the presence of ``name`` and ``__call__``), so ``isinstance`` and the tests' type checks
+    accept any object that has both.
+    """
 
     name: str
 

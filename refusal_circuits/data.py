@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_circuits.errors import InputError, MissingExtraError, PromptFileError
+from refusal_circuits.markup import esc, table
 from refusal_circuits.sampling import stratified_halves, stratified_ids
 
 LABELS = ("harmful", "harmless")
@@ -63,11 +64,15 @@ class PromptSet(Sequence[PromptRecord]):
     """An immutable, validated collection of prompts with the filters a study needs.
 
     ``source`` names where the prompts came from and ``sha256`` hashes their content, so every result can
-    say exactly which prompts fed it.
+    say exactly which prompts fed it. ``records`` may be given as any sequence; it is kept as a tuple.
     """
 
-    records: tuple[PromptRecord, ...]
+    records: tuple[PromptRecord, ...] | Sequence[PromptRecord]
     source: str = "<memory>"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.records, tuple):
+            object.__setattr__(self, "records", tuple(self.records))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -159,14 +164,10 @@ class PromptSet(Sequence[PromptRecord]):
         return [(r, by_id[r.id]) for r in self.records if r.lang == base and r.id in by_id]
 
     def _repr_html_(self) -> str:
-        import html
-
-        rows = "".join(
-            f"<tr><td>{html.escape(lang)}</td><td>{c['harmful']}</td><td>{c['harmless']}</td></tr>"
-            for lang, c in self.counts().items()
-        )
-        return (f"<b>PromptSet</b> {len(self)} prompts from {html.escape(self.source)}"
-                f"<table><tr><th>lang</th><th>harmful</th><th>harmless</th></tr>{rows}</table>")
+        rows = (f"<tr><td>{esc(lang)}</td><td>{c['harmful']}</td><td>{c['harmless']}</td></tr>"
+                for lang, c in self.counts().items())
+        return (f"<b>PromptSet</b> {len(self)} prompts from {esc(self.source)}"
+                + table("", ["lang", "harmful", "harmless"], rows))
 
 
 def _validate_record(obj: Any, path: object, line: int, extra_required: Sequence[str] = ()) -> PromptRecord:

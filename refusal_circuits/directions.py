@@ -7,7 +7,6 @@ The chosen :class:`Direction` saves as ``direction.safetensors`` + ``direction.j
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
@@ -18,13 +17,17 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor
 
 from refusal_circuits._version import __version__
 from refusal_circuits.activations import MeanActivations, group_means
 from refusal_circuits.chat import chat_format
 from refusal_circuits.errors import InputError
-from refusal_circuits.models import model_id
+from refusal_circuits.io import atomic_paths, json_text, safetensors_bytes
+from refusal_circuits.markup import esc, table
+from refusal_circuits.models import HookedModel, model_id
 
 #: A unit vector in the residual stream.
 DirectionVector = Float[Tensor, " d_model"]
@@ -104,7 +107,7 @@ class DirectionCandidates:
 
 
 def extract_candidates(
-    model: Any,
+    model: HookedModel,
     harmful: Sequence[str],
     harmless: Sequence[str],
     *,
@@ -193,8 +196,6 @@ class Direction:
         Both files are written before either replaces an older pair, so an interrupted save never leaves the
         tensors of one direction beside the metadata (layer, position) of another.
         """
-        from refusal_circuits.io import atomic_paths, json_text, safetensors_bytes
-
         out = Path(out_dir)
         tensors = {"direction": self.vector.detach().to(torch.float32).contiguous()}
         if self.candidates is not None:
@@ -206,9 +207,8 @@ class Direction:
         return out
 
     def _repr_html_(self) -> str:
-        rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_short(v))}</td></tr>"
-                       for k, v in self.to_json().items())
-        return f"<b>Refusal direction</b><table>{rows}</table>"
+        rows = (f"<tr><td>{esc(k)}</td><td>{esc(_short(v))}</td></tr>" for k, v in self.to_json().items())
+        return "<b>Refusal direction</b>" + table("", [], rows)
 
 
 def _short(v: Any) -> str:
@@ -224,9 +224,6 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
 
     Only safetensors and JSON are read, never pickle; every problem raises :class:`InputError` naming the file.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file or directory (a direction is a directory written by `directions`)")
@@ -280,7 +277,7 @@ def load_direction(path: str | os.PathLike[str]) -> Direction:
         raise InputError(f"{json_path}: bad value ({e})") from None
 
 
-def check_compatible(direction: Direction, model: Any, where: str = "the direction") -> None:
+def check_compatible(direction: Direction, model: HookedModel, where: str = "the direction") -> None:
     """Raise :class:`InputError` if ``direction`` cannot apply to ``model``: another width, or a layer or
     post-instruction position the model does not have."""
     d_model, n_layers = int(model.cfg.d_model), int(model.cfg.n_layers)

@@ -19,6 +19,7 @@ checked (``refusal-circuits check`` prints it).
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 from refusal_circuits import exactness
+from refusal_circuits.models import HookedModel, model_id
 
 PREFIX = "shared template prefix"
 PACK = "packed first-token logits"
@@ -64,7 +66,7 @@ class FastPathState:
     verdicts: dict[str, Verdict] = field(default_factory=dict)
 
 
-def state(model: Any) -> FastPathState:
+def state(model: HookedModel) -> FastPathState:
     """The model's fast-path state (created on first use; lives as long as the model)."""
     st = getattr(model, _STATE, None)
     if not isinstance(st, FastPathState):
@@ -73,12 +75,12 @@ def state(model: Any) -> FastPathState:
     return st
 
 
-def status(model: Any) -> dict[str, Verdict]:
+def status(model: HookedModel) -> dict[str, Verdict]:
     """The verdicts so far, by path (a path not yet used on this model has none)."""
     return dict(state(model).verdicts)
 
 
-def reset(model: Any, path: str | None = None) -> None:
+def reset(model: HookedModel, path: str | None = None) -> None:
     """Forget the verdict of ``path`` (every path when None): the next use checks it again."""
     verdicts = state(model).verdicts
     if path is None:
@@ -87,7 +89,7 @@ def reset(model: Any, path: str | None = None) -> None:
         verdicts.pop(path, None)
 
 
-def allowed(model: Any, path: str) -> bool | None:
+def allowed(model: HookedModel, path: str) -> bool | None:
     """True when ``path`` was checked and holds on ``model``, False when it was switched off, None if unchecked."""
     verdict = state(model).verdicts.get(path)
     return None if verdict is None else verdict.ok
@@ -95,8 +97,6 @@ def allowed(model: Any, path: str) -> bool | None:
 
 def versions() -> str:
     """The versions of the packages the fast paths depend on, for messages and records."""
-    import importlib.metadata as md
-
     out = []
     for name in ("transformers", "transformer-lens", "torch"):
         try:
@@ -106,10 +106,8 @@ def versions() -> str:
     return ", ".join(out)
 
 
-def record(model: Any, path: str, fast: Tensor, plain: Tensor, *, n_terms: int, n_prompts: int) -> bool:
+def record(model: HookedModel, path: str, fast: Tensor, plain: Tensor, *, n_terms: int, n_prompts: int) -> bool:
     """Compare ``fast`` with ``plain``, store the verdict, warn on a mismatch; return whether the path holds."""
-    from refusal_circuits.models import model_id
-
     dtype = exactness.compute_dtype(model)
     ok, err, tol = exactness.holds(fast, plain, dtype, n_terms)
     if fast.shape != plain.shape:
@@ -123,7 +121,7 @@ def record(model: Any, path: str, fast: Tensor, plain: Tensor, *, n_terms: int, 
     return ok
 
 
-def check(model: Any, path: str, fast: Callable[[], Tensor], plain: Callable[[], Tensor], *, n_terms: int,
+def check(model: HookedModel, path: str, fast: Callable[[], Tensor], plain: Callable[[], Tensor], *, n_terms: int,
           n_prompts: int) -> bool:
     """Whether ``path`` may be used on ``model``: its verdict, computed by running ``fast`` and ``plain`` once."""
     known = allowed(model, path)
@@ -132,7 +130,7 @@ def check(model: Any, path: str, fast: Callable[[], Tensor], plain: Callable[[],
     return record(model, path, fast(), plain(), n_terms=n_terms, n_prompts=n_prompts)
 
 
-def n_terms(model: Any) -> int:
+def n_terms(model: HookedModel) -> int:
     """Rounded additions in a residual stream through the whole model (embedding + two writes per layer)."""
     return 2 * int(model.cfg.n_layers) + 1
 

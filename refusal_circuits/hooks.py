@@ -9,12 +9,16 @@ exception flies, and when registration fails halfway.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from refusal_circuits.errors import InputError
+
+if TYPE_CHECKING:
+    # Type-only: hooks sits below models in the layers (docs/architecture.md).
+    from refusal_circuits.models import HookedModel
 
 #: A hook function gets the activation and the hook name; it returns a replacement or None (keep).
 HookFn = Callable[[Tensor, str], Tensor | None]
@@ -72,7 +76,7 @@ class HookHandle:
     Removal is idempotent and never touches hooks that this handle did not add, so handles nest freely.
     """
 
-    def __init__(self, model: Any, hooks: Sequence[tuple[str, HookFn]]) -> None:
+    def __init__(self, model: HookedModel, hooks: Sequence[tuple[str, HookFn]]) -> None:
         self._handles: list[RemovableHandle] = []
         hook_dict = model.hook_dict
         try:
@@ -106,12 +110,12 @@ def _adapt(fn: HookFn, name: str) -> Callable[[Any, Any, Any], Any]:
     return hook
 
 
-def add_hooks(model: Any, hooks: Sequence[tuple[str, HookFn]]) -> HookHandle:
+def add_hooks(model: HookedModel, hooks: Sequence[tuple[str, HookFn]]) -> HookHandle:
     """Register ``hooks`` (name, fn) on ``model``; use the result as a context manager or call ``remove()``."""
     return HookHandle(model, hooks)
 
 
-def count_hooks(model: Any) -> int:
+def count_hooks(model: HookedModel) -> int:
     """Number of forward hooks currently registered on the model's hook points (for hygiene checks)."""
     # hook_dict holds aliases (blocks.0.hook_resid_pre is blocks.0.hook_in): count each module once.
     unique = {id(hp): hp for hp in model.hook_dict.values()}

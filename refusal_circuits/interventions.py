@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -36,10 +36,13 @@ from refusal_circuits import hooks
 from refusal_circuits.directions import Direction, DirectionVector
 from refusal_circuits.errors import InputError
 from refusal_circuits.geometry import head_geometry, write_hooks
-from refusal_circuits.models import boot_bridge, hf_model_of
+from refusal_circuits.models import HookedModel, boot_bridge, hf_model_of
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
-def _unit(direction: Direction | Tensor, model: Any, dtype: torch.dtype = torch.float32) -> DirectionVector:
+def _unit(direction: Direction | Tensor, model: HookedModel, dtype: torch.dtype = torch.float32) -> DirectionVector:
     """The direction as a unit vector of the model's width (a one-line error otherwise)."""
     vec = direction.vector if isinstance(direction, Direction) else direction
     if vec.ndim != 1 or vec.shape[0] != int(model.cfg.d_model):
@@ -51,7 +54,7 @@ def _unit(direction: Direction | Tensor, model: Any, dtype: torch.dtype = torch.
     return vec / norm
 
 
-def residual_write_hooks(model: Any) -> list[str]:
+def residual_write_hooks(model: HookedModel) -> list[str]:
     """Hook points whose outputs are exactly the writes into the residual stream: ``resid_pre[0]`` (the whole
     embedding), then each layer's attention and MLP write (a post-norm's output where there is one)."""
     return write_hooks(model)
@@ -63,7 +66,7 @@ def project_out(x: Tensor, unit: Tensor) -> Tensor:
     return x - (x @ r)[..., None] * r
 
 
-def ablate(model: Any, direction: Direction | Tensor) -> hooks.HookHandle:
+def ablate(model: HookedModel, direction: Direction | Tensor) -> hooks.HookHandle:
     """Directional ablation of r̂ from every residual-stream write, at every layer and position.
 
     >>> with ablate(model, direction):            # doctest: +SKIP
@@ -80,7 +83,7 @@ def ablate(model: Any, direction: Direction | Tensor) -> hooks.HookHandle:
     return hooks.add_hooks(model, [(name, fn) for name in residual_write_hooks(model)])
 
 
-def actadd(model: Any, direction: Direction | Tensor, *, layer: int | None = None, alpha: float | None = None
+def actadd(model: HookedModel, direction: Direction | Tensor, *, layer: int | None = None, alpha: float | None = None
         ) -> hooks.HookHandle:
     """Activation addition: ``resid_pre[layer] += alpha * r̂`` at every position.
 
@@ -122,13 +125,13 @@ def default_alpha(direction: Direction) -> float:
 _WRAPPER = "._original_component"
 
 
-def clean_state_dict(model: Any) -> dict[str, Tensor]:
+def clean_state_dict(model: HookedModel | torch.nn.Module) -> dict[str, Tensor]:
     """The Hugging Face state dict of a bridge (or a plain HF model) under the architecture's own key names.
 
     The bridge wraps each Hugging Face module, which adds ``_original_component`` to the keys and aliases some
     parameters under extra names; both are undone here by keeping exactly the keys a fresh model expects.
     """
-    hf = hf_model_of(model) or model
+    hf: Any = hf_model_of(model) or model  # a Hugging Face model: transformers' own attributes
     expected = _expected_keys(hf.config)
     out: dict[str, Tensor] = {}
     for key, value in hf.state_dict().items():
@@ -149,7 +152,7 @@ def _expected_keys(config: Any) -> set[str]:
     return set(fresh.state_dict())
 
 
-def _writer_parameters(model: Any, expected: set[str]) -> dict[str, str]:
+def _writer_parameters(model: HookedModel, expected: set[str]) -> dict[str, str]:
     """Clean parameter names of everything that writes into the residual stream, with what they are.
 
     Found through the bridge's own component mapping (``embed``, ``blocks[l].attn.o``, ``blocks[l].mlp.out``),
@@ -182,7 +185,7 @@ def _writer_parameters(model: Any, expected: set[str]) -> dict[str, str]:
     return found
 
 
-def check_orthogonalizable(model: Any) -> None:
+def check_orthogonalizable(model: HookedModel) -> None:
     """Raise :class:`InputError` unless projecting r̂ out of the writers' weights equals :func:`ablate` on
     ``model``: it does not where a norm follows a writer (Gemma-2, Gemma-3, OLMo-2 post-norms)."""
     geo = head_geometry(model)
@@ -195,7 +198,7 @@ def check_orthogonalizable(model: Any) -> None:
             "refusal_circuits.interventions.ablate(model, direction)")
 
 
-def orthogonalized_state_dict(model: Any, direction: Direction | Tensor) -> tuple[dict[str, Tensor], bool]:
+def orthogonalized_state_dict(model: HookedModel, direction: Direction | Tensor) -> tuple[dict[str, Tensor], bool]:
     """Raw HF weights with r̂ projected out of every residual-stream write; returns ``(state, untied)``.
 
     Weights are edited in float64 and cast back. If the input and output embeddings were tied, the output
@@ -206,7 +209,7 @@ def orthogonalized_state_dict(model: Any, direction: Direction | Tensor) -> tupl
     check_orthogonalizable(model)
     state = clean_state_dict(model)
     writers = _writer_parameters(model, set(state))  # the clean keys are exactly the architecture's own
-    tied = bool(getattr((hf_model_of(model) or model).config, "tie_word_embeddings", False))
+    tied = bool(getattr(getattr(hf_model_of(model) or model, "config", None), "tie_word_embeddings", False))
     out = dict(state)
     for name, kind in writers.items():
         w = state[name].to(torch.float64)
@@ -219,7 +222,7 @@ def orthogonalized_state_dict(model: Any, direction: Direction | Tensor) -> tupl
         out[name] = edited.to(state[name].dtype).contiguous()
     # The embedding is edited; an output embedding that shares its storage (tied weights) must keep the
     # original, so the new model gets its own copy and an untied config.
-    hf = hf_model_of(model) or model
+    hf: Any = hf_model_of(model) or model  # a Hugging Face model: transformers' own attributes
     embed_name = next(n for n, k in writers.items() if k.startswith("embed.weight"))
     embed_ptr = state[embed_name].data_ptr()
     for n, p in hf.named_parameters(remove_duplicate=False):
@@ -230,7 +233,7 @@ def orthogonalized_state_dict(model: Any, direction: Direction | Tensor) -> tupl
     return out, untied
 
 
-def orthogonalize(model: Any, direction: Direction | Tensor) -> Any:
+def orthogonalize(model: HookedModel, direction: Direction | Tensor) -> TransformerBridge:
     """A new model (a TransformerBridge in raw weights) whose weights never write r̂ into the residual stream.
 
     Its logits equal those of ``model`` under :func:`ablate` up to float32 rounding (checked per architecture in
@@ -262,7 +265,7 @@ def orthogonalize(model: Any, direction: Direction | Tensor) -> Any:
 
 
 @torch.inference_mode()
-def _check_equals_ablation(model: Any, edited_hf: Any, direction: Direction | Tensor) -> None:
+def _check_equals_ablation(model: HookedModel, edited_hf: torch.nn.Module, direction: Direction | Tensor) -> None:
     """Raise :class:`~refusal_circuits.exactness.ExactnessError` unless the edited weights' logits equal hook
     ablation's on a short probe sequence (two forward passes of 12 tokens): the run-time proof that the weight
     edit covered every writer of this architecture."""
@@ -282,7 +285,7 @@ def _check_equals_ablation(model: Any, edited_hf: Any, direction: Direction | Te
                       hint="some residual-stream writer of this architecture was not edited; use ablate() instead")
 
 
-def export_hf(model: Any, out_dir: str | os.PathLike[str], *, extra_meta: dict[str, Any] | None = None) -> Path:
+def export_hf(model: HookedModel, out_dir: str | os.PathLike[str], *, extra_meta: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (a bridge or HF model) as a Hugging Face directory, atomically.
 
     The directory holds ``model.safetensors``, ``config.json``, the generation config and the tokenizer, and
@@ -294,7 +297,7 @@ def export_hf(model: Any, out_dir: str | os.PathLike[str], *, extra_meta: dict[s
 
     from refusal_circuits.io import atomic_dir
 
-    hf = hf_model_of(model) or model
+    hf: Any = hf_model_of(model) or model  # a Hugging Face model: transformers' own attributes
     state = {k: v.detach().contiguous().clone() for k, v in clean_state_dict(model).items()}
     target = Path(out_dir)
     with atomic_dir(target) as tmp:

@@ -3,12 +3,13 @@
 Prompts and completions are untrusted text (a prompt file may hold markup, a completion may hold anything the model
 wrote), so every string that reaches a page goes through :func:`esc`: HTML-escaped, quotes included, and with the
 Unicode bidirectional controls shown as visible markers, so a right-to-left override cannot reorder what a reader
-sees. :func:`page` wraps a body in a self-contained document whose Content-Security-Policy loads nothing from outside.
+sees. :func:`table` is the table markup that the records' ``_repr_html_`` share. :func:`page` wraps a body in a self-contained document whose Content-Security-Policy loads nothing from outside.
 """
 
 from __future__ import annotations
 
 import html
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 STYLE = """
@@ -40,3 +41,15 @@ def page(title: str, body: str, *, scripts: bool = False) -> str:
             f"<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; {script}"
             "style-src 'unsafe-inline'; img-src data:\">"
             f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>{body}</body></html>")
+
+
+def table(caption: str, header: Sequence[str], rows: Iterable[str]) -> str:
+    """A ``<table>``: ``caption`` (markup, its untrusted parts already through :func:`esc`; none when empty), one
+    header cell per ``header`` text (escaped here; no header row when empty) and the body ``rows`` (``<tr>``
+    markup built with :func:`esc`).
+
+    >>> table("n = 2", ["lang", "<i>"], ["<tr><td>en</td><td>2</td></tr>"])
+    '<table><caption>n = 2</caption><tr><th>lang</th><th>&lt;i&gt;</th></tr><tr><td>en</td><td>2</td></tr></table>'
+    """
+    head = f"<tr>{''.join(f'<th>{esc(h)}</th>' for h in header)}</tr>" if header else ""
+    return f"<table>{f'<caption>{caption}</caption>' if caption else ''}{head}{''.join(rows)}</table>"

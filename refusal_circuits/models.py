@@ -56,8 +56,12 @@ class HookedModel(Protocol):
     ``HookedTransformer`` both satisfy it.
 
     ``hook_dict`` maps TransformerLens hook names (``blocks.3.hook_resid_pre``) to hook-point modules;
-    ``cfg`` carries ``n_layers``, ``d_model``, ``n_heads`` and ``d_head``; calling the model with
-    ``input_ids`` and ``attention_mask`` returns logits.
+    ``cfg`` carries ``n_layers``, ``d_model``, ``n_heads`` and ``d_head``; ``embed`` and ``blocks`` are the
+    TransformerLens components (``blocks[l].attn``, ``blocks[l].mlp``); calling the model with ``input_ids`` and
+    ``attention_mask`` returns logits. Members are typed loosely on purpose (as TransformerLens's own
+    ``model_protocol``): the two model classes agree in use, not in signature detail. The protocol is
+    runtime-checkable, so the tests' beartype checks that every function typed with it gets such a model (by the
+    presence of these members).
     """
 
     @property
@@ -68,6 +72,14 @@ class HookedModel(Protocol):
 
     @property
     def tokenizer(self) -> Any: ...
+
+    @property
+    def embed(self) -> Any: ...
+
+    @property
+    def blocks(self) -> Any: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
@@ -374,7 +386,7 @@ def boot_bridge(hf_model: Any, tokenizer: Any, source: str, spec: str, *, device
     return bridge
 
 
-def model_id(model: Any) -> str:
+def model_id(model: HookedModel) -> str:
     """The spec a model was loaded from, or its TransformerLens name for models loaded elsewhere."""
     spec = getattr(model, "refusal_circuits_spec", None)
     if spec:
@@ -382,9 +394,7 @@ def model_id(model: Any) -> str:
     return str(getattr(model.cfg, "model_name", type(model).__name__))
 
 
-def hf_model_of(model: Any) -> Any | None:
+def hf_model_of(model: HookedModel | torch.nn.Module) -> Any | None:
     """The underlying Hugging Face model of a bridge (shared parameters), or ``None`` for other models."""
-    try:
-        return model.original_model
-    except AttributeError:
-        return None
+    # getattr, not the attribute: the protocol does not promise it (only a bridge has it).
+    return getattr(model, "original_model", None)

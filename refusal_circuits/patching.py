@@ -11,7 +11,6 @@ through later layers.
 
 from __future__ import annotations
 
-import html
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from refusal_circuits import hooks
 from refusal_circuits.attribution import head_geometry
@@ -26,19 +26,22 @@ from refusal_circuits.chat import chat_format
 from refusal_circuits.directions import Direction, check_compatible
 from refusal_circuits.errors import InputError
 from refusal_circuits.forward import batches, last_logits
+from refusal_circuits.io import nullable
+from refusal_circuits.markup import esc, table
+from refusal_circuits.models import HookedModel, model_id
 from refusal_circuits.scores import refusal_score
 
 Head = tuple[int, int]
 
 
-def _check_heads(model: Any, heads: Sequence[Head]) -> None:
+def _check_heads(model: HookedModel, heads: Sequence[Head]) -> None:
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     for layer, head in heads:
         if not (0 <= layer < n_layers and 0 <= head < n_heads):
             raise InputError(f"head L{layer}.H{head} out of range: the model has {n_layers} layers of {n_heads} heads")
 
 
-def head_patch_hooks(model: Any, values: Mapping[Head, Tensor | float], *, last: int | None = None
+def head_patch_hooks(model: HookedModel, values: Mapping[Head, Tensor | float], *, last: int | None = None
                      ) -> list[tuple[str, hooks.HookFn]]:
     """Hooks that overwrite heads' outputs ``z_h`` (before ``W_O``).
 
@@ -70,7 +73,7 @@ def head_patch_hooks(model: Any, values: Mapping[Head, Tensor | float], *, last:
     return [(hooks.attn_z(layer), make(entries)) for layer, entries in sorted(by_layer.items())]
 
 
-def ablate_heads(model: Any, heads: Sequence[Head] | Mapping[Head, Tensor | float]) -> hooks.HookHandle:
+def ablate_heads(model: HookedModel, heads: Sequence[Head] | Mapping[Head, Tensor | float]) -> hooks.HookHandle:
     """Zero ablation (a list of heads) or mean ablation (``{head: [d_head] mean}``) at every position, as a handle."""
     values = dict(heads) if isinstance(heads, Mapping) else {h: 0.0 for h in heads}
     return hooks.add_hooks(model, head_patch_hooks(model, values))
@@ -94,7 +97,7 @@ class PromptRun:
         return PromptRun(self.scores[idx], self.projections[idx], {k: v[idx] for k, v in self.z.items()})
 
 
-def prompt_run(model: Any, direction: Direction, instructions: Sequence[str], refusal_tokens: Sequence[int], *,
+def prompt_run(model: HookedModel, direction: Direction, instructions: Sequence[str], refusal_tokens: Sequence[int], *,
                patch_for: Callable[[list[int]], list[tuple[str, hooks.HookFn]]] | None = None,
                z_layers: Sequence[int] = (), batch_size: int = 32) -> PromptRun:
     """Score every prompt (refusal score and r̂'s projection at its site), keeping heads' ``z`` of ``z_layers``.
@@ -184,8 +187,6 @@ class HeadEffects:
 
     @staticmethod
     def _head_json(e: HeadEffect) -> dict[str, Any]:
-        from refusal_circuits.io import nullable
-
         why = "the head's layer normalises its attention output per token (post-norm): see attribute()"
         out: dict[str, Any] = {k: v for k, v in e.__dict__.items() if not k.startswith("direct_")}
         for key in ("direct_harmful", "direct_harmless"):
@@ -194,15 +195,15 @@ class HeadEffects:
         return out
 
     def _repr_html_(self) -> str:
-        rows = "".join(
+        rows = (
             f"<tr><td>L{e.layer}.H{e.head}</td><td>{e.direct_harmful:+.3f}</td><td>{e.direct_harmless:+.3f}</td>"
             f"<td>{e.projection_harmful:+.3f}</td><td>{e.patch_harmful:+.3f}</td><td>{e.patch_harmless:+.3f}</td></tr>"
             for e in self.effects)
-        return (f"<table><caption>Direct vs total effect · {html.escape(self.model)} · baseline refusal score harmful "
-                f"{self.baseline_harmful:+.2f} (n={self.n_harmful}), harmless {self.baseline_harmless:+.2f} "
-                f"(n={self.n_harmless})</caption><tr><th>head</th><th>direct (harmful)</th><th>direct (harmless)</th>"
-                "<th>Δ r̂ projection, harmful→harmless patch</th><th>Δ refusal score, harmful→harmless patch</th>"
-                f"<th>Δ refusal score, harmless→harmful patch</th></tr>{rows}</table>")
+        return table(f"Direct vs total effect · {esc(self.model)} · baseline refusal score harmful "
+                     f"{self.baseline_harmful:+.2f} (n={self.n_harmful}), harmless {self.baseline_harmless:+.2f} "
+                     f"(n={self.n_harmless})",
+                     ["head", "direct (harmful)", "direct (harmless)", "Δ r̂ projection, harmful→harmless patch",
+                      "Δ refusal score, harmful→harmless patch", "Δ refusal score, harmless→harmful patch"], rows)
 
     def __repr__(self) -> str:
         lines = [f"L{e.layer}.H{e.head}: direct {e.direct_harmful:+.3f}/{e.direct_harmless:+.3f}  "
@@ -212,7 +213,7 @@ class HeadEffects:
 
 
 @torch.inference_mode()
-def total_effects(model: Any, direction: Direction, harmful: Sequence[str], harmless: Sequence[str],
+def total_effects(model: HookedModel, direction: Direction, harmful: Sequence[str], harmless: Sequence[str],
                   heads: Sequence[Head], refusal_tokens: Sequence[int], *, batch_size: int = 32,
                   progress: bool = True) -> HeadEffects:
     """Direct write and total effect (activation patching at the post-instruction tokens) of each head.
@@ -220,8 +221,6 @@ def total_effects(model: Any, direction: Direction, harmful: Sequence[str], harm
     Costs two forward passes over ``harmful`` + ``harmless`` for the means and baselines, then one pass over each
     set per head (first-token logits only, template prefix shared).
     """
-    from tqdm.auto import tqdm
-
     check_compatible(direction, model)
     heads = [(int(layer), int(head)) for layer, head in heads]
     _check_heads(model, heads)
@@ -266,8 +265,6 @@ def total_effects(model: Any, direction: Direction, harmful: Sequence[str], harm
             direct_harmful=factor[layer] * float((head_mean("harmful", layer, head) @ read[layer][head]).mean()),
             direct_harmless=factor[layer] * float((head_mean("harmless", layer, head) @ read[layer][head]).mean()),
             patch_harmful=s_h - base_h, patch_harmless=s_l - base_l, projection_harmful=p_h - base_proj_h))
-    from refusal_circuits.models import model_id
-
     return HeadEffects(effects, base_h, base_l, len(harmful), len(harmless), model_id(model),
                        {"lang": direction.lang, "layer": direction.layer, "position": direction.position})
 
@@ -306,7 +303,7 @@ class PairPatch:
 
 
 @torch.inference_mode()
-def patch_pairs(model: Any, direction: Direction, base: Sequence[str], other: Sequence[str], heads: Sequence[Head],
+def patch_pairs(model: HookedModel, direction: Direction, base: Sequence[str], other: Sequence[str], heads: Sequence[Head],
                 refusal_tokens: Sequence[int], *, base_run: PromptRun | None = None, batch_size: int = 32) -> PairPatch:
     """Replace ``heads``' outputs at the post-instruction tokens of each ``other[i]`` by those of ``base[i]``.
 

@@ -8,7 +8,6 @@ completions the judge calls refusals, kept if it rarely starts a compliant answe
 
 from __future__ import annotations
 
-import html
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +19,11 @@ from torch import Tensor
 from refusal_circuits.chat import chat_format, tokenize_chat
 from refusal_circuits.data import PromptSet
 from refusal_circuits.errors import InputError
-from refusal_circuits.forward import batches, device_of, last_logits, packed_last_logits
+from refusal_circuits.forward import batches, device_of, last_logits, packed_last_logits, token_logprobs
+from refusal_circuits.generation import generate_ids
 from refusal_circuits.judges import Judge, PhraseJudge
+from refusal_circuits.markup import esc
+from refusal_circuits.models import HookedModel
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ class RefusalTokens:
                 "ids": {lang: list(ids) for lang, ids in self.by_lang.items()}}
 
     def _repr_html_(self) -> str:
-        rows = "".join(f"<tr><td>{html.escape(lang)}</td><td>{html.escape(', '.join(repr(self.strings.get(t, t)) for t in ids)) or '–'}</td></tr>"
+        rows = "".join(f"<tr><td>{esc(lang)}</td><td>{esc(', '.join(repr(self.strings.get(t, t)) for t in ids)) or '–'}</td></tr>"
                        for lang, ids in self.by_lang.items())
         return f"<b>Refusal tokens</b> ({self.source})<table><tr><th>lang</th><th>tokens</th></tr>{rows}</table>"
 
@@ -97,7 +99,7 @@ def refusal_tokens_from_strings(tokenizer: Any, strings: Iterable[str], langs: I
 
 
 def discover_refusal_tokens(
-    model: Any,
+    model: HookedModel,
     prompts: PromptSet,
     *,
     judge: Judge | None = None,
@@ -114,8 +116,6 @@ def discover_refusal_tokens(
     refusal token of that language if it began at least ``min_refusals`` refusals and at least
     ``min_precision`` of the completions it began were refusals.
     """
-    from refusal_circuits.evaluation import generate_ids
-
     judge = judge or PhraseJudge()
     records = list(prompts)
     if not records:
@@ -179,7 +179,7 @@ def kl_divergence(base_logits: Float[Tensor, "batch vocab"], new_logits: Float[T
 
 
 @torch.inference_mode()
-def first_token_logits(model: Any, instructions: Sequence[str], *, batch_size: int = 32,
+def first_token_logits(model: HookedModel, instructions: Sequence[str], *, batch_size: int = 32,
                        progress: bool = False, desc: str = "first-token logits") -> Float[Tensor, "n vocab"]:
     """Last-position logits of every chat-formatted instruction, in input order (hooks on the model apply).
 
@@ -197,15 +197,13 @@ def first_token_logits(model: Any, instructions: Sequence[str], *, batch_size: i
 
 
 @torch.inference_mode()
-def completion_cross_entropy(model: Any, instructions: Sequence[str], completions: Sequence[Sequence[int]], *,
+def completion_cross_entropy(model: HookedModel, instructions: Sequence[str], completions: Sequence[Sequence[int]], *,
                              batch_size: int = 16) -> float:
     """Mean per-token cross-entropy of ``completions`` (token ids) given their chat-formatted instructions.
 
     Teacher-forced; hooks on the model apply, so ``with ablate(...)`` measures the capability cost of an
     intervention on the same completions (Arditi et al. use the unablated model's own completions).
     """
-    from refusal_circuits.forward import token_logprobs
-
     if len(instructions) != len(completions):
         raise InputError(f"{len(instructions)} instructions but {len(completions)} completions")
     tok = model.tokenizer

@@ -13,10 +13,9 @@ candidate's scores are kept in the :class:`Selection` record.
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,6 +24,8 @@ from tqdm.auto import tqdm
 from refusal_circuits import interventions
 from refusal_circuits.directions import Direction, DirectionCandidates
 from refusal_circuits.errors import InputError
+from refusal_circuits.markup import esc, table
+from refusal_circuits.models import HookedModel
 from refusal_circuits.scores import RefusalTokens, first_token_logits, kl_divergence, refusal_score
 
 
@@ -51,8 +52,6 @@ def filter_configs(name: str, *, kl_max: float | None = None, max_layer_frac: fl
                    ) -> tuple[SelectionConfig, SelectionConfig | None]:
     """The filter and its fallback for a ``--filter`` name (``auto``: Arditi, falling back to PolyRefuse), with
     the KL threshold and layer cap overridden where given (the filter's name then ends in ``+custom``)."""
-    import dataclasses
-
     if max_layer_frac is not None and not 0 < max_layer_frac <= 1:
         raise InputError("--max-layer-frac must be in (0, 1]")
     config = ARDITI if name == "auto" else PRESETS[name]
@@ -60,8 +59,8 @@ def filter_configs(name: str, *, kl_max: float | None = None, max_layer_frac: fl
     overrides: dict[str, Any] = {k: v for k, v in (("kl_max", kl_max), ("max_layer_frac", max_layer_frac))
                                  if v is not None}
     if overrides:
-        config = dataclasses.replace(config, name=f"{config.name}+custom", **overrides)
-        fallback = dataclasses.replace(fallback, **overrides) if fallback else None
+        config = replace(config, name=f"{config.name}+custom", **overrides)
+        fallback = replace(fallback, **overrides) if fallback else None
     return config, fallback
 
 
@@ -153,20 +152,19 @@ class Selection:
 
     def _repr_html_(self) -> str:
         d = self.direction
-        head = (f"<b>Selected direction</b> · {html.escape(d.model)} · {html.escape(d.lang)} · layer {d.layer}, "
-                f"position {d.position} · filter {html.escape(self.config.name)}"
-                + (f" (fallback: no candidate passed {html.escape(self.fallback_from)})" if self.fallback_from else "")
+        head = (f"<b>Selected direction</b> · {esc(d.model)} · {esc(d.lang)} · layer {d.layer}, "
+                f"position {d.position} · filter {esc(self.config.name)}"
+                + (f" (fallback: no candidate passed {esc(self.fallback_from)})" if self.fallback_from else "")
                 + f"<br>baseline refusal score: harmful {self.baseline_harmful:.2f}, harmless "
                   f"{self.baseline_harmless:.2f}")
-        rows = "".join(f"<tr><td>{s.position}</td><td>{s.layer}</td><td>{s.bypass:.2f}</td><td>{_fmt(s.induce, 2)}</td>"
-                       f"<td>{_fmt(s.kl, 3)}</td></tr>" for s in self.top(10))
-        return (f"{head}<table><tr><th>pos</th><th>layer</th><th>bypass</th><th>induce</th><th>kl</th></tr>{rows}"
-                "</table>")
+        rows = (f"<tr><td>{s.position}</td><td>{s.layer}</td><td>{s.bypass:.2f}</td><td>{_fmt(s.induce, 2)}</td>"
+                f"<td>{_fmt(s.kl, 3)}</td></tr>" for s in self.top(10))
+        return head + table("", ["pos", "layer", "bypass", "induce", "kl"], rows)
 
 
 @torch.inference_mode()
 def score_candidates(
-    model: Any,
+    model: HookedModel,
     candidates: DirectionCandidates,
     harmful: Sequence[str],
     harmless: Sequence[str],
@@ -216,7 +214,7 @@ def score_candidates(
 
 
 def select_direction(
-    model: Any,
+    model: HookedModel,
     candidates: DirectionCandidates,
     harmful: Sequence[str],
     harmless: Sequence[str],
@@ -301,7 +299,7 @@ ACTADD_SCALES = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
 
 
 @torch.inference_mode()
-def calibrate_actadd(model: Any, direction: Direction, harmless: Sequence[str], tokens: Sequence[int], *,
+def calibrate_actadd(model: HookedModel, direction: Direction, harmless: Sequence[str], tokens: Sequence[int], *,
                      scales: Sequence[float] = ACTADD_SCALES, target: float = 0.8, batch_size: int = 32
                      ) -> dict[str, Any]:
     """The smallest activation-addition coefficient that makes harmless validation prompts refuse.

@@ -18,7 +18,6 @@ path off or raises; please report it). About a minute on the packaged 0.5B on tw
 
 from __future__ import annotations
 
-import html
 import time
 import warnings
 from collections.abc import Callable
@@ -27,8 +26,14 @@ from typing import Any
 
 import torch
 
-from refusal_circuits import exactness, fastpaths
-from refusal_circuits.errors import RefusalCircuitsError
+from refusal_circuits import exactness, fastpaths, forward, interventions
+from refusal_circuits.attribution import attribute
+from refusal_circuits.chat import chat_format, tokenize_chat
+from refusal_circuits.errors import InputError, RefusalCircuitsError
+from refusal_circuits.evaluation import generate_ids
+from refusal_circuits.markup import esc, table
+from refusal_circuits.models import HookedModel, hf_model_of, model_id
+from refusal_circuits.scores import first_token_ids, refusal_tokens_from_strings
 
 #: Prompts of the check: short, harmless, two scripts (the bundled set is for studies; these never change).
 PROMPTS = ("How do I bake bread at home?", "Write a short poem about the sea.", "Wie spät ist es in Tokio?",
@@ -87,25 +92,19 @@ class CheckReport:
 
     def _repr_html_(self) -> str:
         colour = {"exact": "#1a7f37", "refused": "#9a6700", "failed": "#cf222e"}
-        body = "".join(
-            f"<tr><td>{html.escape(r.name)}</td><td style='color:{colour[r.status]}'><b>{r.status}</b></td>"
+        rows = (
+            f"<tr><td>{esc(r.name)}</td><td style='color:{colour[r.status]}'><b>{r.status}</b></td>"
             f"<td>{'' if r.error is None else f'{r.error:.2e}'}</td>"
-            f"<td>{'' if r.allowed is None else f'{r.allowed:.2e}'}</td><td>{html.escape(r.detail)}</td></tr>"
+            f"<td>{'' if r.allowed is None else f'{r.allowed:.2e}'}</td><td>{esc(r.detail)}</td></tr>"
             for r in self.rows)
-        return (f"<table><caption>{html.escape(self.model)} ({html.escape(self.architecture)}, "
-                f"{html.escape(self.dtype)}; {html.escape(self.versions)})</caption>"
-                "<tr><th>check</th><th>status</th><th>error</th><th>allowed</th><th>detail</th></tr>"
-                f"{body}</table>")
+        return table(f"{esc(self.model)} ({esc(self.architecture)}, {esc(self.dtype)}; {esc(self.versions)})",
+                     ["check", "status", "error", "allowed", "detail"], rows)
 
     def __repr__(self) -> str:
         return self.table()
 
 
-def _fast_path_rows(model: Any) -> list[CheckRow]:
-    from refusal_circuits import forward
-    from refusal_circuits.chat import tokenize_chat
-    from refusal_circuits.evaluation import generate_ids
-
+def _fast_path_rows(model: HookedModel) -> list[CheckRow]:
     fastpaths.reset(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fastpaths.FastPathWarning)  # the row says it
@@ -126,9 +125,7 @@ def _fast_path_rows(model: Any) -> list[CheckRow]:
     return rows
 
 
-def _template_row(model: Any) -> CheckRow:
-    from refusal_circuits.chat import chat_format, tokenize_chat
-
+def _template_row(model: HookedModel) -> CheckRow:
     tok = model.tokenizer
     fmt = chat_format(tok)
     if not fmt.uses_template:
@@ -149,15 +146,12 @@ def _template_row(model: Any) -> CheckRow:
                     f"{fmt.n_post} post-instruction tokens {fmt.post!r}; tokenization equals apply_chat_template")
 
 
-def _direction(model: Any) -> torch.Tensor:
+def _direction(model: HookedModel) -> torch.Tensor:
     r = torch.randn(int(model.cfg.d_model), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     return (r / r.norm()).float()
 
 
-def _attribution_rows(model: Any) -> list[CheckRow]:
-    from refusal_circuits.attribution import attribute
-    from refusal_circuits.scores import first_token_ids, refusal_tokens_from_strings
-
+def _attribution_rows(model: HookedModel) -> list[CheckRow]:
     tok = model.tokenizer
     r = _direction(model)
     dtype = exactness.compute_dtype(model)
@@ -186,12 +180,7 @@ def _attribution_rows(model: Any) -> list[CheckRow]:
     return rows
 
 
-def _orthogonalize_row(model: Any) -> CheckRow:
-    from refusal_circuits import interventions
-    from refusal_circuits.chat import tokenize_chat
-    from refusal_circuits.errors import InputError
-    from refusal_circuits.models import hf_model_of
-
+def _orthogonalize_row(model: HookedModel) -> CheckRow:
     hf = hf_model_of(model)
     if hf is None:
         return CheckRow("orthogonalized = hooked", "refused", None, None, "needs a TransformerBridge")
@@ -220,14 +209,12 @@ def _orthogonalize_row(model: Any) -> CheckRow:
                     "logits of the edited weights vs hook ablation, every real position")
 
 
-def check(model: Any) -> CheckReport:
+def check(model: HookedModel) -> CheckReport:
     """Run every self-check on ``model`` and return the :class:`CheckReport` (it renders itself in Jupyter).
 
     >>> report = rc.check(model)       # doctest: +SKIP
     >>> report.ok, [r.status for r in report.rows]   # doctest: +SKIP
     """
-    from refusal_circuits.models import model_id
-
     t0 = time.perf_counter()
     parts: list[Callable[[Any], list[CheckRow]]] = [
         _fast_path_rows, lambda m: [_template_row(m)], _attribution_rows, lambda m: [_orthogonalize_row(m)]]

@@ -19,6 +19,8 @@ from torch import Tensor
 
 from refusal_circuits.attribution import Attribution
 from refusal_circuits.chat import Span
+from refusal_circuits.io import atomic_path
+from refusal_circuits.markup import esc
 
 _RC: dict[str, Any] = {"font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
        "legend.fontsize": 7, "figure.dpi": 150, "svg.fonttype": "none", "axes.spines.top": False,
@@ -26,6 +28,7 @@ _RC: dict[str, Any] = {"font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8,
 
 
 def _plt() -> Any:
+    """pyplot with the Agg backend and the paper style; imported on first use (matplotlib is slow to import)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -52,8 +55,6 @@ def to_svg(fig: Any) -> str:
 
 def save(fig: Any, path: str | os.PathLike[str]) -> Path:
     """Write the figure as SVG or PNG (by suffix), atomically; the figure stays open."""
-    from refusal_circuits.io import atomic_path
-
     p = Path(path)
     fmt = p.suffix.lstrip(".").lower()
     if fmt not in ("svg", "png", "pdf"):
@@ -65,7 +66,7 @@ def save(fig: Any, path: str | os.PathLike[str]) -> Path:
 
 def refusal_rates(rates: Mapping[str, Mapping[str, tuple[float, float, float]]], title: str = "Refusal rate") -> Any:
     """Grouped bars: ``rates[condition][lang] = (rate, ci_low, ci_high)``; one colour per condition."""
-    return _bars(rates, title=title, ylabel="refusal rate (95% Wilson CI)", ylim=(0, 1.05))
+    return _bars(rates, title=title, ylabel="refusal rate (95% Wilson CI)", ylim=(0.0, 1.05))
 
 
 def grouped_bars(values: Mapping[str, Mapping[str, float | None]], *, title: str, ylabel: str,
@@ -103,7 +104,7 @@ def _bars(values: Mapping[str, Mapping[str, tuple[float, float, float]]], *, tit
     return fig
 
 
-def matrix(values: Tensor | Sequence[Sequence[float]], rows: Sequence[str], cols: Sequence[str], *, title: str,
+def matrix(values: Tensor | Sequence[Sequence[float | None]], rows: Sequence[str], cols: Sequence[str], *, title: str,
            cbar: str, vmin: float | None = None, vmax: float | None = None, cmap: str = "viridis",
            fmt: str = "{:.2f}", xlabel: str = "", ylabel: str = "") -> Any:
     """A labelled heatmap with the value printed in every cell (cosine and transfer matrices); a NaN or None
@@ -148,7 +149,7 @@ def head_heatmap(values: Tensor, *, title: str, cbar: str = "direct write onto r
     ax.set_xticks(range(0, n_heads, max(1, n_heads // 8)))
     ax.set_yticks(range(0, n_layers, max(1, n_layers // 8)))
     if significant is not None:
-        from matplotlib.patches import Rectangle
+        from matplotlib.patches import Rectangle  # matplotlib is imported on first use, as in _plt
 
         for layer, head in significant.nonzero().tolist():
             ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, lw=0.8, ec="black"))
@@ -215,8 +216,6 @@ def scatter(coords: Sequence[Sequence[float]], labels: Sequence[str], *, title: 
 
 def token_projection_html(tokens: Sequence[str], values: Sequence[float], *, limit: float | None = None) -> str:
     """Tokens coloured by their projection on r̂ (red positive, blue negative); escaped, no script."""
-    from refusal_circuits.markup import esc
-
     lim = limit or max((abs(float(v)) for v in values), default=1.0) or 1.0
     out = []
     for t, v in zip(tokens, values, strict=True):
@@ -239,6 +238,7 @@ def attention_views(views: Sequence[tuple[Sequence[str], Tensor, Sequence[str]]]
     keep one copy, as a classic script that defines ``CircuitsVis`` for the page, and one small ``render`` call per
     view. Token text is made inert for the inline JSON (``<`` and ``>`` shown as ‹ ›).
     """
+    # Imported here: circuitsvis takes about 5 s to import, and only attention views need it.
     from circuitsvis.attention import attention_heads
 
     out = []

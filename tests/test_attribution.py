@@ -246,9 +246,19 @@ def test_select_by_language_and_label(tiny_model, r):
 
 
 def test_compatibility_mode_is_refused(tiny_model):
-    class Fake:
+    class Fake:  # the model protocol's members, in compatibility mode
         compatibility_mode = True
         cfg = tiny_model.cfg
+        hook_dict = tiny_model.hook_dict
+        tokenizer = tiny_model.tokenizer
+        embed = tiny_model.embed
+        blocks = tiny_model.blocks
+
+        def parameters(self, recurse=True):
+            return tiny_model.parameters(recurse)
+
+        def __call__(self, *args, **kwargs):
+            return tiny_model(*args, **kwargs)
 
     with pytest.raises(InputError, match="raw mode"):
         attr.head_geometry(Fake())
@@ -284,9 +294,9 @@ def test_shared_prefix_pass_equals_the_full_pass(tiny_model, r, result, targets,
     refusal, compliance = targets
     _, batch = next(iter(batches(tiny_model, PROMPTS[:2], 2)))
     assert forward.shared_prefix_length(batch) > 10  # the Qwen template's system prompt: the fast path ran
-    monkeypatch.setattr(forward, "SHARE_PREFIX", False)
-    full = attr.attribute(tiny_model, r, PROMPTS, refusal_tokens=refusal, compliance_tokens=compliance,
-                          batch_size=2, adv_suffix=" zz!", progress=False)
+    with forward.forward_options(share_prefix=False):
+        full = attr.attribute(tiny_model, r, PROMPTS, refusal_tokens=refusal, compliance_tokens=compliance,
+                              batch_size=2, adv_suffix=" zz!", progress=False)
     for name in ("embed", "heads", "mlps", "resid", "sources", "attn_mass"):
         assert torch.allclose(getattr(full, name), getattr(result, name), atol=1e-5), name
     assert torch.equal(full.mask, result.mask) and torch.equal(full.spans, result.spans)

@@ -112,7 +112,7 @@ def test_bad_direction_files_are_named(tiny_model, tmp_path):
 def test_direction_from_another_model_is_rejected(tiny_model):
     c = extract_candidates(tiny_model, HARMFUL, HARMLESS, progress=False)
     d = c.direction(-1, 1)
-    wide = d.__class__(**{**d.__dict__, "vector": torch.ones(96) / 96**0.5})
+    wide = d.__class__(**{**d.__dict__, "vector": torch.ones(96) / 96**0.5, "candidates": None})
     with pytest.raises(InputError, match="d_model 96 .* has 64: it comes from another model"):
         check_compatible(wide, tiny_model)
     deep = d.__class__(**{**d.__dict__, "layer": 5})
@@ -129,17 +129,14 @@ def test_shared_prefix_forward_equals_a_plain_forward_under_an_intervention(tiny
     with torch.inference_mode(), interventions.ablate(tiny_model, r):
         fast = forward.last_logits(tiny_model, batch)
         full = tiny_model(batch.input_ids, attention_mask=batch.attention_mask)[:, -1]
-        forward.SHARE_PREFIX = False
-        try:
+        with forward.forward_options(share_prefix=False):
             plain = forward.last_logits(tiny_model, batch)
-        finally:
-            forward.SHARE_PREFIX = True
     torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(plain, full, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("intervention", ["ablate", "actadd"])
-def test_packed_first_token_logits_equal_padded_ones_under_an_intervention(tiny_model, monkeypatch, intervention):
+def test_packed_first_token_logits_equal_padded_ones_under_an_intervention(tiny_model, intervention):
     """Rows of at most 60 tokens: prompts share rows, the longest prompt (over 60) gets one alone; every
     prompt's logits must be its own, in input order, as a padded forward gives them."""
     from refusal_circuits import forward, interventions
@@ -152,16 +149,15 @@ def test_packed_first_token_logits_equal_padded_ones_under_an_intervention(tiny_
     rows = forward.pack_rows(own, 60)
     assert max(own) > 60 and len(rows[0]) == 1 and max(len(row) for row in rows) >= 2 and len(rows) < len(prompts)
     r = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(3))
-    monkeypatch.setattr(forward, "PACK_TOKENS", 60)
-    with torch.inference_mode(), getattr(interventions, intervention)(tiny_model, r, **(
-            {"layer": 1, "alpha": 4.0} if intervention == "actadd" else {})):
+    with torch.inference_mode(), forward.forward_options(pack_tokens=60), getattr(interventions, intervention)(
+            tiny_model, r, **({"layer": 1, "alpha": 4.0} if intervention == "actadd" else {})):
         packed = forward.packed_last_logits(tiny_model, prompts)  # every row in one pass, shorter rows padded
         via_scores = first_token_logits(tiny_model, prompts)
-        monkeypatch.setattr(forward, "PACK_BATCH_TOKENS", 120)
-        two_rows = forward.packed_last_logits(tiny_model, prompts)  # two rows per pass, several passes
-        monkeypatch.setattr(forward, "PACK", False)
-        assert forward.packed_last_logits(tiny_model, prompts) is None
-        padded = first_token_logits(tiny_model, prompts, batch_size=3)
+        with forward.forward_options(pack_batch_tokens=120):
+            two_rows = forward.packed_last_logits(tiny_model, prompts)  # two rows per pass, several passes
+        with forward.forward_options(pack=False):
+            assert forward.packed_last_logits(tiny_model, prompts) is None
+            padded = first_token_logits(tiny_model, prompts, batch_size=3)
         clean_batch = tokenize_chat(tiny_model.tokenizer, prompts)
         full = tiny_model(clean_batch.input_ids, attention_mask=clean_batch.attention_mask)[:, -1]
     assert packed is not None and packed.shape == padded.shape
@@ -181,9 +177,8 @@ def test_packing_under_sdpa_and_not_under_a_kernel_that_ignores_the_mask(tiny_mo
     prompts = [*HARMFUL, *HARMLESS]
     config = tiny_model.original_model.config
     with torch.inference_mode():
-        monkeypatch.setattr(forward, "PACK", False)
-        padded = first_token_logits(tiny_model, prompts, batch_size=3)
-        monkeypatch.setattr(forward, "PACK", True)
+        with forward.forward_options(pack=False):
+            padded = first_token_logits(tiny_model, prompts, batch_size=3)
         monkeypatch.setattr(config, "_attn_implementation", "sdpa")
         sdpa = forward.packed_last_logits(tiny_model, prompts)
         monkeypatch.setattr(config, "_attn_implementation", "flash_attention_2")
@@ -203,19 +198,18 @@ def test_pack_rows_fill_rows_up_to_the_budget():
     assert len(pack_rows([1, 1, 1], 1)) == 3
 
 
-def test_generation_from_the_shared_prefix_equals_plain_generation_under_an_intervention(tiny_model, monkeypatch):
+def test_generation_from_the_shared_prefix_equals_plain_generation_under_an_intervention(tiny_model):
     """Prompts of different lengths (pads between prefix and instruction), an ablation hook, 6 greedy tokens."""
     from refusal_circuits import forward, interventions
-    from refusal_circuits.evaluation import generate_ids
+    from refusal_circuits.generation import generate_ids
     from refusal_circuits.hooks import count_hooks
 
     prompts = [*HARMFUL, *HARMLESS, "a much longer instruction than any other one in this small batch of prompts"]
     r = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(5))
     runs = {}
     for share in (True, False):
-        monkeypatch.setattr(forward, "SHARE_PREFIX", share)
         first: list = []
-        with interventions.ablate(tiny_model, r):
+        with forward.forward_options(share_prefix=share), interventions.ablate(tiny_model, r):
             ids = generate_ids(tiny_model, prompts, max_new_tokens=6, batch_size=4, progress=False,
                                first_logits=first)
         runs[share] = (ids, torch.stack(first))

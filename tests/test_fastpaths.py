@@ -11,7 +11,7 @@ import torch
 
 from refusal_circuits import fastpaths, forward
 from refusal_circuits.chat import ChatBatch, Span, tokenize_chat
-from refusal_circuits.evaluation import generate_ids
+from refusal_circuits.generation import generate_ids
 from refusal_circuits.scores import first_token_logits
 
 pytestmark = pytest.mark.canary
@@ -69,7 +69,7 @@ def test_every_fast_path_holds_and_is_recorded(fresh_model):
 
 def _wrong_prefix_cache(monkeypatch):
     """Break the shared-prefix path the way a library upgrade can: the cache no longer holds the real prefix."""
-    real = forward.prefix_continuation
+    real = forward.passes.prefix_continuation
 
     def broken(model, batch, n_prefix, prefix_readers=()):
         ids = batch.input_ids.clone()
@@ -77,7 +77,7 @@ def _wrong_prefix_cache(monkeypatch):
         wrong = real(model, ChatBatch(ids, batch.attention_mask, batch.spans, batch.n_post), n_prefix, prefix_readers)
         return dataclasses.replace(real(model, batch, n_prefix, prefix_readers), cache=wrong.cache)
 
-    monkeypatch.setattr(forward, "prefix_continuation", broken)
+    monkeypatch.setattr(forward.passes, "prefix_continuation", broken)  # where every caller looks it up
 
 
 @pytest.mark.tiny
@@ -120,12 +120,12 @@ def test_a_broken_generation_prefill_is_caught(fresh_model, monkeypatch):
 @pytest.mark.tiny
 def test_a_broken_packing_is_caught_and_padded_batches_take_over(fresh_model, monkeypatch):
     padded = _plain_last_logits(fresh_model, PROMPTS)
-    real = forward._packed
+    real = forward.packing._packed
 
     def broken(hf, prefix, own, rows, *args, **kwargs):  # positions as if every prompt continued the one before
         return real(hf, prefix, [list(reversed(x)) for x in own], rows, *args, **kwargs)
 
-    monkeypatch.setattr(forward, "_packed", broken)
+    monkeypatch.setattr(forward.packing, "_packed", broken)
     with pytest.warns(fastpaths.FastPathWarning, match="packed first-token logits"):
         assert forward.packed_last_logits(fresh_model, PROMPTS) is None
     got = first_token_logits(fresh_model, PROMPTS, progress=False)
@@ -156,7 +156,7 @@ def test_attention_that_ignores_the_cache_is_caught_on_every_path(fresh_model):
 
     plain = _plain_last_logits(fresh_model, PROMPTS)
     batch = tokenize_chat(fresh_model.tokenizer, PROMPTS)
-    from refusal_circuits.evaluation import _uncached_greedy
+    from refusal_circuits.generation import _uncached_greedy
 
     reference, _ = _uncached_greedy(fresh_model.original_model, batch.input_ids, batch.attention_mask, 6)
 
@@ -180,3 +180,45 @@ def test_attention_that_ignores_the_cache_is_caught_on_every_path(fresh_model):
     for j, row in enumerate(ids):
         want = reference[j, batch.input_ids.shape[1]:].tolist()
         assert row == want[: len(row)] and (len(row) == 6 or row[-1] == eos)
+
+
+@pytest.mark.unit
+def test_forward_options_change_only_inside_the_block_and_come_back_after_an_error():
+    defaults = forward.current_options()
+    assert defaults == forward.ForwardOptions(share_prefix=True, pack=True, pack_tokens=384, pack_batch_tokens=1536)
+    with forward.forward_options(pack=False) as outer:
+        assert forward.current_options() is outer and not outer.pack and outer.share_prefix
+        with pytest.raises(RuntimeError, match="inside"), forward.forward_options(share_prefix=False, pack_tokens=8):
+            assert forward.current_options() == dataclasses.replace(outer, share_prefix=False, pack_tokens=8)
+            raise RuntimeError("inside")
+        assert forward.current_options() is outer  # nested blocks start from, and return to, the enclosing one
+    assert forward.current_options() == defaults
+    with pytest.raises(TypeError), forward.forward_options(pack_token=8):  # a misspelt name changes nothing
+        pass
+    with pytest.raises(ValueError, match="pack_tokens must be a positive int"):
+        forward.ForwardOptions(pack_tokens=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        defaults.pack = False  # type: ignore[misc]
+    assert forward.current_options() == defaults
+
+
+@pytest.mark.unit
+def test_forward_options_are_per_thread():
+    """A block in one thread is not seen by another (the settings live in a ContextVar, not a module global)."""
+    import threading
+
+    entered, release, seen = threading.Event(), threading.Event(), []
+
+    def other():
+        entered.wait()
+        seen.append(forward.current_options().share_prefix)
+        release.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with forward.forward_options(share_prefix=False):
+        entered.set()
+        release.wait(10)
+        assert forward.current_options().share_prefix is False
+    thread.join(10)
+    assert seen == [True]

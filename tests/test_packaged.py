@@ -55,7 +55,7 @@ def test_model_refuses_english_harmful_far_more_than_harmless(packaged_model):
     assert any(c.startswith("I'm sorry") for c in refusals)
 
 
-def test_packed_first_token_logits_equal_padded_batches_on_the_real_model(packaged_model, monkeypatch):
+def test_packed_first_token_logits_equal_padded_batches_on_the_real_model(packaged_model):
     """Packing (several prompts per row, block-diagonal mask) must give each prompt its own first-token logits
     on the real model under an ablation: English and Yoruba prompts of very different lengths, rows of 160 tokens
     so that several rows and several passes are used."""
@@ -65,12 +65,11 @@ def test_packed_first_token_logits_equal_padded_batches_on_the_real_model(packag
     test = load_bundled(["en", "yo"]).filter(split="test", label="harmful")
     prompts = test.filter(lang="en").instructions[:8] + test.filter(lang="yo").instructions[:8]
     r = torch.randn(packaged_model.cfg.d_model, generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(forward, "PACK_TOKENS", 160)
-    monkeypatch.setattr(forward, "PACK_BATCH_TOKENS", 320)
     with interventions.ablate(packaged_model, r / r.norm()):
-        packed = forward.packed_last_logits(packaged_model, prompts)
-        monkeypatch.setattr(forward, "PACK", False)
-        padded = first_token_logits(packaged_model, prompts, batch_size=16)
+        with forward.forward_options(pack_tokens=160, pack_batch_tokens=320):
+            packed = forward.packed_last_logits(packaged_model, prompts)
+        with forward.forward_options(pack=False):
+            padded = first_token_logits(packaged_model, prompts, batch_size=16)
     assert packed is not None
     torch.testing.assert_close(packed.float(), padded, rtol=1e-3, atol=1e-3)
     assert torch.equal(packed.argmax(-1), padded.argmax(-1))

@@ -37,8 +37,8 @@ def test_the_command_prints_the_table_and_fails_when_a_fast_path_breaks(tiny_dir
 
     from refusal_circuits import forward
 
-    real = forward._packed
-    monkeypatch.setattr(forward, "_packed", lambda hf, prefix, own, rows, *a, **k:
+    real = forward.packing._packed
+    monkeypatch.setattr(forward.packing, "_packed", lambda hf, prefix, own, rows, *a, **k:
                         real(hf, prefix, [list(reversed(x)) for x in own], rows, *a, **k))
     assert main(["check", "--model", str(tiny_dir)]) == 1
     printed = capsys.readouterr().out

@@ -27,7 +27,7 @@ def test_figures_render_to_svg_and_png(attribution, tmp_path):
         viz.projection_heatmap(attribution, lang="en"),
         viz.matrix([[1.0, 0.5], [0.5, 1.0]], ["en", "de"], ["en", "de"], title="cos", cbar="cosine"),
         viz.refusal_rates({"baseline": {"en": (0.5, 0.3, 0.7), "de": (0.1, 0.0, 0.3)}}),
-        viz.trajectories({"en": [0, 1, 2], "de": [0, 0.5, 1]}, title="t", marker_layer=1),
+        viz.trajectories({"en": [0.0, 1.0, 2.0], "de": [0.0, 0.5, 1.0]}, title="t", marker_layer=1),
     ]
     for i, fig in enumerate(figs):
         viz.save(fig, tmp_path / f"f{i}.png")

@@ -102,3 +102,99 @@ def test_evaluate_takes_the_test_split_of_the_directions_file_and_all_of_another
             assert len(result["completions"]) == n
         else:
             assert ids and {hash_split(i) for i in ids} == {"test"}
+
+
+# ------------------------------------------------------------------------------------- the shared science path
+
+
+@pytest.mark.unit
+def test_split_and_cap_filters_caps_and_names_an_empty_split():
+    from refusal_circuits.workflows import split_and_cap
+
+    prompts, _ = with_splits(_set(40))
+    test = split_and_cap(prompts, "test", 2)
+    assert {r.split for r in test} == {"test"} and set(test.counts()["en"].values()) == {2}
+    assert len(split_and_cap(prompts, "all")) == len(prompts)
+    with pytest.raises(InputError, match="p.jsonl has no prompts in split 'val'"):
+        split_and_cap(with_splits(_set(3, split="train"))[0], "val", what="p.jsonl")
+
+
+@pytest.mark.unit
+def test_baselines_read_from_an_evaluation_keep_missing_labels_as_none():
+    from refusal_circuits.workflows.compare import baseline_from_results
+
+    got = baseline_from_results({"en": {"harmful": {"n": 4, "refusal_rate": 0.75}},
+                                 "de": {"harmful": {"n": 3, "refused": 1, "refusal_rate": 0.3333333},
+                                        "harmless": {"n": 2, "refusal_rate": 0.0}}})
+    assert (got["en"][0].k, got["en"][0].n, got["en"][1]) == (3, 4, None)
+    assert (got["de"][0].k, got["de"][1].k, got["de"][1].n) == (1, 0, 2)
+    with pytest.raises(KeyError):
+        baseline_from_results({"en": {}})
+
+
+@pytest.mark.unit
+def test_transfer_cells_are_the_base_row_and_the_diagonal_or_everything():
+    from refusal_circuits.workflows.languages import transfer_cells
+
+    assert transfer_cells("all", "en", ["en", "de"]) is None
+    assert transfer_cells("base", "en", ["en", "de", "fr"]) == {("en", "en"), ("en", "de"), ("en", "fr"),
+                                                                ("de", "de"), ("fr", "fr")}
+
+
+@pytest.mark.unit
+def test_token_strings_need_one_token():
+    from refusal_circuits.workflows.tokens import token_strings
+
+    assert token_strings("I, S,", "--refusal-tokens") == ["I", " S"]
+    with pytest.raises(InputError, match="--compliance-tokens needs at least one token"):
+        token_strings(" , ", "--compliance-tokens")
+
+
+@pytest.mark.unit
+def test_the_flags_read_their_defaults_from_one_place():
+    """`run` shows StudyConfig's defaults; the other commands' are the named ones of workflows.defaults, and the
+    baseline `compare` generates without --evaluation has its token count there too."""
+    import inspect
+
+    from refusal_circuits.cli import build_parser
+    from refusal_circuits.study import StudyConfig
+    from refusal_circuits.workflows import defaults
+    from refusal_circuits.workflows.compare import measured_baseline
+
+    parser = build_parser()
+    run = vars(parser.parse_args(["run"]))
+    study = StudyConfig.defaults()
+    for name in ("base", "lang_train_prompts", "filter", "transfer", "total_effects", "patch_top_k", "max_new_tokens",
+                 "batch_size", "prompts", "device", "dtype"):
+        assert run[name] == study[name], name
+    assert tuple(run["positions"]) == study["positions"]
+    compare = vars(parser.parse_args(["compare", "--attributions", "a", "--out", "o"]))
+    assert (compare["base"], compare["alpha"], compare["patch_top_k"]) == (
+        defaults.BASE_LANG, defaults.ALPHA, defaults.COMPARE_PATCH_TOP_K)
+    evaluate = vars(parser.parse_args(["evaluate", "--out", "e.json"]))
+    assert evaluate["max_new_tokens"] == defaults.EVALUATE_NEW_TOKENS
+    assert inspect.signature(measured_baseline).parameters["max_new_tokens"].default == \
+        defaults.COMPARE_BASELINE_NEW_TOKENS
+    assert StudyConfig(model="m", train_prompts=16).lang_cap == 16 and StudyConfig(model="m").lang_cap == 64
+
+
+@pytest.mark.unit
+def test_the_orchestration_modules_stay_small_and_import_at_the_top():
+    """cli, study and workflows: one idea per module (at most 400 lines), the old import paths still work, and no
+    import hides inside a function (the layers have no cycle to hide)."""
+    import ast
+    from pathlib import Path
+
+    from refusal_circuits.cli import build_parser, main  # noqa: F401  (the old import paths)
+    from refusal_circuits.study import STAGE_FILE, STAGES, Study, StudyConfig  # noqa: F401
+
+    root = Path(__file__).resolve().parent.parent / "refusal_circuits"
+    files = [p for pkg in ("cli", "study", "workflows") for p in sorted((root / pkg).glob("*.py"))]
+    assert len(files) >= 15 and not (root / "cli.py").exists() and not (root / "study.py").exists()
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        assert len(text.splitlines()) <= 400, f"{path.name}: {len(text.splitlines())} lines"
+        tree = ast.parse(text)
+        top = set(map(id, tree.body))
+        inner = [n.lineno for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in top]
+        assert not inner, f"{path.relative_to(root)}: imports inside a function or block at lines {inner}"

@@ -33,7 +33,7 @@ from refusal_circuits.directions import Direction, check_compatible
 from refusal_circuits.errors import InputError
 from refusal_circuits.forward import batches, decoder_forward, device_of
 from refusal_circuits.geometry import FrozenNorm, HeadGeometry, final_norm, head_geometry, logit_map
-from refusal_circuits.models import hf_model_of, model_id
+from refusal_circuits.models import HookedModel, hf_model_of, model_id
 from refusal_circuits.scores import RefusalTokens
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def _prompt_records(prompts: PromptSet | Sequence[str]) -> tuple[list[PromptReco
     return records, pset
 
 
-def _direction_meta(direction: Direction | Tensor, model: Any) -> dict[str, Any]:
+def _direction_meta(direction: Direction | Tensor, model: HookedModel) -> dict[str, Any]:
     """The provenance of the direction the record carries, once the direction is checked to fit ``model``."""
     if isinstance(direction, Direction):
         check_compatible(direction, model)
@@ -64,7 +64,7 @@ def _direction_meta(direction: Direction | Tensor, model: Any) -> dict[str, Any]
     return {"model": "tensor", "lang": None, "layer": None, "position": -1, "norm": float(direction.norm())}
 
 
-def _unembedding(model: Any) -> tuple[Tensor, Tensor | None]:
+def _unembedding(model: HookedModel) -> tuple[Tensor, Tensor | None]:
     hf = hf_model_of(model)
     head = hf.get_output_embeddings() if hf is not None else None
     if head is None:
@@ -92,7 +92,7 @@ class _LogitReadout:
     space: str
 
 
-def _logit_readout(model: Any, geo: HeadGeometry, targets: LogitTargets,
+def _logit_readout(model: HookedModel, geo: HeadGeometry, targets: LogitTargets,
                    records: Sequence[PromptRecord]) -> _LogitReadout:
     norm = final_norm(model)
     w_u, b_u = _unembedding(model)
@@ -120,7 +120,7 @@ def _logit_readout(model: Any, geo: HeadGeometry, targets: LogitTargets,
 class _Setup:
     """What every batch's pass reads: the model, its geometry, r̂ on its device, the DLA read-out (or None)."""
 
-    model: Any
+    model: HookedModel
     geo: HeadGeometry
     r: Tensor
     readout: _LogitReadout | None
@@ -267,7 +267,7 @@ def _assemble(setup: _Setup, rows_done: Sequence[dict[str, Tensor]], token_strs:
 
 @torch.inference_mode()
 def attribute(
-    model: Any,
+    model: HookedModel,
     direction: Direction | Tensor,
     prompts: PromptSet | Sequence[str],
     *,

@@ -7,7 +7,6 @@ compute nothing from a model. Saving and loading live in :mod:`refusal_circuits.
 
 from __future__ import annotations
 
-import html
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -21,6 +20,7 @@ from torch import Tensor
 from refusal_circuits.attribution.targets import LogitTargets
 from refusal_circuits.chat import SPAN_NAMES, Span
 from refusal_circuits.errors import InputError
+from refusal_circuits.markup import esc, table
 
 #: The number of span codes (:class:`~refusal_circuits.chat.Span`), the last axis of the source tensors.
 N_SPANS = len(Span)
@@ -216,8 +216,8 @@ class Attribution:
         return save_attribution(self, out_dir, extra)
 
     def _repr_html_(self) -> str:
-        langs = ", ".join(f"{html.escape(k)}" for k in dict.fromkeys(self.langs))
-        head = (f"<b>Attribution onto r̂</b> · {html.escape(self.model)} · direction {html.escape(str(self.direction.get('lang')))} "
+        langs = ", ".join(esc(k) for k in dict.fromkeys(self.langs))
+        head = (f"<b>Attribution onto r̂</b> · {esc(self.model)} · direction {esc(self.direction.get('lang'))} "
                 f"layer {self.direction.get('layer')}, position {self.direction.get('position')} · "
                 f"{self.n_prompts} prompts ({langs}) · completeness error {self.completeness_error():.2e}")
         return head + self.top_heads(5)._repr_html_()
@@ -363,14 +363,11 @@ class HeadTable:
         return HeadTable(rows, self.positions, self.model)
 
     def _repr_html_(self) -> str:
-        body = "".join(
-            f"<tr><td>{html.escape(r['lang'])}</td><td>{html.escape(r['label'])}</td><td>{r['rank']}</td>"
-            f"<td>L{r['layer']}.H{r['head']}</td><td>{r['mean']:+.3f}</td><td>{r['std']:.3f}</td><td>{r['n']}</td>"
-            f"<td>{html.escape(', '.join(f'{k} {v:+.2f}' for k, v in r['from'].items()))}</td></tr>"
-            for r in self.rows)
-        return (f"<table><caption>Top heads by direct write onto r̂ (positions: {html.escape(self.positions)})"
-                "</caption><tr><th>lang</th><th>label</th><th>#</th><th>head</th><th>mean</th><th>std</th><th>n</th>"
-                f"<th>read from (post-instruction mean)</th></tr>{body}</table>")
+        rows = (f"<tr><td>{esc(r['lang'])}</td><td>{esc(r['label'])}</td><td>{r['rank']}</td>"
+                f"<td>L{r['layer']}.H{r['head']}</td><td>{r['mean']:+.3f}</td><td>{r['std']:.3f}</td><td>{r['n']}</td>"
+                f"<td>{esc(', '.join(f'{k} {v:+.2f}' for k, v in r['from'].items()))}</td></tr>" for r in self.rows)
+        return table(f"Top heads by direct write onto r̂ (positions: {esc(self.positions)})",
+                     ["lang", "label", "#", "head", "mean", "std", "n", "read from (post-instruction mean)"], rows)
 
     def __repr__(self) -> str:
         lines = [f"{r['lang']:>3} {r['label']:<8} #{r['rank']:<2} L{r['layer']}.H{r['head']:<3} "

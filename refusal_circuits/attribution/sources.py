@@ -7,7 +7,6 @@ Head ``h``'s write at destination ``p`` splits over source positions ``s`` as ``
 
 from __future__ import annotations
 
-import html
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,7 @@ from refusal_circuits.directions import Direction, check_compatible
 from refusal_circuits.errors import InputError
 from refusal_circuits.forward import batches, decoder_forward, device_of
 from refusal_circuits.geometry import attn_raw, head_geometry
+from refusal_circuits.markup import esc, table
 
 
 @dataclass(frozen=True)
@@ -60,10 +60,9 @@ class SourceMatrix:
     def _repr_html_(self) -> str:
         parts = []
         for (layer, head), tops in self.top_sources().items():
-            cells = "".join(f"<td><code>{html.escape(repr(t))}</code> {v:+.3f}</td>" for t, v in tops)
+            cells = "".join(f"<td><code>{esc(repr(t))}</code> {v:+.3f}</td>" for t, v in tops)
             parts.append(f"<tr><th>L{layer}.H{head}</th>{cells}</tr>")
-        return ("<table><caption>Source tokens feeding r̂ at the last position (A[p,s] · v_s W_O r̂)</caption>"
-                + "".join(parts) + "</table>")
+        return table("Source tokens feeding r̂ at the last position (A[p,s] · v_s W_O r̂)", [], parts)
 
 
 @torch.inference_mode()

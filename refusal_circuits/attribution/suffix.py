@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 from typing import Any
 
 from refusal_circuits.attribution.records import Attribution, top_k_heads
 from refusal_circuits.chat import Span
 from refusal_circuits.errors import InputError
+from refusal_circuits.markup import esc, table
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,14 @@ class SuffixComparison:
                                                   strict=True)]}
 
     def _repr_html_(self) -> str:
-        rows = "".join(
+        rows = (
             f"<tr><td>L{h['layer']}.H{h['head']}</td><td>{h['instruction_mass_without']:.2f}</td>"
             f"<td>{h['instruction_mass_with']:.2f}</td><td>{h['suffix_mass_with']:.2f}</td>"
             f"<td>{h['write_without']:+.3f}</td><td>{h['write_with']:+.3f}</td></tr>" for h in self.to_json()["heads"])
-        return (f"<table><caption>Adversarial suffix {html.escape(repr(self.suffix))} ({self.n} prompts): attention "
-                "from the post-instruction tokens</caption><tr><th>head</th><th>→ instruction (without)</th>"
-                "<th>→ instruction (with)</th><th>→ suffix (with)</th><th>write onto r̂ (without)</th>"
-                f"<th>write onto r̂ (with)</th></tr>{rows}</table>")
+        return table(f"Adversarial suffix {esc(repr(self.suffix))} ({self.n} prompts): attention from the "
+                     "post-instruction tokens", ["head", "→ instruction (without)", "→ instruction (with)",
+                                                 "→ suffix (with)", "write onto r̂ (without)", "write onto r̂ (with)"],
+                     rows)
 
 
 def compare_suffix(without: Attribution, with_suffix: Attribution, k: int = 10) -> SuffixComparison:

@@ -13,6 +13,7 @@ from typing import Any
 
 from refusal_circuits.data import PromptSet
 from refusal_circuits.errors import InputError
+from refusal_circuits.models import HookedModel
 from refusal_circuits.scores import RefusalTokens
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def compliance_tokens_by_lang(first_tokens: Mapping[str, Sequence[int]], refusal
     return out
 
 
-def _logit_targets(model: Any, prompts: PromptSet, saved: dict[str, Any] | None, refusal_tokens: RefusalTokens | None,
+def _logit_targets(model: HookedModel, prompts: PromptSet, saved: dict[str, Any] | None, refusal_tokens: RefusalTokens | None,
                    compliance: Mapping[str, Sequence[int]] | Sequence[int] | None, batch_size: int) -> LogitTargets | None:
     """The targets of DLA on ``prompts``, or None (with a warning) where one side is missing."""
     tok = model.tokenizer

@@ -14,7 +14,6 @@ language's direction separates harmful from harmless prompts in every language.
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,8 @@ from refusal_circuits.data import PromptSet
 from refusal_circuits.directions import Direction, DirectionCandidates, candidates_from_means
 from refusal_circuits.errors import InputError
 from refusal_circuits.io import nullable
-from refusal_circuits.models import model_id
+from refusal_circuits.markup import esc, table
+from refusal_circuits.models import HookedModel, model_id
 from refusal_circuits.stats import auroc, cohens_d, groups_why
 from refusal_circuits.stats import fmt_stat as _fmt
 
@@ -63,7 +63,7 @@ def check_language_groups(prompts: PromptSet, langs: Sequence[str], *, split: st
             raise InputError(f"{what}: {e}") from None
 
 
-def language_candidates(model: Any, prompts: PromptSet, langs: Sequence[str] | None = None, *, split: str = "train",
+def language_candidates(model: HookedModel, prompts: PromptSet, langs: Sequence[str] | None = None, *, split: str = "train",
                         max_prompts: int | None = None, batch_size: int = 32, progress: bool = True
                         ) -> dict[str, DirectionCandidates]:
     """Difference-in-means candidates ``[n_post, n_layers, d_model]`` of every language, from its ``split``.
@@ -79,7 +79,7 @@ def language_candidates(model: Any, prompts: PromptSet, langs: Sequence[str] | N
             for lang, (_, _, own) in groups.items()}
 
 
-def language_candidate_halves(model: Any, prompts: PromptSet, langs: Sequence[str] | None = None, *,
+def language_candidate_halves(model: HookedModel, prompts: PromptSet, langs: Sequence[str] | None = None, *,
                               split: str = "train", max_prompts: int | None = None, batch_size: int = 32,
                               progress: bool = True
                               ) -> dict[str, tuple[DirectionCandidates, DirectionCandidates]]:
@@ -182,11 +182,10 @@ class SplitHalfCosines:
         return out
 
     def _repr_html_(self) -> str:
-        rows = "".join(f"<tr><td>{html.escape(x)}</td><td>{_fmt(self.paired[x])}</td><td>{_fmt(self.disjoint[x])}</td>"
-                       f"<td>{_fmt(self.within[x])}</td><td>{_fmt(self.corrected(x))}</td></tr>" for x in self.within)
-        return (f"<b>Split-half cosines with {html.escape(self.base)}</b> (layer {self.layer}, position "
-                f"{self.position})<table><tr><th>lang</th><th>same prompts</th><th>disjoint prompts</th>"
-                f"<th>within language</th><th>corrected</th></tr>{rows}</table>")
+        rows = (f"<tr><td>{esc(x)}</td><td>{_fmt(self.paired[x])}</td><td>{_fmt(self.disjoint[x])}</td>"
+                f"<td>{_fmt(self.within[x])}</td><td>{_fmt(self.corrected(x))}</td></tr>" for x in self.within)
+        return (f"<b>Split-half cosines with {esc(self.base)}</b> (layer {self.layer}, position {self.position})"
+                + table("", ["lang", "same prompts", "disjoint prompts", "within language", "corrected"], rows))
 
 
 def split_half_cosines(halves: Mapping[str, tuple[DirectionCandidates, DirectionCandidates]], base: str, layer: int,
@@ -245,12 +244,11 @@ class CosineMatrix:
                 **nullable("at_site", self.at_site, at_site), **nullable("per_layer", self.per_layer, per_layer)}
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{html.escape(x)}</th>" for x in self.langs)
-        rows = "".join(f"<tr><th>{html.escape(a)}</th>" + "".join(
+        rows = (f"<tr><th>{esc(a)}</th>" + "".join(
             f"<td style='background:rgba(31,119,180,{max(0.0, float(v.nan_to_num())):.2f})'>{_fmt(float(v))}</td>"
             for v in self.at_site[i]) + "</tr>" for i, a in enumerate(self.langs))
-        return (f"<table><caption>Cosine similarity of per-language refusal directions, layer {self.layer}, "
-                f"position {self.position}</caption><tr><th></th>{head}</tr>{rows}</table>")
+        return table(f"Cosine similarity of per-language refusal directions, layer {self.layer}, position "
+                     f"{self.position}", ["", *self.langs], rows)
 
 
 def direction_cosines(candidates: Mapping[str, DirectionCandidates], layer: int, position: int) -> CosineMatrix:

@@ -9,7 +9,6 @@ language's (:func:`~refusal_circuits.crosslingual.paired.trajectory_split_layer`
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from refusal_circuits.crosslingual.paired import (
 from refusal_circuits.crosslingual.transfer import is_aligned
 from refusal_circuits.errors import InputError
 from refusal_circuits.io import nullable
+from refusal_circuits.markup import esc
 from refusal_circuits.stats import ONE_PAIR, Rate
 from refusal_circuits.stats import fmt_stat as _fmt
 
@@ -183,7 +183,7 @@ class LanguageDivergence:
         }
 
     def _repr_html_(self) -> str:
-        return f"<p>{html.escape(self.summary())}</p>" + self.paired._repr_html_()
+        return f"<p>{esc(self.summary())}</p>" + self.paired._repr_html_()
 
 
 @dataclass(frozen=True)
@@ -207,8 +207,8 @@ class Divergence:
         return out
 
     def _repr_html_(self) -> str:
-        return "".join(f"<h4>{html.escape(k)}</h4>" + v._repr_html_() for k, v in self.languages.items()) + "".join(
-            f"<h4>{html.escape(k)}</h4><p>n/a ({html.escape(why)})</p>" for k, why in self.skipped.items())
+        return "".join(f"<h4>{esc(k)}</h4>" + v._repr_html_() for k, v in self.languages.items()) + "".join(
+            f"<h4>{esc(k)}</h4><p>n/a ({esc(why)})</p>" for k, why in self.skipped.items())
 
 def divergence(attribution: Attribution, base: str = "en", langs: Sequence[str] | None = None, *,
                baseline: Mapping[str, tuple[Rate | None, Rate | None]] | None = None,

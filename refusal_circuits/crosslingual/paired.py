@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,8 @@ from refusal_circuits.data import PromptSet
 from refusal_circuits.directions import Direction
 from refusal_circuits.errors import InputError
 from refusal_circuits.io import nullable
+from refusal_circuits.markup import esc, table
+from refusal_circuits.models import HookedModel
 from refusal_circuits.stats import ONE_PAIR, benjamini_hochberg, correlation_why, spearman
 from refusal_circuits.stats import fmt_stat as _fmt
 from refusal_circuits.stats import paired_stats_or_single as _paired_stats_or_single
@@ -134,16 +135,15 @@ class PairedHeads:
                           for j in range(1, len(SPAN_NAMES)) if j != int(Span.PAD)}}
 
     def _repr_html_(self) -> str:
-        rows = "".join(
+        rows = (
             f"<tr><td>L{h['layer']}.H{h['head']}</td><td>{h['base_mean']:+.3f}</td><td>{h['other_mean']:+.3f}</td>"
             f"<td>{h['mean']:+.3f}</td><td>[{_fmt(h['ci_low'], '+.3f')}, {_fmt(h['ci_high'], '+.3f')}]</td>"
             f"<td>{_fmt(h['q'], '.3g')}</td><td>{'✔' if h['significant'] else ''}</td></tr>" for h in self.ranked_heads(10))
-        return (f"<table><caption>{html.escape(self.lang)} − {html.escape(self.base)}, {self.n_pairs} {self.label} pairs: "
-                f"{html.escape(self.pattern or _fmt(None, why=self.pattern_why()))} (Spearman "
-                f"{_fmt(self.rank_correlation)}, slope {_fmt(self.slope)}); {self.n_significant()} significant heads"
-                + (f" ({html.escape(self.why['p'])})" if "p" in self.why else "")
-                + f"</caption><tr><th>head</th><th>{html.escape(self.base)}</th>"
-                f"<th>{html.escape(self.lang)}</th><th>diff</th><th>95% CI</th><th>q</th><th>sig.</th></tr>{rows}</table>")
+        caption = (f"{esc(self.lang)} − {esc(self.base)}, {self.n_pairs} {esc(self.label)} pairs: "
+                   f"{esc(self.pattern or _fmt(None, why=self.pattern_why()))} (Spearman "
+                   f"{_fmt(self.rank_correlation)}, slope {_fmt(self.slope)}); {self.n_significant()} significant heads"
+                   + (f" ({esc(self.why['p'])})" if "p" in self.why else ""))
+        return table(caption, ["head", self.base, self.lang, "diff", "95% CI", "q", "sig."], rows)
 
 
 def pair_rows(attribution: Attribution, base: str, lang: str, label: str | None = "harmful"
@@ -269,7 +269,7 @@ def losing_heads(paired: PairedHeads, k: int) -> list[tuple[int, int]]:
     return [(i // n_heads, i % n_heads) for i in order if float(flat[i]) < 0]
 
 
-def patch_top_heads(model: Any, direction: Direction, attribution: Attribution, prompts: PromptSet, base: str,
+def patch_top_heads(model: HookedModel, direction: Direction, attribution: Attribution, prompts: PromptSet, base: str,
                     langs: Sequence[str], k: int, refusal_tokens: Sequence[int], *, alpha: float = 0.05,
                     batch_size: int = 32, progress: bool = True) -> dict[str, Any]:
     """Per language, patch the ``k`` heads where the translation loses most of r̂ (the most negative paired

@@ -7,7 +7,6 @@ baseline row.
 
 from __future__ import annotations
 
-import html
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +14,8 @@ from typing import Any
 from refusal_circuits.data import PromptSet
 from refusal_circuits.directions import Direction
 from refusal_circuits.errors import InputError
+from refusal_circuits.markup import esc, table
+from refusal_circuits.models import HookedModel
 from refusal_circuits.stats import Rate
 
 
@@ -49,8 +50,6 @@ class TransferMatrix:
                 "actadd": {a: {b: r.to_json() for b, r in row.items()} for a, row in self.actadd.items()}}
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{html.escape(t)}</th>" for t in self.targets)
-
         def cell(r: Rate | None) -> str:
             if r is None:
                 return "<td>–</td>"
@@ -61,15 +60,15 @@ class TransferMatrix:
                 "<tr><th>baseline harmless</th>" + "".join(cell(self.baseline[t][1]) for t in self.targets) + "</tr>",
                 "<tr><th>aligned</th>" + "".join(f"<td>{'yes' if self.aligned(t) else 'no'}</td>"
                                                    for t in self.targets) + "</tr>"]
-        rows += [f"<tr><th>ablate {html.escape(s)}</th>" + "".join(cell(self.ablate[s].get(t)) for t in self.targets)
+        rows += [f"<tr><th>ablate {esc(s)}</th>" + "".join(cell(self.ablate[s].get(t)) for t in self.targets)
                  + "</tr>" for s in self.sources]
-        rows += [f"<tr><th>add {html.escape(s)} (harmless)</th>" + "".join(cell(self.actadd[s].get(t)) for t in self.targets)
+        rows += [f"<tr><th>add {esc(s)} (harmless)</th>" + "".join(cell(self.actadd[s].get(t)) for t in self.targets)
                  + "</tr>" for s in self.sources]
-        return (f"<table><caption>Refusal rate by target language (columns; judge: {html.escape(self.judge)})"
-                f"</caption><tr><th></th>{head}</tr>{''.join(rows)}</table>")
+        return table(f"Refusal rate by target language (columns; judge: {esc(self.judge)})", ["", *self.targets],
+                     rows)
 
 
-def first_token_refusals(model: Any, instructions: Sequence[str], refusal_ids: Sequence[int], *,
+def first_token_refusals(model: HookedModel, instructions: Sequence[str], refusal_ids: Sequence[int], *,
                          batch_size: int = 32) -> list[bool]:
     """Whether greedy decoding would start with a refusal token, per instruction (hooks on the model apply)."""
     from refusal_circuits.scores import first_token_logits
@@ -81,7 +80,7 @@ def first_token_refusals(model: Any, instructions: Sequence[str], refusal_ids: S
     return [t in ids for t in top]
 
 
-def _refusals(model: Any, parts: Mapping[str, PromptSet], judge: str, refusal_ids: Mapping[str, Sequence[int]],
+def _refusals(model: HookedModel, parts: Mapping[str, PromptSet], judge: str, refusal_ids: Mapping[str, Sequence[int]],
               batch_size: int, max_new_tokens: int) -> dict[str, Rate]:
     """The refusal rate of every part (a target language's prompts, none empty), from one length bucketing of all
     parts."""
@@ -103,7 +102,7 @@ def _refusals(model: Any, parts: Mapping[str, PromptSet], judge: str, refusal_id
     return {name: Rate(sum(v), len(v)) for name, v in got.items()}
 
 
-def transfer_matrix(model: Any, directions: Mapping[str, Direction], prompts: PromptSet, *,
+def transfer_matrix(model: HookedModel, directions: Mapping[str, Direction], prompts: PromptSet, *,
                     targets: Sequence[str] | None = None,
                     refusal_ids: Sequence[int] | Mapping[str, Sequence[int]] = (), judge: str = "first_token",
                     actadd_layer: int | None = None, batch_size: int = 32, max_new_tokens: int = 24,

@@ -1,4 +1,4 @@
-"""The science path that the command line and the study share: which prompts each step may see.
+"""Which prompts each step may see: the split policy of every command and of the study.
 
 One split policy for every command. A direction is extracted on ``train`` prompts, selected on ``val`` prompts and
 evaluated, attributed and compared on ``test`` prompts, so no step ever selects or evaluates on the prompts a
@@ -23,7 +23,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from refusal_circuits.data import LABELS, SPLITS, PromptRecord, PromptSet
+from refusal_circuits.data import LABELS, SPLITS, PromptRecord, PromptSet, load_prompts
 from refusal_circuits.errors import InputError
 
 #: ``sha256(id) mod HASH_BUCKETS``: bucket 0 is val, bucket 1 is test, the rest train.
@@ -104,6 +104,15 @@ def evaluation_split(requested: str | None, prompts: PromptSet, direction_sha256
 
 def load_split_prompts(source: str, langs: list[str] | None = None) -> tuple[PromptSet, SplitPolicy]:
     """Load prompts (see :func:`~refusal_circuits.data.load_prompts`) and apply the split policy to them."""
-    from refusal_circuits.data import load_prompts
-
     return with_splits(load_prompts(source, langs=langs))
+
+
+def split_and_cap(prompts: PromptSet, split: str, max_prompts: int | None = None, *, what: str = "the prompts"
+                  ) -> PromptSet:
+    """The prompts of ``split`` (every one for ``all``; the policy has given every prompt a split) and at most
+    ``max_prompts`` of each language and label. Raises :class:`InputError` naming ``what`` when the split is empty."""
+    if split != "all":
+        prompts = prompts.filter(split=split)
+        if not len(prompts):
+            raise InputError(f"{what} has no prompts in split {split!r}")
+    return prompts.head(max_prompts) if max_prompts else prompts

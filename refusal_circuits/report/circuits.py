@@ -1,0 +1,112 @@
+"""The report's sections on where r̂ is written: attribution (top heads, separation, trajectories, projections) and
+where translations diverge (paired per-head differences, attention views of the top heads)."""
+
+from __future__ import annotations
+
+from safetensors.torch import load_file
+
+from refusal_circuits import viz
+from refusal_circuits.markup import esc
+from refusal_circuits.report.figures import Figures
+from refusal_circuits.report.results import StudyView, read_json
+from refusal_circuits.report.text import missing_text
+
+
+def attribution_section(study: StudyView) -> str:
+    """How many prompts were attributed, how exactly the parts add up, and the base language's top heads."""
+    attribution = study.attribution
+    return ("<h2>Where r̂ is written: attribution</h2>"
+            f"<p>{attribution.n_prompts} prompts; every component's direct write adds up to the residual "
+            f"stream's projection on r̂ within {attribution.completeness_error():.1e}.</p>"
+            + attribution.top_heads(8).where(lang=study.base)._repr_html_())
+
+
+def separation_section(study: StudyView, figs: Figures) -> str:
+    """AUROC of harmful vs harmless along r̂ per language and layer (empty where compare wrote none)."""
+    sep = study.divergence.get("separation")
+    if not sep:
+        return ""
+    return figs.add("separation", viz.matrix(sep["auroc"], sep["langs"], [str(i) for i in range(len(sep["auroc"][0]))],
+                                             vmin=0.5, vmax=1.0, fmt="{:.2f}", title="AUROC harmful vs "
+                                             "harmless along r̂", cbar="AUROC", xlabel="layer"),
+                    f"Projection on r̂ at position {sep['position']}, per language and layer."
+                    + missing_text(sep, ("auroc",)))
+
+
+def trajectories_section(study: StudyView, figs: Figures) -> str:
+    """The mean projection on r̂ of each language's harmful prompts across layers, at r̂'s position."""
+    site = int(study.direction["position"])
+    curves = {}
+    for lang in study.langs:
+        sub = study.attribution.select(lang=lang, label="harmful")
+        if sub.n_prompts:
+            curves[lang] = sub.resid[:, :, site].mean(0).tolist()
+    return figs.add("trajectories", viz.trajectories(curves, title="mean projection on r̂ (harmful prompts)",
+                                                     marker_layer=int(study.direction["layer"])),
+                    f"resid_pre · r̂ at position {site}, per layer.")
+
+
+def projections_section(study: StudyView, figs: Figures) -> str:
+    """Layer × position projections on r̂, one figure per language with harmful prompts, collapsed."""
+    proj = [figs.add(f"projection_{lang}", viz.projection_heatmap(study.attribution, lang=lang),
+                     f"{lang}: layer × position projection on r̂") for lang in study.langs
+            if study.attribution.select(lang=lang, label="harmful").n_prompts]
+    return ("<details><summary>Layer × position projections per language</summary>" + "".join(proj)
+            + "</details>")
+
+
+def heads_section(study: StudyView, figs: Figures) -> str:
+    """Per language: the comparison's summary, its mean head writes and the paired differences with English (or
+    the base language), significant heads framed."""
+    base, div = study.base, study.divergence
+    paired = study.paired()
+    means = [v.abs().max() for k, v in paired.items() if k.endswith(".mean")]
+    lim = float(max(means)) if means else None  # one colour scale for every language's mean writes
+    body = ["<h2>Where translations diverge</h2>"]
+    if f"{base}.mean" in paired:
+        body.append(figs.add(f"heads_{base}", viz.head_heatmap(paired[f"{base}.mean"], limit=lim,
+                                                               title=f"{base}: mean head write onto r̂ (harmful)"),
+                             "Mean direct write onto r̂ at the post-instruction tokens, paired prompts."))
+    if not div["languages"]:
+        body.append(f"<p>Only the base language ({esc(base)}) was studied: there is nothing to compare it with.</p>")
+    for lang, entry in div["languages"].items():
+        if entry is None:
+            why = (div.get("languages_why") or {}).get(lang, "not compared")
+            body.append(f"<h3>{esc(lang)}</h3><p class='summary'>n/a ({esc(why)})</p>")
+            continue
+        body.append(f"<h3>{esc(lang)}</h3><p class='summary'>{esc(entry['summary'])}</p>")
+        if f"{lang}.diff" in paired:
+            body.append(figs.add(f"heads_{lang}", viz.head_heatmap(paired[f"{lang}.mean"], limit=lim,
+                                                                   title=f"{lang}: mean head write onto r̂"),
+                                 f"{lang} translations of the same prompts."))
+            body.append(figs.add(f"heads_diff_{lang}", viz.head_heatmap(
+                paired[f"{lang}.diff"], significant=paired[f"{lang}.significant"].bool(),
+                title=f"{lang} − {base} (framed: significant)", cbar="paired difference"),
+                "Paired mean difference per head; framed cells pass the Benjamini-Hochberg control and the "
+                "1% floor."))
+    return "".join(body)
+
+
+def views_section(study: StudyView) -> str:
+    """circuitsvis attention views of the base language's top heads on one prompt pair, with each prompt's tokens
+    coloured by their projection on r̂ (empty where compare saved no views)."""
+    stage = study.stages["compare"]
+    if not (stage / "views.json").exists():
+        return ""
+    attribution, layer = study.attribution, int(study.direction["layer"])
+    meta = read_json(stage / "views.json")
+    tensors = load_file(str(stage / "views.safetensors"))
+    names = [f"L{a}.H{b}" for a, b in meta["heads"]]
+    parts = ["<h2>Attention of the top heads on one prompt pair</h2>",
+             f"<p>The base language's top heads ({esc(', '.join(names))}); tokens below are coloured by their "
+             f"residual stream's projection on r̂ at layer {layer} (red: towards refusal).</p>"]
+    shown = viz.attention_views([(meta["prompts"][lang]["tokens"], tensors[f"{lang}.pattern"], names)
+                                 for lang in meta["pair"]])
+    for lang, view in zip(meta["pair"], shown, strict=True):
+        p = meta["prompts"][lang]
+        row = int(p["row"])
+        values = attribution.resid[row, layer][attribution.mask[row].bool()].tolist()
+        parts.append(f"<h3>{esc(lang)} · {esc(p['id'])}: {esc(p['instruction'])}</h3>")
+        parts.append(viz.token_projection_html(attribution.tokens[row], values))
+        parts.append(f"<div class='attention-view' data-lang='{esc(lang)}'>{view}</div>")
+    return "".join(parts)
