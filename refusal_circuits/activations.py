@@ -5,13 +5,18 @@ each of the chat template's post-instruction positions. We never hold the activa
 float64 sum into a ``[n_post, n_layers, d_model]`` accumulator, and the forward pass stops after the last layer
 needed, so the cost is at most one forward pass without the unembedding. :func:`group_means` collects several
 groups (harmful and harmless, languages, halves) in one length bucketing, so batches are hardly padded.
+
+Resampling statistics (the split-half reliability of :mod:`refusal_circuits.crosslingual.reliability`) need the
+activations of every prompt, but at one site only: :func:`site_activations` keeps ``resid_pre`` at one (layer,
+post-instruction position) per prompt, ``[n, d_model]`` per group, and stops the pass after that layer;
+:func:`collect_groups` gives the means and those rows from the same forward pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from jaxtyping import Float
@@ -27,6 +32,8 @@ K = TypeVar("K")
 
 #: Means at the post-instruction positions: ``[n_post, n_layers, d_model]``, position ``i`` is ``i - n_post``.
 PostMeans = Float[Tensor, "pos layer d_model"]
+#: One group's ``resid_pre`` at one site, one row per prompt in the group's order (float64).
+SiteRows = Float[Tensor, "prompt d_model"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,23 @@ def mean_resid_pre(
                        progress=progress, desc=desc)[0]
 
 
+@dataclass(frozen=True)
+class GroupActivations:
+    """What :func:`collect_groups` gathered in one pass: each group's means, and its rows at the site if asked.
+
+    Attributes:
+        means: name -> :class:`MeanActivations` (empty when no layer was asked for).
+        site: name -> ``[n, d_model]`` float64, ``resid_pre[layer]`` at the site's position for every prompt of the
+            group, in the group's order (empty when no site was asked for).
+        layer, position: the site (None without one).
+    """
+
+    means: dict[Any, MeanActivations]
+    site: dict[Any, SiteRows]
+    layer: int | None = None
+    position: int | None = None
+
+
 @torch.inference_mode()
 def group_means(
     model: HookedModel,
@@ -110,21 +134,77 @@ def group_means(
     Returns:
         name -> :class:`MeanActivations`, in the order of ``groups``.
     """
+    got = collect_groups(model, groups, layers=layers, batch_size=batch_size, fmt=fmt, progress=progress, desc=desc)
+    return dict(got.means)
+
+
+@torch.inference_mode()
+def site_activations(
+    model: HookedModel,
+    groups: Mapping[K, Sequence[str]],
+    layer: int,
+    position: int,
+    *,
+    batch_size: int = 32,
+    fmt: ChatFormat | None = None,
+    progress: bool = True,
+    desc: str = "activations",
+) -> dict[K, SiteRows]:
+    """Every prompt's ``resid_pre[layer]`` at post-instruction ``position`` (``-n_post`` .. ``-1``), per group.
+
+    One length bucketing of all groups, as :func:`group_means`; the pass stops right after ``resid_pre[layer]``
+    and no other layer is held, so memory is ``n × d_model`` per group. The mean of a group's rows is its
+    :func:`group_means` mean at that site (up to float noise).
+
+    Returns:
+        name -> float64 ``[n, d_model]``, rows in the order of the group's instructions.
+    """
+    got = collect_groups(model, groups, layers=(), site=(layer, position), batch_size=batch_size, fmt=fmt,
+                         progress=progress, desc=desc)
+    return dict(got.site)
+
+
+@torch.inference_mode()
+def collect_groups(
+    model: HookedModel,
+    groups: Mapping[K, Sequence[str]],
+    *,
+    layers: Sequence[int] | None = None,
+    site: tuple[int, int] | None = None,
+    batch_size: int = 32,
+    fmt: ChatFormat | None = None,
+    progress: bool = True,
+    desc: str = "activations",
+) -> GroupActivations:
+    """:func:`group_means` at ``layers`` (default all; ``()`` for none) and, with ``site = (layer, position)``,
+    :func:`site_activations` there, from one forward pass over all groups (stopped after the last layer needed).
+
+    Returns:
+        a :class:`GroupActivations`, both mappings in the order of ``groups``; everything checked free of NaN
+        and inf.
+    """
     names = list(groups)
     empty = [str(name) for name in names if not len(groups[name])]
     if empty:
         raise InputError(f"no instructions to average over in group(s) {', '.join(empty)}")
     n_layers = int(model.cfg.n_layers)
     layer_list = tuple(range(n_layers)) if layers is None else tuple(int(layer) for layer in layers)
-    bad = [layer for layer in layer_list if not 0 <= layer < n_layers]
+    needed = [*layer_list, *([site[0]] if site is not None else [])]
+    bad = [layer for layer in needed if not 0 <= layer < n_layers]
     if bad:
         raise InputError(f"layer(s) {bad} out of range; the model has {n_layers} layers")
+    if not needed:
+        raise InputError("nothing to collect: no layer and no site")
     fmt = fmt or chat_format(model.tokenizer)
-    n_post = fmt.n_post
+    n_post, d_model = fmt.n_post, int(model.cfg.d_model)
+    if site is not None and not -n_post <= site[1] < 0:
+        raise InputError(f"position {site[1]} out of range: the chat template has {n_post} post-instruction tokens")
     flat = [s for name in names for s in groups[name]]
     group_of = torch.tensor([g for g, name in enumerate(names) for _ in groups[name]])
-    total = torch.zeros(len(names), n_post, len(layer_list), int(model.cfg.d_model), dtype=torch.float64)
+    total = torch.zeros(len(names), n_post, len(layer_list), d_model, dtype=torch.float64)
+    rows_at = torch.zeros(len(flat) if site is not None else 0, d_model, dtype=torch.float64)
     rows = group_of[:0]  # the current batch's group indices
+    idx: list[int] = []  # the current batch's indices into ``flat``
 
     def accumulate(slot: int):
         def fn(x: Tensor, _name: str) -> None:
@@ -133,16 +213,31 @@ def group_means(
 
         return fn
 
+    def keep_rows(x: Tensor, _name: str) -> None:
+        assert site is not None
+        rows_at[idx] = x[:, site[1]].to(torch.float64).cpu()
+
     grabs = [(hooks.resid_pre(layer), accumulate(slot)) for slot, layer in enumerate(layer_list)]
-    stop_at = hooks.resid_pre(max(layer_list))
+    if site is not None:
+        grabs.append((hooks.resid_pre(site[0]), keep_rows))
+    stop_at = hooks.resid_pre(max(needed))
     for idx, batch in batches(model, flat, batch_size, fmt=fmt, progress=progress, desc=desc):
         rows = group_of[idx]
         run_until(model, batch, stop_at, grabs)
-    out = {}
+    means: dict[Any, MeanActivations] = {}
+    at_site: dict[Any, Tensor] = {}
+    start = 0
     for g, name in enumerate(names):
         n = len(groups[name])
-        mean = total[g] / n
-        if not torch.isfinite(mean).all():
-            raise FloatingPointError("non-finite mean activation: the model produced NaN or inf")
-        out[name] = MeanActivations(mean, n, layer_list)
-    return out
+        if layer_list:
+            mean = total[g] / n
+            if not torch.isfinite(mean).all():
+                raise FloatingPointError("non-finite mean activation: the model produced NaN or inf")
+            means[name] = MeanActivations(mean, n, layer_list)
+        if site is not None:
+            part = rows_at[start:start + n]
+            if not torch.isfinite(part).all():
+                raise FloatingPointError("non-finite activation: the model produced NaN or inf")
+            at_site[name] = part
+        start += n
+    return GroupActivations(means, at_site, None if site is None else site[0], None if site is None else site[1])

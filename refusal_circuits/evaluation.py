@@ -19,9 +19,10 @@ from refusal_circuits.data import LABELS, PromptSet
 from refusal_circuits.errors import InputError
 from refusal_circuits.generation import generate as generate
 from refusal_circuits.generation import generate_ids as generate_ids
-from refusal_circuits.judges import Judge, PhraseJudge
+from refusal_circuits.judges import Judge, JudgeComparison, PhraseJudge, compare_judges
 from refusal_circuits.markup import esc
 from refusal_circuits.models import HookedModel, model_id
+from refusal_circuits.response_language import LanguageConfusion, detect, language_confusion
 from refusal_circuits.scores import (
     RefusalTokens,
     completion_cross_entropy,
@@ -49,6 +50,7 @@ class Completion:
     completion: str
     refused: bool
     first_token: int | None = None  # the greedy first token's id (None from a generator backend)
+    response_lang: str | None = None  # the completion's language (refusal_circuits.response_language), None: unknown
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,15 @@ class RefusalEvaluation:
     completions: tuple[Completion, ...] = field(repr=False)
     prompts_sha256: str = ""
     max_new_tokens: int = 0
+    #: the second judge's verdicts on a stratified sample, compared with the first per language (or None)
+    second_judge: JudgeComparison | None = None
+
+    @property
+    def response_language(self) -> LanguageConfusion:
+        """Per prompt language: which language the answers were in, and how many refusals were in English."""
+        return language_confusion([c.lang for c in self.completions], [c.completion for c in self.completions],
+                                  [c.refused for c in self.completions],
+                                  detected=[c.response_lang for c in self.completions])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +82,8 @@ class RefusalEvaluation:
             "prompts_sha256": self.prompts_sha256,
             "max_new_tokens": self.max_new_tokens,
             "results": {lang: {lab: g.to_dict() for lab, g in groups.items()} for lang, groups in self.results.items()},
+            "response_language": self.response_language.to_json(),
+            **({"second_judge": self.second_judge.to_json()} if self.second_judge is not None else {}),
             "completions": [c.__dict__ for c in self.completions],
         }
 
@@ -104,6 +117,8 @@ def evaluate_refusal(
     intervention: str = "none",
     refusal_tokens: RefusalTokens | None = None,
     generator: Generator | None = None,
+    second_judge: Judge | None = None,
+    second_judge_sample: int | None = None,
     progress: bool = True,
 ) -> RefusalEvaluation:
     """Generate greedily for every prompt and judge refusal; rates per (language, label).
@@ -113,6 +128,11 @@ def evaluate_refusal(
     (log-odds, see :mod:`refusal_circuits.scores`). ``generator`` replaces the model's own generation (e.g. a
     :class:`~refusal_circuits.backends.VLLMGenerator` serving an orthogonalized export); hooks do not reach it,
     and ``model`` may then be None unless ``refusal_tokens`` ask for first-token scores.
+
+    Every completion's language is detected (:mod:`refusal_circuits.response_language`). With ``second_judge``
+    (an independent judge, e.g. :class:`~refusal_circuits.llm_judge.LLMJudge`), it judges at most
+    ``second_judge_sample`` completions of every (language, label), a stratified seeded sample (all when None), and
+    the record compares both judges per language (:func:`~refusal_circuits.judges.compare_judges`).
     """
     judge = judge or PhraseJudge()
     records = list(prompts)
@@ -128,6 +148,15 @@ def evaluate_refusal(
                            first_logits=first if refusal_tokens is not None else None)
         texts = [_required(model, "generation").tokenizer.decode(row, skip_special_tokens=True) for row in ids]
     verdicts = judge.judge(texts, [r.lang for r in records])
+    found = detect(texts, {r.lang for r in records})
+    comparison = None
+    if second_judge is not None:
+        chosen = prompts.sample(second_judge_sample, seed=0) if second_judge_sample else prompts
+        keep = {(r.lang, r.id, r.label) for r in chosen}
+        idx = [i for i, r in enumerate(records) if (r.lang, r.id, r.label) in keep]
+        langs = [records[i].lang for i in idx]
+        second = second_judge.judge([texts[i] for i in idx], langs)
+        comparison = compare_judges(langs, [verdicts[i] for i in idx], second, names=(judge.name, second_judge.name))
     scores: list[float] = []
     if refusal_tokens is not None:
         if first and all(x is not None for x in first):
@@ -145,12 +174,12 @@ def evaluate_refusal(
         c[1] += int(refused)
         c[2] += scores[i] if scores else 0.0
         completions.append(Completion(r.id, r.lang, r.label, text, bool(refused),
-                                      int(ids[i][0]) if ids and ids[i] else None))
+                                      int(ids[i][0]) if ids and ids[i] else None, found[i]))
     results = {lang: {lab: Rate(int(k), int(n), sc / n if scores else None)
                       for lab, (n, k, sc) in groups.items()} for lang, groups in counts.items()}
     name = model_id(model) if model is not None else str(getattr(generator, "model", "unknown"))
     return RefusalEvaluation(name, intervention, judge.name, results, tuple(completions),
-                             prompts.sha256, max_new_tokens)
+                             prompts.sha256, max_new_tokens, comparison)
 
 
 def _required(model: HookedModel | None, what: str) -> HookedModel:
@@ -183,7 +212,8 @@ def capability_cost(model: HookedModel, instructions: Sequence[str],
 def evaluate_with_scores(model: HookedModel, prompts: PromptSet, refusal_tokens: RefusalTokens | None, *,
                          intervention: Callable[[], AbstractContextManager[Any]] | None = None,
                          intervention_name: str = "none", judge: Judge | None = None, max_new_tokens: int = 32,
-                         batch_size: int = 32, progress: bool = True) -> dict[str, Any]:
+                         batch_size: int = 32, second_judge: Judge | None = None,
+                         second_judge_sample: int | None = None, progress: bool = True) -> dict[str, Any]:
     """The ``evaluate`` command's JSON: refusal rates and scores per language x label under an intervention,
     every completion, and (under an intervention) its capability cost on the harmless prompts. Without refusal
     tokens (None, or none discovered) the refusal scores are left out and the rates still come from the judge."""
@@ -191,7 +221,8 @@ def evaluate_with_scores(model: HookedModel, prompts: PromptSet, refusal_tokens:
     tokens = refusal_tokens if refusal_tokens is not None and refusal_tokens.ids else None
     with make():
         ev = evaluate_refusal(model, prompts, judge=judge, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                              intervention=intervention_name, refusal_tokens=tokens, progress=progress)
+                              intervention=intervention_name, refusal_tokens=tokens, second_judge=second_judge,
+                              second_judge_sample=second_judge_sample, progress=progress)
     out = ev.to_dict()
     out["refusal_tokens"] = tokens.to_json() if tokens is not None else None
     harmless = prompts.filter(label="harmless").instructions

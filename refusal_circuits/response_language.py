@@ -90,7 +90,12 @@ class LanguageRow:
     def to_json(self) -> dict[str, Any]:
         return {"lang": self.lang, "n": self.n, "own": self.own.to_json(), "english": self.english.to_json(),
                 "other": self.other.to_json(), "unknown": self.unknown.to_json(), "refused": self.refused,
-                "refused_in_english": self.refused_in_english.to_json()}
+                "refused_in_english": _no_refusals(self.refused_in_english.to_json())}
+
+
+def _no_refusals(rate: dict[str, Any]) -> dict[str, Any]:
+    """A share of no refusals is missing because nothing was refused: say so rather than "no prompts"."""
+    return {k: ("no refusals" if k.endswith("_why") else v) for k, v in rate.items()}
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ completions the judge calls refusals, kept if it rarely starts a compliant answe
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from refusal_circuits.data import PromptSet
 from refusal_circuits.errors import InputError
 from refusal_circuits.forward import batches, device_of, last_logits, packed_last_logits, token_logprobs
 from refusal_circuits.generation import generate_ids
-from refusal_circuits.judges import Judge, PhraseJudge
+from refusal_circuits.judges import ENGLISH, REFUSAL_PHRASES, Judge, PhraseJudge
 from refusal_circuits.markup import esc
 from refusal_circuits.models import HookedModel
 
@@ -35,12 +36,16 @@ class RefusalTokens:
         strings: id -> token text, for reports.
         counts: per language, id -> (times it began a refusal, times it began a compliant answer).
         source: ``discovered`` or ``given``.
+        origin: per language, where its tokens come from: ``discovered`` (its own refusals), ``native phrases``
+            (it refused too rarely to discover any: the first tokens of its native refusal phrases that began
+            none of its compliant discovery answers, so English "I" does not stand in for it) or ``none``.
     """
 
     by_lang: dict[str, tuple[int, ...]]
     strings: dict[int, str] = field(default_factory=dict)
     counts: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict, repr=False)
     source: str = "discovered"
+    origin: dict[str, str] = field(default_factory=dict)
 
     @property
     def ids(self) -> tuple[int, ...]:
@@ -62,12 +67,13 @@ class RefusalTokens:
         """Inverse of :meth:`to_json` (the counts are not kept)."""
         ids = {lang: tuple(int(t) for t in v) for lang, v in obj["ids"].items()}
         strings = {int(t): s for lang in ids for t, s in zip(obj["ids"][lang], obj["by_lang"][lang], strict=True)}
-        return cls(ids, strings, {}, source)
+        return cls(ids, strings, {}, source, dict(obj.get("origin") or {}))
 
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source,
                 "by_lang": {lang: [self.strings.get(t, str(t)) for t in ids] for lang, ids in self.by_lang.items()},
-                "ids": {lang: list(ids) for lang, ids in self.by_lang.items()}}
+                "ids": {lang: list(ids) for lang, ids in self.by_lang.items()},
+                **({"origin": dict(self.origin)} if self.origin else {})}
 
     def _repr_html_(self) -> str:
         rows = "".join(f"<tr><td>{esc(lang)}</td><td>{esc(', '.join(repr(self.strings.get(t, t)) for t in ids)) or '–'}</td></tr>"
@@ -133,13 +139,15 @@ def discover_refusal_tokens(
 def refusal_tokens_from_completions(tokenizer: Any, langs: Sequence[str], first_tokens: Sequence[int | None],
                                     refused: Sequence[bool], *, report: Sequence[str] | None = None,
                                     min_precision: float = 0.8,
-                                    min_refusals: int = 2) -> RefusalTokens:
+                                    min_refusals: int = 2, native: bool = True) -> RefusalTokens:
     """Refusal tokens per language from judged completions (their first tokens and the judge's verdicts).
 
     A token is a refusal token of a language if it began at least ``min_refusals`` of its refusals and at least
     ``min_precision`` of the completions it began there were refusals. ``langs``: each completion's language;
     ``report``: the languages to report (default: those of the completions). Completions without a first token
-    (empty) are skipped.
+    (empty) are skipped. A language with no token that qualifies gets its :func:`native_refusal_tokens` (those
+    that began none of its compliant completions) unless ``native`` is False; :attr:`RefusalTokens.origin` says
+    which languages did.
     """
     counts: dict[str, dict[int, list[int]]] = {}
     for lang, first, verdict in zip(langs, first_tokens, refused, strict=True):
@@ -148,13 +156,41 @@ def refusal_tokens_from_completions(tokenizer: Any, langs: Sequence[str], first_
         c = counts.setdefault(lang, {}).setdefault(int(first), [0, 0])
         c[0 if verdict else 1] += 1
     by_lang: dict[str, tuple[int, ...]] = {}
+    origin: dict[str, str] = {}
     for lang in dict.fromkeys(report or langs):
         table = counts.get(lang, {})
         keep = [t for t, (ref, comp) in table.items() if ref >= min_refusals and ref / (ref + comp) >= min_precision]
         by_lang[lang] = tuple(sorted(keep, key=lambda t: -table[t][0]))
+        origin[lang] = "discovered"
+        if not by_lang[lang] and native:
+            answered = {t for t, (_, comp) in table.items() if comp}
+            by_lang[lang] = tuple(t for t in native_refusal_tokens(tokenizer, lang) if t not in answered)
+            origin[lang] = "native phrases"
+        if not by_lang[lang]:
+            origin[lang] = "none"
     strings = {t: tokenizer.decode([t]) for ids_ in by_lang.values() for t in ids_}
     frozen = {lang: {t: (v[0], v[1]) for t, v in table.items()} for lang, table in counts.items()}
-    return RefusalTokens(by_lang, strings, frozen, "discovered")
+    return RefusalTokens(by_lang, strings, frozen, "discovered", origin)
+
+
+def native_refusal_tokens(tokenizer: Any, lang: str) -> tuple[int, ...]:
+    """The first tokens of ``lang``'s own refusal phrases that open a sentence (:data:`~refusal_circuits.judges.
+    REFUSAL_PHRASES`, without the English ones and the phrases with a gap): what a refusal in that language would
+    begin with, known before any completion is seen. Empty for a language without native phrases (and English)."""
+    phrases = [p for p in REFUSAL_PHRASES.get(lang, ()) if lang != "en" and p not in ENGLISH and "…" not in p
+               and (p[0].isupper() or not p[0].isalpha() or p[0].lower() == p[0].upper())]
+    if not phrases:
+        return ()
+    ids, names = first_token_ids(tokenizer, phrases)
+    return tuple(t for t in ids if _is_word_start(names[t].strip()))
+
+
+def _is_word_start(text: str) -> bool:
+    """Two characters or more, or one Hangul syllable or CJK ideograph (which carries a word's meaning); a single
+    Latin, Cyrillic or Arabic letter or kana begins too many words to stand for a refusal."""
+    if len(text) >= 2:
+        return True
+    return len(text) == 1 and unicodedata.name(text, "").startswith(("HANGUL SYLLABLE", "CJK UNIFIED"))
 
 
 def refusal_score(logits: Float[Tensor, "batch vocab"], token_ids: Sequence[int]) -> Float[Tensor, " batch"]:

@@ -242,3 +242,118 @@ def paired_stats_or_single(diffs: Tensor, **kw: Any) -> dict[str, Tensor]:
     mean = diffs[0].double()
     nan = torch.full_like(mean, float("nan"))
     return {"mean": mean, "ci_low": nan, "ci_high": nan.clone(), "p": nan.clone(), "std": nan.clone()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Difference in differences of two independent sets of paired differences.
+
+
+def did_why(n_harmful: int, n_harmless: int) -> str | None:
+    """Why :func:`did_stats` has no interval or test on groups of these sizes (fewer than 2 pairs in one), or
+    None when it has."""
+    short = [f"fewer than 2 {name} pairs" for name, n in (("harmful", n_harmful), ("harmless", n_harmless)) if n < 2]
+    return " and ".join(short) if short else None
+
+
+def _welch_t(mean_diff: Tensor, var_a: Tensor, n_a: int, var_b: Tensor, n_b: int) -> Tensor:
+    """``mean_diff / sqrt(var_a / n_a + var_b / n_b)``; 0 where both the difference and its error are 0, ±inf where
+    only the error is."""
+    se = (var_a / n_a + var_b / n_b).sqrt()
+    t = mean_diff / se.where(se > 0, torch.ones_like(se))
+    return t.where(se > 0, torch.where(mean_diff == 0, torch.zeros_like(t), mean_diff.sign() * math.inf))
+
+
+def did_stats(harmful: Float[Tensor, "pair_h ..."], harmless: Float[Tensor, "pair_b ..."], *, n_boot: int = 2000,
+              n_perm: int = 2000, seed: int = 0, ci: float = 0.95, chunk: int = 250) -> dict[str, Tensor]:
+    """Difference in differences per feature: the mean of the ``harmful`` paired differences minus the mean of
+    the ``harmless`` ones, with a percentile-bootstrap interval and a permutation p-value.
+
+    The derivation. Write ``T`` and ``E`` for a head's write in the translation and in English. Per harmful pair
+    ``i`` the paired difference is ``d_i = T_i - E_i``, per harmless pair ``j`` it is ``e_j = T_j - E_j``. A
+    language-wide offset ``delta`` (every translated write shifted, whatever the label) enters both as
+    ``d_i = a_i + delta`` and ``e_j = b_j + delta``, so the harmful-only mean ``mean(d)`` reads it as lost (or
+    gained) refusal; the quantity of interest is what the translation changes *in the harmful-minus-harmless
+    contrast*,
+
+        theta = E[T - E | harmful] - E[T - E | harmless] = E[d] - E[e],
+
+    in which ``delta`` cancels. Harmful and harmless prompts have different ids, so no harmful pair has a harmless
+    partner and ``d_i - e_i`` is meaningless: ``theta`` is estimated by ``mean(d) - mean(e)``, unbiased, with
+    ``Var = Var(d) / n_h + Var(e) / n_b`` because the two sets of pairs are different prompts (independent). Each
+    pair (English and its translation) stays one unit, as in :func:`paired_stats`; the bootstrap therefore
+    resamples the harmful pairs and the harmless pairs *independently* (``n_h`` of the ``d`` and ``n_b`` of the
+    ``e``, with replacement) and takes percentiles of ``mean(d*) - mean(e*)``. The test of ``theta = 0`` permutes
+    the labels harmful / harmless over the pooled differences and compares the Welch statistic
+    ``(mean(d) - mean(e)) / sqrt(s_d^2 / n_h + s_e^2 / n_b)``: studentising keeps the permutation test valid for
+    the difference of means when the two groups' spreads differ (Janssen 1997), where the raw difference would
+    test equal distributions. ``p = (exceed + 1) / (n_perm + 1)``. Both resamplings use one seeded generator;
+    permutations run ``chunk`` at a time so memory stays ``chunk x pairs x features``.
+
+    Returns ``mean`` (``theta``), ``ci_low``, ``ci_high``, ``p``, ``harmful_mean`` and ``harmless_mean``, each of
+    the trailing shape. Raises :class:`~refusal_circuits.errors.InputError` with fewer than 2 pairs in a group
+    (:func:`did_why`).
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> d = torch.randn(30, 2, generator=g) * 0.1 + torch.tensor([1.0, 1.5])   # offset 1, plus 0.5 in feature 1
+    >>> e = torch.randn(30, 2, generator=g) * 0.1 + 1.0                        # the same offset, harmless
+    >>> st = did_stats(d, e)
+    >>> [round(float(x), 1) + 0.0 for x in st["mean"]], bool(st["p"][0] > 0.01), bool(st["p"][1] < 0.001)
+    ([0.0, 0.5], True, True)
+    """
+    n_h, n_b = int(harmful.shape[0]), int(harmless.shape[0])
+    why = did_why(n_h, n_b)
+    if why is not None:
+        raise InputError(f"a difference in differences needs at least 2 pairs in each group: {why}")
+    if harmful.shape[1:] != harmless.shape[1:]:
+        raise InputError(f"harmful and harmless differences differ in shape: {tuple(harmful.shape[1:])} vs "
+                         f"{tuple(harmless.shape[1:])}")
+    shape = harmful.shape[1:]
+    d = harmful.double().reshape(n_h, -1)
+    e = harmless.double().reshape(n_b, -1)
+    g = torch.Generator().manual_seed(seed)
+    mean_d, mean_e = d.mean(0), e.mean(0)
+    theta = mean_d - mean_e
+    boots = (d[torch.randint(0, n_h, (n_boot, n_h), generator=g)].mean(1)
+             - e[torch.randint(0, n_b, (n_boot, n_b), generator=g)].mean(1))  # [n_boot, features]
+    lo_q, hi_q = (1 - ci) / 2, 1 - (1 - ci) / 2
+    lo, hi = torch.quantile(boots, lo_q, dim=0), torch.quantile(boots, hi_q, dim=0)
+    t_obs = _welch_t(theta, d.var(0), n_h, e.var(0), n_b).abs()
+    pooled = torch.cat([d, e])
+    n = n_h + n_b
+    exceed = torch.zeros_like(theta)
+    for start in range(0, n_perm, chunk):
+        m = min(chunk, n_perm - start)
+        order = torch.argsort(torch.rand(m, n, generator=g), dim=1)
+        x = pooled[order]  # [m, n, features]
+        a, b = x[:, :n_h], x[:, n_h:]
+        t = _welch_t(a.mean(1) - b.mean(1), a.var(1), n_h, b.var(1), n_b).abs()
+        exceed += (t >= t_obs[None] * (1 - 1e-12)).double().sum(0)
+    p = (exceed + 1) / (n_perm + 1)
+    return {"mean": theta.view(shape), "ci_low": lo.view(shape), "ci_high": hi.view(shape), "p": p.view(shape),
+            "harmful_mean": mean_d.view(shape), "harmless_mean": mean_e.view(shape)}
+
+
+def did_stats_or_nan(harmful: Tensor, harmless: Tensor, **kw: Any) -> dict[str, Tensor]:
+    """:func:`did_stats`, or with fewer than 2 pairs in a group (:func:`did_why`) the difference of the means that
+    exist as ``mean`` (NaN where a group is empty) and NaN for the interval and test."""
+    if did_why(int(harmful.shape[0]), int(harmless.shape[0])) is None:
+        return did_stats(harmful, harmless, **kw)
+    shape = harmful.shape[1:]
+
+    def mean(x: Tensor) -> Tensor:
+        return x.double().mean(0) if x.shape[0] else torch.full(shape, math.nan, dtype=torch.float64)
+
+    md, me = mean(harmful), mean(harmless)
+    nan = torch.full(shape, math.nan, dtype=torch.float64)
+    return {"mean": md - me, "ci_low": nan, "ci_high": nan.clone(), "p": nan.clone(), "harmful_mean": md,
+            "harmless_mean": me}
+
+
+def percentile_interval(boots: Tensor, ci: float = 0.95) -> tuple[float, float]:
+    """The percentile interval of bootstrap replicates of one statistic, ignoring replicates where it is not
+    defined (NaN: a resample with a constant side of a correlation); NaN when none is."""
+    ok = boots.double()[torch.isfinite(boots.double())]
+    if ok.numel() == 0:
+        return math.nan, math.nan
+    lo_q, hi_q = (1 - ci) / 2, 1 - (1 - ci) / 2
+    return float(torch.quantile(ok, lo_q)), float(torch.quantile(ok, hi_q))

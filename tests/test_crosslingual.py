@@ -187,7 +187,7 @@ def test_merged_halves_are_the_candidates_of_all_prompts(tiny_model):
     prompts = PromptSet(tuple([PromptRecord(f"h{i}", "en", "harmful", t) for i, t in enumerate(harmful)]
                               + [PromptRecord(f"s{i}", "en", "harmless", t) for i, t in enumerate(harmless)]), "t")
     (a, b), = xl.language_candidate_halves(tiny_model, prompts, batch_size=3, progress=False).values()
-    assert (a.n_harmful, b.n_harmful, a.n_harmless, b.n_harmless) == (2, 3, 2, 2)
+    assert (a.n_harmful, b.n_harmful, a.n_harmless, b.n_harmless) == (3, 2, 2, 2)  # odd strata alternate
     whole = extract_candidates(tiny_model, harmful, harmless, batch_size=4, progress=False)
     merged = a.merge(b)
     assert (merged.n_harmful, merged.n_harmless) == (5, 4)
@@ -240,9 +240,9 @@ def test_halves_of_several_languages_in_one_bucketing_equal_each_half_alone(tiny
     halves = xl.language_candidate_halves(tiny_model, prompts, batch_size=3, progress=False)
     assert list(halves) == ["en", "de"]
     for lang, pair in halves.items():
-        h, b = (prompts.filter(lang=lang, label=label).instructions for label in ("harmful", "harmless"))
-        for got, first in zip(pair, (True, False), strict=True):
-            part_h, part_b = ((x[: len(x) // 2] if first else x[len(x) // 2 :]) for x in (h, b))
+        h, b = (prompts.filter(lang=lang, label=label).halves(seed=0) for label in ("harmful", "harmless"))
+        for k, got in enumerate(pair):  # the seeded stratified halves, not the first and second half in file order
+            part_h, part_b = h[k].instructions, b[k].instructions
             alone = extract_candidates(tiny_model, part_h, part_b, batch_size=4, progress=False)
             assert got.lang == lang and float((got.vectors - alone.vectors).abs().max()) < 1e-6, lang
     whole = xl.language_candidates(tiny_model, prompts, batch_size=3, progress=False)
@@ -300,3 +300,29 @@ def test_transfer_cells_judged_by_generation_equal_each_cell_alone(tiny_model):
             want = evaluate_refusal(tiny_model, harmful, max_new_tokens=2, batch_size=4, progress=False)
         refused = [c.refused for c in want.completions]
         assert (got.ablate["en"][t].refused, got.ablate["en"][t].n) == (sum(refused), len(harmful)), t
+
+
+@pytest.mark.tiny
+def test_max_prompts_takes_a_stratified_sample_and_the_site_rows_come_from_the_same_pass(tiny_model):
+    """A file sorted by category: the first 2 harmful prompts are one category, the seeded stratified sample of 2
+    takes one of each; the candidates are those of the sample, and the site rows average to them."""
+    from refusal_circuits.directions import extract_candidates
+
+    rows = [PromptRecord(f"{label}-{i}", lang, label, f"{lang} {label} prompt number {i}", {"category": "ab"[i // 2]})
+            for lang in ("en", "de") for label in ("harmful", "harmless") for i in range(4)]
+    prompts = PromptSet(tuple(rows), "t")
+    sample = prompts.sample(2, seed=0)
+    assert {r.category for r in sample.filter(lang="en", label="harmful")} == {"a", "b"}
+    assert {r.category for r in prompts.head(2).filter(lang="en", label="harmful")} == {"a"}
+    got = xl.language_candidates(tiny_model, prompts, max_prompts=2, batch_size=3, progress=False)
+    cands, site = xl.language_candidates_and_site(tiny_model, prompts, None, 1, -1, max_prompts=2, batch_size=3,
+                                                  progress=False)
+    for lang in ("en", "de"):
+        h, b = (sample.filter(lang=lang, label=label).instructions for label in ("harmful", "harmless"))
+        alone = extract_candidates(tiny_model, h, b, batch_size=4, progress=False)
+        assert float((got[lang].vectors - alone.vectors).abs().max()) < 1e-6, lang
+        assert torch.equal(cands[lang].vectors, got[lang].vectors)  # the same batches: the same numbers
+        part, x = site[lang, "harmful"]
+        assert part.instructions == h and x.shape == (2, tiny_model.cfg.d_model)
+        diff = x.mean(0) - site[lang, "harmless"][1].mean(0)
+        assert torch.allclose(diff, cands[lang].vector(-1, 1).double(), atol=1e-5)

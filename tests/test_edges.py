@@ -222,8 +222,9 @@ def test_evaluate_writes_rates_for_the_groups_there_are(env, tmp_path, capsys, c
         assert ev["capability"] is None and ev["capability_why"] == "no harmless prompts to measure it on"
     elif intervention == "ablate":
         assert ev["capability"]["n_harmless"] >= 1
-    else:
-        assert not reasons and "capability" not in ev
+    else:  # only what cannot be measured here: the share of refusals in English when nothing was refused, the judge
+        assert set(reasons) <= {"no refusals", "no second judge was asked for (--second-judge none)"}, reasons
+        assert "capability" not in ev
 
 
 # ------------------------------------------------------------------------------------------------------- attribute

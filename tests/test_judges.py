@@ -108,3 +108,24 @@ def test_gap_phrases_and_idioms_can_be_given():
     assert judge.refuses("I must politely decline.", "en")
     assert not judge.refuses("I decline to comment on the weather, but here it is.", "en")
     assert not PhraseJudge({"en": ()}).refuses("I cannot help.", "en")  # an empty table matches nothing
+
+
+def test_compare_judges_per_language_with_intervals():
+    from refusal_circuits.judges import compare_judges
+
+    langs = ["en"] * 6 + ["de"] * 4
+    first = [True, True, False, False, True, False, True, False, True, False]
+    second = [True, True, False, False, False, False, False, True, False, True]
+    out = compare_judges(langs, first, second, names=("phrase", "llm"))
+    en, de, both = out.languages["en"], out.languages["de"], out.languages["all"]
+    assert (en.n, en.agree.k, de.agree.k, both.n) == (6, 5, 0, 10)
+    assert en.kappa == pytest.approx(2 / 3) and de.kappa < 0
+    lo, hi = en.kappa_ci
+    assert lo <= en.kappa <= hi and en.agree.ci[0] < 5 / 6 < en.agree.ci[1]
+    data = out.to_json()
+    assert data["second"] == "llm" and data["languages"]["de"]["agreement"]["refused"] == 0
+    one = compare_judges(["en"], [True], [True]).languages["en"].to_json()
+    assert one["kappa_ci"] == [None, None] and "fewer than 2" in one["kappa_ci_why"]
+    assert "<table>" in out._repr_html_()
+    with pytest.raises(ValueError):
+        compare_judges(["en"], [True], [])

@@ -209,6 +209,35 @@ def test_refusal_tokens_from_judged_completions_need_count_and_precision():
             ("fr", 12, True),                                                             # 1 refusal: too few
             ("de", 11, False), ("de", 11, False), ("de", None, True)]                     # empty answer skipped
     got = refusal_tokens_from_completions(Tok(), [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-                                          report=["fr", "de", "ja"])
+                                          report=["fr", "de", "ja"], native=False)
     assert got.by_lang == {"fr": (11,), "de": (), "ja": ()}
+    assert got.origin == {"fr": "discovered", "de": "none", "ja": "none"}
     assert got.strings == {11: "<11>"} and got.counts["fr"][10] == (3, 1)
+
+
+def test_a_language_that_never_refuses_gets_its_native_refusal_openers_not_english():
+    """English "I" must not stand in for German: with no German refusal to learn from, German's tokens are the
+    first tokens of its native refusal phrases, minus any that began a compliant German answer."""
+    from refusal_circuits.scores import native_refusal_tokens, refusal_tokens_from_completions
+    from tests.helpers import qwen_tokenizer
+
+    tok = qwen_tokenizer()  # bytes: every phrase's first token is its first byte
+    native = native_refusal_tokens(tok, "de")
+    assert native == ()  # single letters begin too many words: a byte tokenizer has no native openers
+    vocab = {"Es": 1, "Ent": 2, "Ich": 3, "Le": 4, "I": 5, "Hier": 6}
+
+    class WordTok:
+        def __call__(self, s, add_special_tokens=False):
+            return {"input_ids": [vocab[next(w for w in sorted(vocab, key=len, reverse=True) if s.startswith(w))]]}
+
+        def decode(self, ids):
+            return {v: k for k, v in vocab.items()}[ids[0]]
+
+    assert set(native_refusal_tokens(WordTok(), "de")) == {1, 2, 3, 4}
+    got = refusal_tokens_from_completions(WordTok(), ["en", "en", "de", "de"], [5, 5, 3, 6],
+                                          [True, True, False, False])
+    assert got.by_lang["en"] == (5,) and got.origin["en"] == "discovered"
+    assert set(got.by_lang["de"]) == {1, 2, 4} and got.origin["de"] == "native phrases"  # "Ich" began an answer
+    assert got.for_lang("de") != got.for_lang("en")
+    again = type(got).from_json(got.to_json())
+    assert again.origin == got.origin

@@ -22,7 +22,8 @@ def cmd_directions(args: argparse.Namespace) -> None:
                           kl_max=args.kl_max, max_layer_frac=args.max_layer_frac)
     model = load_model(args.model, **placement(args))
     selection = find_direction(model, plan, source=args.prompts, refusal_tokens=args.refusal_tokens,
-                               positions=args.positions, batch_size=args.batch_size, progress=progress())
+                               positions=args.positions, refusal_filter=args.refusal_filter,
+                               batch_size=args.batch_size, progress=progress())
     direction = selection.direction
     direction.save(out)
     s = direction.meta["selection"]

@@ -47,7 +47,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                                        where=f"--direction {args.direction}", progress=progress())
     result = evaluate_under(model, prompts, tokens, direction=direction, intervention=args.intervention,
                             layer=args.layer, alpha=args.alpha, max_new_tokens=args.max_new_tokens,
-                            batch_size=args.batch_size, progress=progress())
+                            batch_size=args.batch_size, second_judge=args.second_judge,
+                            second_judge_sample=args.second_judge_sample, progress=progress())
     result["direction"] = str(args.direction) if args.direction else None
     result["prompts"] = args.prompts
     result["split"] = split

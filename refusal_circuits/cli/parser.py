@@ -18,6 +18,7 @@ from refusal_circuits.cli.run import cmd_report, cmd_run
 from refusal_circuits.models import DEFAULT_MODEL, DTYPES
 from refusal_circuits.study import StudyConfig
 from refusal_circuits.workflows import defaults
+from refusal_circuits.workflows.filtering import RULES
 
 DEFAULT_OUT = "refusal-report"
 FILTERS = ["auto", "arditi", "polyrefuse"]
@@ -104,6 +105,24 @@ def _selection_args(p: argparse.ArgumentParser, default: str, text: str) -> None
 # ---------------------------------------------------------------------------------------------- commands
 
 
+def _refusal_filter_arg(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--refusal-filter", default=default, choices=RULES,
+                   help="before extraction and selection, set aside harmful train/val prompts the model does not "
+                        "refuse and harmless ones it refuses: score (Arditi's, first-token refusal log-odds > 0), "
+                        f"verdict (a short generation judged by phrases), or none (default: {default}); the direction "
+                        "records how many each label kept")
+
+
+def _second_judge_args(p: argparse.ArgumentParser, default: str, sample: int | None) -> None:
+    p.add_argument("--second-judge", default=default, metavar="SPEC",
+                   help="an independent LLM judge of the baseline, compared with the phrase judge per language: "
+                        "none, auto (the packaged Qwen2.5-Coder-1.5B when its extra packaged-1_5b is installed, "
+                        f"else none with the reason), or a model spec or directory (default: {default})")
+    p.add_argument("--second-judge-sample", type=_positive, default=sample, metavar="N",
+                   help="completions per language and label the second judge reads, a stratified sample "
+                        f"(default: {sample if sample else 'all'})")
+
+
 def _add_run(sub: _Sub) -> None:
     run = sub.add_parser("run", help="the whole study on the defaults; writes report.html and results.json",
                          description=(
@@ -142,6 +161,8 @@ def _add_run(sub: _Sub) -> None:
                      help="patch K heads from the base run into each translation")
     run.add_argument("--max-new-tokens", type=_positive, default=study["max_new_tokens"],
                      help=f"tokens generated per prompt (default {study['max_new_tokens']}: enough for the phrase judge to see the opening)")
+    _second_judge_args(run, study["second_judge"], study["second_judge_sample"])
+    _refusal_filter_arg(run, study["refusal_filter"])
     run.add_argument("--batch-size", type=_positive, default=study["batch_size"],
                      help=f"prompts per forward pass and per generation batch (default {study['batch_size']}: "
                           "generation on 2 CPU cores is 28%% faster than with 16)")
@@ -169,6 +190,7 @@ def _add_directions(sub: _Sub) -> None:
     d.add_argument("--positions", type=_negative_ints, default=None,
                    help="only these post-instruction positions, e.g. -2,-1 (default: all; a smaller grid for big "
                         "models)")
+    _refusal_filter_arg(d, "none")
     d.add_argument("--batch-size", type=_positive, default=defaults.BATCH_SIZE)
     d.set_defaults(func=cmd_directions)
 
@@ -193,6 +215,7 @@ def _add_evaluate(sub: _Sub) -> None:
     e.add_argument("--batch-size", type=_positive, default=defaults.BATCH_SIZE)
     e.add_argument("--refusal-tokens", default=None, help="comma-separated refusal tokens (default: the "
                    "direction's, else discovered on the train split)")
+    _second_judge_args(e, "none", None)
     e.add_argument("--backend", default="hf", choices=["hf", "vllm"],
                    help="generation backend: hf (the model itself; interventions act through hooks) or vllm (a "
                         "serving engine for big models: no hooks, so --intervention none; evaluate an "

@@ -29,8 +29,10 @@ def cmd_run(args: argparse.Namespace) -> None:
         max_prompts=args.max_prompts, train_prompts=args.train_prompts, lang_train_prompts=args.lang_train_prompts,
         positions=tuple(args.positions),
         filter=args.filter, kl_max=args.kl_max, max_layer_frac=args.max_layer_frac,
-        refusal_tokens=args.refusal_tokens, compliance_tokens=args.compliance_tokens,
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, transfer=args.transfer,
+        refusal_tokens=args.refusal_tokens, refusal_filter=args.refusal_filter,
+        compliance_tokens=args.compliance_tokens,
+        max_new_tokens=args.max_new_tokens, second_judge=args.second_judge,
+        second_judge_sample=args.second_judge_sample, batch_size=args.batch_size, transfer=args.transfer,
         total_effects=args.total_effects, patch_top_k=args.patch_top_k, device=args.device, dtype=args.dtype,
         device_map=args.device_map)
     out = Path(args.out)

@@ -7,6 +7,10 @@ package measures that and goes down to heads, one idea per module (each imports 
   similarities (:func:`direction_cosines`, and from disjoint halves :func:`split_half_cosines`), one shared PCA
   (:func:`shared_pca`), and how well the base language's direction separates harmful from harmless prompts in
   every language (:func:`separation`: AUROC and Cohen's d).
+* :mod:`~refusal_circuits.crosslingual.reliability`: how parallel the languages' directions are against how well
+  each reproduces itself, over many random stratified splits, with jackknife intervals on the same-prompt,
+  disjoint, within-language and noise-corrected cosines and one sentence per language saying what they allow
+  (:func:`split_half_reliability`, :class:`SplitHalfReliability`).
 * :mod:`~refusal_circuits.crosslingual.paired`: for every prompt id, each head's write in English vs in the
   translation (:func:`paired_heads`: mean paired difference with bootstrap intervals and sign-flip permutation
   p-values, Benjamini-Hochberg across heads, plus a floor of practical size so float noise never counts; rank
@@ -25,6 +29,8 @@ here too, as before the split.
 
 from __future__ import annotations
 
+from refusal_circuits.crosslingual.controls import PairedControls, paired_controls, value_bias_writes
+from refusal_circuits.crosslingual.crossfit import CrossFitPatch, crossfit_patch_top_heads
 from refusal_circuits.crosslingual.directions import (
     ZERO_DIRECTION,
     CosineMatrix,
@@ -36,6 +42,7 @@ from refusal_circuits.crosslingual.directions import (
     halves_why,
     language_candidate_halves,
     language_candidates,
+    language_candidates_and_site,
     separation,
     shared_pca,
     site_directions,
@@ -53,6 +60,7 @@ from refusal_circuits.crosslingual.paired import (
     trajectory_split_layer,
     unpaired_why,
 )
+from refusal_circuits.crosslingual.reliability import SiteGroup, SplitHalfReliability, split_half_reliability
 from refusal_circuits.crosslingual.transfer import (
     TransferMatrix,
     first_token_refusals,
@@ -73,6 +81,11 @@ from refusal_circuits.stats import (
 
 __all__ = [
     "ONE_PAIR",
+    "CrossFitPatch",
+    "PairedControls",
+    "crossfit_patch_top_heads",
+    "paired_controls",
+    "value_bias_writes",
     "ZERO_DIRECTION",
     "CosineMatrix",
     "Divergence",
@@ -81,7 +94,9 @@ __all__ = [
     "Rate",
     "Separation",
     "SharedPCA",
+    "SiteGroup",
     "SplitHalfCosines",
+    "SplitHalfReliability",
     "TransferMatrix",
     "auroc",
     "benjamini_hochberg",
@@ -96,6 +111,7 @@ __all__ = [
     "is_aligned",
     "language_candidate_halves",
     "language_candidates",
+    "language_candidates_and_site",
     "losing_heads",
     "pair_rows",
     "paired_heads",
@@ -107,6 +123,7 @@ __all__ = [
     "site_directions",
     "spearman",
     "split_half_cosines",
+    "split_half_reliability",
     "trajectory_split_layer",
     "transfer_matrix",
     "unpaired_why",

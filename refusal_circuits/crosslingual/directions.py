@@ -3,9 +3,12 @@ language's direction separates harmful from harmless prompts in every language.
 
 * :func:`language_candidates` / :func:`direction_cosines`: each language's difference-in-means direction and
   their cosine similarities, at the selected site and across layers; :func:`shared_pca` places the per-language
-  mean differences in one PCA.
-* :func:`language_candidate_halves` / :func:`split_half_cosines`: the same cosines from disjoint halves of the
-  prompts, against how well each language's direction reproduces itself (:class:`SplitHalfCosines`).
+  mean differences in one PCA. :func:`language_candidates_and_site` also keeps every prompt's activation at one
+  site, from the same forward pass (for :mod:`~refusal_circuits.crosslingual.reliability`).
+* :func:`language_candidate_halves` / :func:`split_half_cosines`: the same cosines from one pair of stratified
+  halves of the prompts, against how well each language's direction reproduces itself
+  (:class:`SplitHalfCosines`; the repeated, interval-carrying version is
+  :func:`~refusal_circuits.crosslingual.reliability.split_half_reliability`).
 * :func:`separation`: per language and layer, how well the English direction separates harmful from harmless
   prompts (AUROC and Cohen's d), from an :class:`~refusal_circuits.attribution.Attribution`.
 * :func:`site_directions`: every language's candidate at the selected site, as directions (for the transfer
@@ -23,7 +26,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from refusal_circuits.activations import group_means
+from refusal_circuits.activations import GroupActivations, collect_groups, group_means
 from refusal_circuits.attribution import Attribution
 from refusal_circuits.data import PromptSet
 from refusal_circuits.directions import Direction, DirectionCandidates, candidates_from_means
@@ -38,13 +41,13 @@ from refusal_circuits.stats import fmt_stat as _fmt
 # Directions per language.
 
 
-def _language_groups(prompts: PromptSet, lang: str, split: str, max_prompts: int | None
+def _language_groups(prompts: PromptSet, lang: str, split: str, max_prompts: int | None, seed: int = 0
                      ) -> tuple[PromptSet, PromptSet, PromptSet]:
     own = prompts.filter(lang=lang)
     if any(r.split is not None for r in own):
         own = own.filter(split=split)
-    if max_prompts:
-        own = own.head(max_prompts)
+    if max_prompts:  # a seeded sample stratified by category (the same ids in every language), never a block
+        own = own.sample(max_prompts, seed=seed)
     harmful, harmless = own.filter(label="harmful"), own.filter(label="harmless")
     if not len(harmful) or not len(harmless):
         raise InputError(f"language {lang!r} needs harmful and harmless {split} prompts (has {len(harmful)} harmful, "
@@ -63,38 +66,61 @@ def check_language_groups(prompts: PromptSet, langs: Sequence[str], *, split: st
             raise InputError(f"{what}: {e}") from None
 
 
+def _collect(model: HookedModel, prompts: PromptSet, langs: Sequence[str] | None, split: str,
+             max_prompts: int | None, seed: int, site: tuple[int, int] | None, batch_size: int, progress: bool
+             ) -> tuple[dict[str, tuple[PromptSet, PromptSet, PromptSet]], GroupActivations,
+                        dict[str, DirectionCandidates]]:
+    groups = {lang: _language_groups(prompts, lang, split, max_prompts, seed) for lang in langs or prompts.langs}
+    got = collect_groups(model, {(lang, label): part.instructions for lang, (h, b, _) in groups.items()
+                                 for label, part in (("harmful", h), ("harmless", b))},
+                         site=site, batch_size=batch_size, progress=progress, desc="activations")
+    cands = {lang: candidates_from_means(got.means[lang, "harmful"], got.means[lang, "harmless"],
+                                         model=model_id(model), lang=lang, prompts_sha256=own.sha256)
+             for lang, (_, _, own) in groups.items()}
+    return groups, got, cands
+
+
 def language_candidates(model: HookedModel, prompts: PromptSet, langs: Sequence[str] | None = None, *, split: str = "train",
-                        max_prompts: int | None = None, batch_size: int = 32, progress: bool = True
+                        max_prompts: int | None = None, seed: int = 0, batch_size: int = 32, progress: bool = True
                         ) -> dict[str, DirectionCandidates]:
-    """Difference-in-means candidates ``[n_post, n_layers, d_model]`` of every language, from its ``split``.
+    """Difference-in-means candidates ``[n_post, n_layers, d_model]`` of every language, from its ``split`` (at
+    most ``max_prompts`` per label: a sample stratified by category, seeded with ``seed``).
 
     Every language's prompts go through one length bucketing (:func:`~refusal_circuits.activations.group_means`),
     so batches mix languages of similar prompt length and are hardly padded."""
-    groups = {lang: _language_groups(prompts, lang, split, max_prompts) for lang in langs or prompts.langs}
-    means = group_means(model, {(lang, label): part.instructions for lang, (h, b, _) in groups.items()
-                                for label, part in (("harmful", h), ("harmless", b))},
-                        batch_size=batch_size, progress=progress, desc="activations")
-    return {lang: candidates_from_means(means[lang, "harmful"], means[lang, "harmless"], model=model_id(model),
-                                        lang=lang, prompts_sha256=own.sha256)
-            for lang, (_, _, own) in groups.items()}
+    return _collect(model, prompts, langs, split, max_prompts, seed, None, batch_size, progress)[2]
+
+
+def language_candidates_and_site(model: HookedModel, prompts: PromptSet, langs: Sequence[str] | None, layer: int,
+                                 position: int, *, split: str = "train", max_prompts: int | None = None,
+                                 seed: int = 0, batch_size: int = 32, progress: bool = True
+                                 ) -> tuple[dict[str, DirectionCandidates], dict[tuple[str, str], tuple[PromptSet, Tensor]]]:
+    """:func:`language_candidates`, and from the same forward pass every prompt's ``resid_pre[layer]`` at
+    ``position``: ``(lang, label) -> (its prompts, float64 [n, d_model] rows in their order)``."""
+    groups, got, cands = _collect(model, prompts, langs, split, max_prompts, seed, (layer, position), batch_size,
+                                  progress)
+    rows = {(lang, label): (part, got.site[lang, label]) for lang, (h, b, _) in groups.items()
+            for label, part in (("harmful", h), ("harmless", b))}
+    return cands, rows
 
 
 def language_candidate_halves(model: HookedModel, prompts: PromptSet, langs: Sequence[str] | None = None, *,
-                              split: str = "train", max_prompts: int | None = None, batch_size: int = 32,
-                              progress: bool = True
+                              split: str = "train", max_prompts: int | None = None, seed: int = 0,
+                              batch_size: int = 32, progress: bool = True
                               ) -> dict[str, tuple[DirectionCandidates, DirectionCandidates]]:
-    """Every language's candidates from two disjoint halves of its ``split`` (the first and the second half of
-    each label, in file order). ``a.merge(b)`` gives the candidates of the whole split, so the split-half check
-    (:func:`split_half_cosines`) costs no forward pass beyond :func:`language_candidates` (all languages' halves
-    go through one length bucketing, as there)."""
-    groups = {lang: _language_groups(prompts, lang, split, max_prompts) for lang in langs or prompts.langs}
+    """Every language's candidates from two disjoint halves of its ``split``, each holding half of every harm
+    category (:meth:`~refusal_circuits.data.PromptSet.halves` with ``seed``: the same ids in every language).
+    ``a.merge(b)`` gives the candidates of the whole split, so the split-half check (:func:`split_half_cosines`)
+    costs no forward pass beyond :func:`language_candidates` (all languages' halves go through one length
+    bucketing, as there)."""
+    groups = {lang: _language_groups(prompts, lang, split, max_prompts, seed) for lang in langs or prompts.langs}
     parts: dict[tuple[str, int, str], list[str]] = {}
     for lang, (harmful, harmless, _) in groups.items():
         if len(harmful) < 2 or len(harmless) < 2:
             raise InputError(f"language {lang!r} needs at least 2 harmful and 2 harmless {split} prompts to split")
-        for label, part in (("harmful", harmful.instructions), ("harmless", harmless.instructions)):
-            cut = len(part) // 2
-            parts[lang, 0, label], parts[lang, 1, label] = part[:cut], part[cut:]
+        for label, part in (("harmful", harmful), ("harmless", harmless)):
+            first, second = part.halves(seed=seed)
+            parts[lang, 0, label], parts[lang, 1, label] = first.instructions, second.instructions
     means = group_means(model, parts, batch_size=batch_size, progress=progress, desc="activations")
     name = model_id(model)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from refusal_circuits.attribution import Attribution
 from refusal_circuits.chat import SPAN_NAMES
@@ -63,6 +64,7 @@ class LanguageDivergence:
     site: tuple[int, int] = (0, -1)
     patched_score_fraction: float | None = None
     why: dict[str, str] = field(default_factory=dict)
+    crossfit: Any | None = None  # a CrossFitPatch (crosslingual.crossfit), or None (reason in why["crossfit"])
 
     @property
     def aligned(self) -> bool | None:
@@ -136,6 +138,7 @@ class LanguageDivergence:
                          f"L{h['layer']}.H{h['head']} ({h['mean']:+.2f}).")
         else:
             parts.append(f"Heads: {pattern} ({numbers}); no head differs significantly.")
+        parts.extend(self._controls_text())
         spans = ph.spans["mean"]
         j = int(torch.argmax(spans.abs()[1:])) + 1
         parts.append(f"By source span the largest change is in what heads read from the {SPAN_NAMES[j]} "
@@ -147,8 +150,56 @@ class LanguageDivergence:
                                            "in the refusal score")
             parts.append(f"Patching the {len(self.patched_heads)} heads that lose most ({hs}) from the {self.base} run "
                          f"into the {self.lang} run closes {_fmt(self.patched_fraction, '.0%', self._why('patched_fraction'))}"
-                         f" of the gap in the r̂ projection at layer {layer}{score}.")
+                         f" of the gap in the r̂ projection at layer {layer}{score} (in-sample: chosen on the "
+                         "pairs measured).")
+        parts.extend(self._crossfit_text())
         return " ".join(parts)
+
+    def _controls_text(self) -> list[str]:
+        c = self.paired.controls
+        if c is None:
+            return []
+        out = []
+        if "did" in c.why:
+            out.append(f"After the harmless control (difference in differences) significance is n/a ({c.why['did']}).")
+        else:
+            top = [(a, b) for a, b in c.ranked_did(5) if bool(c.did["significant"][a, b])][:3]
+            heads = "; largest " + ", ".join(
+                f"L{a}.H{b} ({float(c.did['mean'][a, b]):+.2f}, 95% CI {_fmt(float(c.did['ci_low'][a, b]), '+.2f')}"
+                f"–{_fmt(float(c.did['ci_high'][a, b]), '+.2f')})" for a, b in top) if top else ""
+            out.append(f"After the harmless control (difference in differences, {c.n_harmful} harmful and "
+                       f"{c.n_harmless} harmless pairs) {c.n_did_significant()} heads differ significantly{heads}.")
+        r = c.correlations
+
+        def stat(key: str) -> str:
+            why = c.why.get(key) or c.why.get("correlations")
+            text = _fmt(r[key], why=why)
+            if math.isfinite(r[key]) and math.isfinite(r[f"{key}_ci_low"]):
+                text += f" [{r[f'{key}_ci_low']:.2f}, {r[f'{key}_ci_high']:.2f}]"
+            return text
+
+        out.append(f"On the harmful − harmless contrasts per head: Spearman {stat('rank_correlation')}, slope "
+                   f"{stat('slope')} (raw writes: Spearman {stat('raw_rank_correlation')}); on halves of the pairs, "
+                   f"{self.base} vs {self.base} {stat('null_rank_correlation')} (the ceiling), {self.base} vs "
+                   f"{self.lang} {stat('halves_rank_correlation')}.")
+        return out
+
+    def _crossfit_text(self) -> list[str]:
+        cf = self.crossfit
+        if cf is None:
+            why = self.why.get("crossfit", "not patched")
+            return [] if why == "not patched" else [f"Cross-fitted patching n/a ({why})."]
+        s = cf.stats
+
+        def frac(key: str) -> str:
+            text = _fmt(s[key], ".0%", cf.why.get(key))
+            if math.isfinite(s[key]) and math.isfinite(s[f"{key}_ci_low"]):
+                text += f" [{s[f'{key}_ci_low']:.0%}, {s[f'{key}_ci_high']:.0%}]"
+            return text
+
+        return [f"Cross-fitted (heads chosen on one half of the pairs, measured on the other): patching closes "
+                f"{frac('fraction')} of the gap in the r̂ projection (halves {frac('fold_a_fraction')} and "
+                f"{frac('fold_b_fraction')}) and {frac('score_fraction')} of the gap in the refusal score."]
 
     def to_json(self, k: int = 20) -> dict[str, Any]:
         ph = self.paired
@@ -164,9 +215,10 @@ class LanguageDivergence:
                        self._why("baseline_harmful") if none_measured else None),
             **nullable("trajectory_split_layer", self.trajectory_split_layer,
                        ONE_PAIR if self.n_pairs < 2 else None),
-            "heads": [ph.stats_json({key: h[key] for key in ("layer", "head", "mean", "ci_low", "ci_high", "significant")}
-                                    | {"mean_diff": h["mean"], "q": h["q"], "base_mean": h["base_mean"],
-                                       "other_mean": h["other_mean"]})
+            "heads": [ph.head_row_json({key: h[key] for key in ("layer", "head", "mean", "ci_low", "ci_high",
+                                                                "significant")}
+                                       | {"mean_diff": h["mean"], "q": h["q"], "base_mean": h["base_mean"],
+                                          "other_mean": h["other_mean"]})
                       for h in ph.ranked_heads(k)],
             **{key: paired[key] for key in paired if key.startswith(("rank_correlation", "pattern", "slope"))},
             "summary": self.summary(), "n_significant": ph.n_significant(),
@@ -180,6 +232,10 @@ class LanguageDivergence:
                        self._why("patched_score_fraction") if self.patched_score_fraction is None or
                        not math.isfinite(self.patched_score_fraction) else None),
             "patched_heads": [list(h) for h in self.patched_heads], "floor": ph.floor, "method": ph.method,
+            **{key: paired[key] for key in ("controls", "n_did_significant", "spans_without_value_bias",
+                                            "spans_without_value_bias_why") if key in paired},
+            **({"patch_crossfit": self.crossfit.to_json()} if self.crossfit is not None else
+               nullable("patch_crossfit", None, self.why.get("crossfit"))),
         }
 
     def _repr_html_(self) -> str:
@@ -213,10 +269,18 @@ class Divergence:
 def divergence(attribution: Attribution, base: str = "en", langs: Sequence[str] | None = None, *,
                baseline: Mapping[str, tuple[Rate | None, Rate | None]] | None = None,
                patch: Mapping[str, Any] | None = None,
-               alpha: float = 0.05, seed: int = 0) -> Divergence:
+               alpha: float = 0.05, seed: int = 0, categories: Mapping[str, str | None] | None = None,
+               value_bias: Tensor | None = None, value_bias_why: str | None = None,
+               crossfit: Mapping[str, Any] | None = None, crossfit_why: Mapping[str, str] | None = None
+               ) -> Divergence:
     """Per-language divergence summaries from an attribution of paired prompts (and optional baseline rates, where
     one of a language's labels may be None, and :class:`~refusal_circuits.patching.PairPatch` results per
-    language). Languages with no pair are skipped, with the reason (:func:`unpaired_why`)."""
+    language). Languages with no pair are skipped, with the reason (:func:`unpaired_why`).
+
+    The controls (:mod:`~refusal_circuits.crosslingual.controls`) take ``categories`` (id to harm category, for
+    the stratified halves) and ``value_bias`` (``[layer, head]``, or None with ``value_bias_why``); ``crossfit``
+    holds :class:`~refusal_circuits.crosslingual.crossfit.CrossFitPatch` results per language (``crossfit_why``:
+    why a language has none)."""
     present = list(dict.fromkeys(attribution.langs))
     if base not in present:
         raise InputError(f"the base language {base!r} is not in the attribution (has {', '.join(present)})")
@@ -231,7 +295,8 @@ def divergence(attribution: Attribution, base: str = "en", langs: Sequence[str] 
         if unpaired is not None:
             skipped[lang] = unpaired
             continue
-        paired = paired_heads(attribution, base, lang, alpha=alpha, seed=seed)
+        paired = paired_heads(attribution, base, lang, alpha=alpha, seed=seed, categories=categories,
+                              value_bias=value_bias, value_bias_why=value_bias_why)
         split, traj = trajectory_split_layer(attribution, base, lang, seed=seed)
         i, bi = sep.langs.index(lang), sep.langs.index(base)
         h, s = (baseline or {}).get(lang, (None, None))
@@ -247,7 +312,10 @@ def divergence(attribution: Attribution, base: str = "en", langs: Sequence[str] 
         for key, value, gap in (("patched_fraction", frac, "fraction"), ("patched_score_fraction", sfrac, "score_fraction")):
             if value is not None and not math.isfinite(value):
                 why[key] = NO_GAP[gap]
+        cf = (crossfit or {}).get(lang)
+        if cf is None:
+            why["crossfit"] = (crossfit_why or {}).get(lang, "not patched")
         out[lang] = LanguageDivergence(
             lang, base, paired.n_pairs, h, s, float(sep.auroc[i, layer]), float(sep.auroc[bi, layer]), split, traj,
-            paired, traj["base"][layer] - traj["other"][layer], frac, list(heads), (layer, pos), sfrac, why)
+            paired, traj["base"][layer] - traj["other"][layer], frac, list(heads), (layer, pos), sfrac, why, cf)
     return Divergence(base, out, attribution.model, attribution.direction, skipped)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from refusal_circuits.attribution import Attribution
 from refusal_circuits.chat import SPAN_NAMES, Span
+from refusal_circuits.crosslingual.controls import PairedControls, paired_controls
 from refusal_circuits.data import PromptSet
 from refusal_circuits.directions import Direction
 from refusal_circuits.errors import InputError
@@ -53,6 +54,9 @@ class PairedHeads:
         why: the reasons for statistics that are NaN: ``ci`` (the intervals), ``p`` (p- and q-values; such heads
             are never significant), ``rank_correlation``, ``slope``. One pair gives differences but no interval
             or test (:data:`~refusal_circuits.stats.ONE_PAIR`).
+        controls: the harmless control (difference in differences), the contrast correlations with their null
+            and the value-bias terms (:class:`~refusal_circuits.crosslingual.controls.PairedControls`), or None
+            where not computed.
     """
 
     base: str
@@ -71,6 +75,7 @@ class PairedHeads:
     alpha: float
     method: str = field(default="sign-flip permutation test per head, Benjamini-Hochberg across heads")
     why: dict[str, str] = field(default_factory=dict)
+    controls: PairedControls | None = None
 
     @property
     def pattern(self) -> str | None:
@@ -119,6 +124,28 @@ class PairedHeads:
             out.update(nullable(key, value, self.why.get(group)) if isinstance(value, float) else {key: value})
         return out
 
+    def head_row_json(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """:meth:`stats_json` of a head row, with its difference in differences beside it (where computed)."""
+        out = self.stats_json(row)
+        if self.controls is not None:
+            out.update(self.controls.head_json(int(row["layer"]), int(row["head"])))
+        return out
+
+    def controls_json(self, k: int = 20) -> dict[str, Any]:
+        """The controls' keys of :meth:`to_json` (``controls``, ``n_did_significant``, the spans without value
+        biases); empty without controls."""
+        c = self.controls
+        if c is None:
+            return {}
+        out: dict[str, Any] = {"controls": c.to_json(k),
+                               **nullable("n_did_significant", None if "did" in c.why else c.n_did_significant(),
+                                          c.why.get("did"))}
+        sp = c.spans_without_bias
+        out.update(nullable("spans_without_value_bias", None if sp is None else {
+            SPAN_NAMES[j]: self.stats_json({key: float(sp[key][j]) for key in ("mean", "ci_low", "ci_high")})
+            for j in range(1, len(SPAN_NAMES)) if j != int(Span.PAD)}, c.why.get("value_bias")))
+        return out
+
     def to_json(self, k: int = 20) -> dict[str, Any]:
         return {"base": self.base, "lang": self.lang, "n_pairs": self.n_pairs, "label": self.label,
                 "positions": self.positions,
@@ -126,13 +153,14 @@ class PairedHeads:
                 **nullable("slope", self.slope, self.why.get("slope")),
                 **nullable("pattern", self.pattern, self.pattern_why()),
                 "floor": self.floor, "alpha": self.alpha, "method": self.method,
-                "n_significant": self.n_significant(), "heads": [self.stats_json(h) for h in self.ranked_heads(k)],
+                "n_significant": self.n_significant(), "heads": [self.head_row_json(h) for h in self.ranked_heads(k)],
                 "layers": [self.stats_json({"layer": i, **{key: float(self.layers[key][i])
                                                            for key in ("mean", "ci_low", "ci_high")}})
                            for i in range(len(self.layers["mean"]))],
                 "spans": {SPAN_NAMES[j]: self.stats_json({key: float(self.spans[key][j])
                                                           for key in ("mean", "ci_low", "ci_high")})
-                          for j in range(1, len(SPAN_NAMES)) if j != int(Span.PAD)}}
+                          for j in range(1, len(SPAN_NAMES)) if j != int(Span.PAD)},
+                **self.controls_json(k)}
 
     def _repr_html_(self) -> str:
         rows = (
@@ -142,7 +170,9 @@ class PairedHeads:
         caption = (f"{esc(self.lang)} − {esc(self.base)}, {self.n_pairs} {esc(self.label)} pairs: "
                    f"{esc(self.pattern or _fmt(None, why=self.pattern_why()))} (Spearman "
                    f"{_fmt(self.rank_correlation)}, slope {_fmt(self.slope)}); {self.n_significant()} significant heads"
-                   + (f" ({esc(self.why['p'])})" if "p" in self.why else ""))
+                   + (f" ({esc(self.why['p'])})" if "p" in self.why else "")
+                   + (f"; {self.controls.n_did_significant()} after the harmless control (difference in differences)"
+                      if self.controls is not None else ""))
         return table(caption, ["head", self.base, self.lang, "diff", "95% CI", "q", "sig."], rows)
 
 
@@ -161,7 +191,9 @@ def pair_rows(attribution: Attribution, base: str, lang: str, label: str | None 
 
 def paired_heads(attribution: Attribution, base: str, lang: str, *, label: str = "harmful",
                  positions: str | int = "post", alpha: float = 0.05, rel_floor: float = 0.01, n_boot: int = 2000,
-                 n_perm: int = 2000, seed: int = 0) -> PairedHeads:
+                 n_perm: int = 2000, seed: int = 0, controls: bool = True,
+                 categories: Mapping[str, str | None] | None = None, value_bias: Tensor | None = None,
+                 value_bias_why: str | None = None) -> PairedHeads:
     """Paired comparison of every head's write onto r̂, ``lang`` minus ``base``, over prompts sharing an id.
 
     A head is *significant* when its Benjamini-Hochberg q-value (over all heads, from a two-sided sign-flip
@@ -171,6 +203,12 @@ def paired_heads(attribution: Attribution, base: str, lang: str, *, label: str =
 
     One pair gives every difference but no interval, test or significance (NaN, with
     :data:`~refusal_circuits.stats.ONE_PAIR` in :attr:`PairedHeads.why`); none is an error.
+
+    With ``controls`` (and ``label="harmful"``) the record also carries
+    :class:`~refusal_circuits.crosslingual.controls.PairedControls`: the difference in differences against the
+    harmless pairs, the contrast correlations with the English-vs-English null on halves (stratified by
+    ``categories``, id to harm category, where given) and, given ``value_bias`` (``[layer, head]``,
+    :func:`~refusal_circuits.crosslingual.controls.value_bias_writes`), the spans without it.
     """
     pairs = pair_rows(attribution, base, lang, label)
     if not pairs:
@@ -200,8 +238,13 @@ def paired_heads(attribution: Attribution, base: str, lang: str, *, label: str =
         why["rank_correlation"] = rho_why
     if power == 0:
         why["slope"] = f"no head writes onto r̂ in {base}"
+    ctl = None
+    if controls and label == "harmful":
+        ctl = paired_controls(attribution, pairs, pair_rows(attribution, base, lang, "harmless"), positions=positions,
+                              floor=floor, alpha=alpha, categories=categories, value_bias=value_bias,
+                              value_bias_why=value_bias_why, n_boot=n_boot, n_perm=n_perm, seed=seed)
     return PairedHeads(base, lang, len(pairs), label, str(positions), heads, layers, spans, base_mean.float(),
-                       other_mean.float(), rho, slope, floor, alpha, why=why)
+                       other_mean.float(), rho, slope, floor, alpha, why=why, controls=ctl)
 
 
 def trajectory_split_layer(attribution: Attribution, base: str, lang: str, *, label: str = "harmful",
@@ -295,7 +338,8 @@ def patch_top_heads(model: HookedModel, direction: Direction, attribution: Attri
     plans = {}
     for lang in langs:
         rows = pair_rows(attribution, base, lang)
-        plans[lang] = (losing_heads(paired_heads(attribution, base, lang, alpha=alpha), k), rows)
+        plans[lang] = (losing_heads(paired_heads(attribution, base, lang, alpha=alpha, controls=False), k),
+                       rows)
     # The base language runs once, keeping every head output any language's patch will need.
     base_rows = sorted({i for _, rows in plans.values() for i, _ in rows})
     where = {row: n for n, row in enumerate(base_rows)}

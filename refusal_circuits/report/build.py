@@ -23,7 +23,7 @@ from refusal_circuits.report.languages import (
     split_half_section,
     transfer_section,
 )
-from refusal_circuits.report.overview import direction_section, header_section, rates_section
+from refusal_circuits.report.overview import direction_section, header_section, judging_section, rates_section
 from refusal_circuits.report.results import StudyView
 
 #: Counts the drawn figures once the page has loaded (what the headless-browser test reads).
@@ -40,6 +40,7 @@ def build_report(out: Path, results: dict[str, Any]) -> str:
         header_section(study),
         direction_section(study),
         rates_section(study, figs),
+        judging_section(study),
         cosines_section(study, figs),
         split_half_section(study, figs),
         cosines_per_layer_section(study, figs),

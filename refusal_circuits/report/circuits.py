@@ -3,10 +3,12 @@ where translations diverge (paired per-head differences, attention views of the 
 
 from __future__ import annotations
 
+from typing import Any
+
 from safetensors.torch import load_file
 
 from refusal_circuits import viz
-from refusal_circuits.markup import esc
+from refusal_circuits.markup import esc, table
 from refusal_circuits.report.figures import Figures
 from refusal_circuits.report.results import StudyView, read_json
 from refusal_circuits.report.text import missing_text
@@ -84,7 +86,63 @@ def heads_section(study: StudyView, figs: Figures) -> str:
                 title=f"{lang} − {base} (framed: significant)", cbar="paired difference"),
                 "Paired mean difference per head; framed cells pass the Benjamini-Hochberg control and the "
                 "1% floor."))
+        body.append(controls_tables(entry, base, lang))
     return "".join(body)
+
+
+def _num(obj: dict[str, Any], key: str, spec: str = "+.3f") -> str:
+    """``obj[key]`` formatted, or "n/a (reason)" from ``KEY_why`` where it is null."""
+    value = obj.get(key)
+    if value is None:
+        why = obj.get(f"{key}_why")
+        return f"n/a ({esc(why)})" if why else "n/a"
+    return esc(format(value, spec))
+
+
+def _ci(obj: dict[str, Any], key: str, spec: str = "+.3f") -> str:
+    lo, hi = obj.get(f"{key}_ci_low"), obj.get(f"{key}_ci_high")
+    if lo is None or hi is None:
+        why = obj.get(f"{key}_ci_low_why") or obj.get(f"{key}_why")
+        return f"n/a ({esc(why)})" if why else "n/a"
+    return f"[{esc(format(lo, spec))}, {esc(format(hi, spec))}]"
+
+
+def controls_tables(entry: dict[str, Any], base: str, lang: str, k: int = 8) -> str:
+    """The controls of one language's paired comparison (empty for a ``divergence.json`` written before them): the
+    heads after the harmless control (difference in differences, with the harmful-only difference beside it), the
+    correlations of the head contrasts against the English-vs-English null, and the cross-fitted patch; every
+    number with its 95% interval."""
+    c = entry.get("controls")
+    if not c:
+        return ""
+    rows = []
+    for h in c.get("did_heads", [])[:k]:
+        rows.append(f"<tr><td>L{int(h['layer'])}.H{int(h['head'])}</td><td>{_num(h, 'harmful_diff')}</td>"
+                    f"<td>{_num(h, 'harmless_diff')}</td><td>{_num(h, 'did')}</td><td>{_ci(h, 'did')}</td>"
+                    f"<td>{_num(h, 'did_q', '.3g')}</td><td>{'✔' if h.get('did_significant') else ''}</td></tr>")
+    out = [table(f"{esc(lang)} − {esc(base)} after the harmless control: "
+                 + (f"{int(c['n_did_significant'])} heads significant" if c.get("n_did_significant") is not None
+                    else f"no head can be tested ({esc(c.get('n_did_significant_why', 'n/a'))})")
+                 + f" ({int(c['n_harmful_pairs'])} harmful, {int(c['n_harmless_pairs'])} harmless pairs)",
+                 ["head", "harmful diff", "harmless diff", "difference in differences", "95% CI", "q", "sig."], rows)]
+    r = c.get("correlations", {})
+    names = [("rank_correlation", "Spearman of harmful − harmless contrasts"), ("slope", "slope of the contrasts"),
+             ("raw_rank_correlation", "Spearman of raw harmful writes"),
+             ("null_rank_correlation", f"{base} half vs {base} half (null, ceiling)"),
+             ("halves_rank_correlation", f"{base} half vs {lang} half")]
+    out.append(table(f"Same heads? Head contrasts ({esc(c.get('halves', ''))} halves)", ["statistic", "value", "95% CI"],
+                     [f"<tr><td>{esc(label)}</td><td>{_num(r, key, '.2f')}</td><td>{_ci(r, key, '.2f')}</td></tr>"
+                      for key, label in names if key in r]))
+    cf = entry.get("patch_crossfit")
+    if cf:
+        frows = [f"<tr><td>{esc(label)}</td><td>{_num(cf, key, '.0%')}</td><td>{_ci(cf, key, '.0%')}</td></tr>"
+                 for key, label in (("fraction", "r̂ projection, mean of both folds"),
+                                    ("fold_a_fraction", "r̂ projection, fold A"),
+                                    ("fold_b_fraction", "r̂ projection, fold B"),
+                                    ("score_fraction", "refusal score, mean of both folds"))]
+        out.append(table("Cross-fitted patching: share of the gap closed (heads chosen on one half, measured on "
+                         "the other)", ["measure", "share", "95% CI"], frows))
+    return "".join(out)
 
 
 def views_section(study: StudyView) -> str:

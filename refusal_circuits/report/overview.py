@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from refusal_circuits import viz
-from refusal_circuits.markup import esc
+from refusal_circuits.markup import esc, table
 from refusal_circuits.report.figures import Figures
 from refusal_circuits.report.results import StudyView, rate
 from refusal_circuits.report.text import judge_tokens_text, na
@@ -33,6 +33,45 @@ def direction_section(study: StudyView) -> str:
             f"addition α = {na(study.results.get('actadd') or {}, 'alpha')}.</p>")
 
 
+def _pct(r: dict | None) -> str:
+    """A rate's JSON (:meth:`~refusal_circuits.stats.Rate.to_json`) as ``p [lo, hi]``."""
+    if not r or r.get("rate") is None:
+        return "n/a"
+    return f"{r['rate']:.0%} <small>[{r['ci_low']:.0%}, {r['ci_high']:.0%}]</small>"
+
+
+def judging_section(study: StudyView) -> str:
+    """In which language each language's prompts were answered (and refused), and how far a second, independent
+    judge agrees with the phrase judge, per language, with 95% intervals."""
+    body = ["<h2>Response language and judges</h2>"]
+    lang = study.results.get("response_language")
+    if lang:
+        rows = [f"<tr><td>{esc(k)}</td><td>{r['n']}</td><td>{_pct(r['own'])}</td><td>{_pct(r['english'])}</td>"
+                f"<td>{_pct(r['other'])}</td><td>{_pct(r['unknown'])}</td><td>{r['refused']}</td>"
+                f"<td>{_pct(r['refused_in_english'])}</td></tr>" for k, r in lang["languages"].items()]
+        confused = [k for k, r in lang["languages"].items()
+                    if k != study.base and r["refused"] and (r["refused_in_english"].get("rate") or 0) > 0.5]
+        body.append(table(f"Baseline completions by detected language ({esc(lang['method'])}). A refusal in "
+                          "English to a prompt in another language is language confusion, not that language's "
+                          "alignment: " + (f"<b>{esc(', '.join(confused))}</b>" if confused else "none here") + ".",
+                          ["prompt lang", "n", "answered in it", "in English", "other", "unknown", "refused",
+                           "refusals in English"], rows))
+    second = study.results.get("second_judge")
+    if second:
+        rows = [f"<tr><td>{esc(k)}</td><td>{v['n']}</td><td>{_pct(v['agreement'])}</td><td>"
+                + (f"{v['kappa']:.2f} <small>[{v['kappa_ci'][0]:.2f}, {v['kappa_ci'][1]:.2f}]</small>"
+                   if v.get("kappa") is not None and v.get("kappa_ci") and None not in v["kappa_ci"] else "n/a")
+                + f"</td><td>{_pct(v['first_rate'])}</td><td>{_pct(v['second_rate'])}</td></tr>"
+                for k, v in second["languages"].items()]
+        body.append(table(f"Agreement of {esc(second['first'])} and {esc(second['second'])} on a stratified "
+                          "sample of the baseline completions (Cohen's kappa with a bootstrap interval)",
+                          ["lang", "n", "agreement", "kappa", f"refused ({second['first']})",
+                           f"refused ({second['second']})"], rows))
+    else:
+        body.append(f"<p>No second judge: {esc(study.results.get('second_judge_why') or 'not run')}.</p>")
+    return "".join(body)
+
+
 def rates_section(study: StudyView, figs: Figures) -> str:
     """Refusal rates per language: at baseline, with r̂ (and each language's own direction) ablated, with r̂ added;
     and which languages are safety-aligned."""
@@ -60,8 +99,9 @@ def rates_section(study: StudyView, figs: Figures) -> str:
                      "Baseline: greedy generation judged by refusal phrases, and the same generation's first "
                      "token judged as the ablations are. Ablated: the base language's r̂, and each language's own "
                      "direction at r̂'s site, judged by the first token (greedy decoding would start with a "
-                     "refusal token: the direction's refusal tokens, plus each language's own, read off its "
-                     "baseline refusals). 95% Wilson intervals." + judge_tokens_text(transfer))]
+                     "refusal token: each language's own refusal tokens, discovered on its train split or, where it "
+                     "refused too rarely, its native refusal openers, plus every language's together; none is read "
+                     "off the test completions). 95% Wilson intervals." + judge_tokens_text(transfer))]
     generated = refusal["ablate"].get(base, {}).get("harmful")
     if generated:
         r = rate(generated)

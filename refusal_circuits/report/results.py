@@ -39,6 +39,8 @@ def collect_results(stage_dirs: dict[str, Path], config: dict[str, Any], seconds
         "direction": {k: d.get(k) for k in ("model", "lang", "layer", "position", "norm", "n_harmful", "n_harmless",
                                             "selection", "actadd")},
         "refusal": {k: v["results"] for k, v in ev.items()},
+        "response_language": ev["baseline"].get("response_language"),
+        **{k: ev["baseline"][k] for k in ("second_judge", "second_judge_why") if k in ev["baseline"]},
         "actadd": {"alpha": ev["actadd"].get("alpha"), "layer": ev["actadd"].get("layer")},
         "languages": langs,
         "attribution": summary,

@@ -48,8 +48,14 @@ class StudyConfig:
     kl_max: float | None = None
     max_layer_frac: float | None = None
     refusal_tokens: str | None = None
+    #: set aside harmful train/val prompts the model does not refuse, harmless ones it refuses (workflows.filtering)
+    refusal_filter: str = "none"
     compliance_tokens: str | None = None
     max_new_tokens: int = 16
+    #: the second, independent judge of the baseline (``auto``: the packaged 1.5B when installed; ``none``; a spec)
+    second_judge: str = "none"
+    #: completions per language and label the second judge reads (a stratified sample)
+    second_judge_sample: int = 12
     batch_size: int = BATCH_SIZE
     transfer: str = "base"
     total_effects: int = 4
@@ -77,8 +83,9 @@ _COMMON = ("model", "prompts", "base", "device", "dtype", "device_map")
 #: The settings each stage's cache key hashes.
 READS: dict[str, tuple[str, ...]] = {
     "direction": (*_COMMON, "train_prompts", "positions", "filter", "kl_max", "max_layer_frac", "refusal_tokens",
-                  "batch_size"),
-    "evaluate": (*_COMMON, "langs", "max_prompts", "max_new_tokens", "batch_size"),
+                  "refusal_filter", "batch_size"),
+    "evaluate": (*_COMMON, "langs", "max_prompts", "max_new_tokens", "batch_size", "second_judge",
+                 "second_judge_sample"),
     "languages": (*_COMMON, "langs", "max_prompts", "train_prompts", "lang_train_prompts", "transfer", "batch_size"),
     "attribute": (*_COMMON, "langs", "max_prompts", "compliance_tokens", "total_effects", "batch_size"),
     "compare": (*_COMMON, "langs", "max_prompts", "patch_top_k", "alpha", "batch_size"),

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from refusal_circuits.attribution import load_attribution
 from refusal_circuits.data import PromptSet
 from refusal_circuits.directions import Direction
-from refusal_circuits.io import atomic_path, write_json
+from refusal_circuits.io import atomic_path, nullable, write_json
 from refusal_circuits.models import HookedModel
 from refusal_circuits.study.config import StageInfo, StudyConfig
 from refusal_circuits.workflows.compare import (
@@ -68,8 +68,8 @@ def stage_direction(study: StudyState, out: Path) -> None:
                           filter_name=cfg.filter, kl_max=cfg.kl_max, max_layer_frac=cfg.max_layer_frac,
                           what=str(cfg.prompts))
     selection = find_direction(study.model(), plan, source=cfg.prompts, refusal_tokens=cfg.refusal_tokens,
-                               token_langs=study.langs, positions=cfg.positions, batch_size=cfg.batch_size,
-                               progress=study.progress)
+                               token_langs=study.langs, positions=cfg.positions, refusal_filter=cfg.refusal_filter,
+                               batch_size=cfg.batch_size, progress=study.progress)
     selection.direction.save(out)
 
 
@@ -79,14 +79,19 @@ def stage_evaluate(study: StudyState, out: Path) -> None:
     cfg, direction = study.config, study.direction()
     found = study_refusal(study.model(), direction, study.test_split(), cfg.base,
                           required_refusal_tokens(direction, "the direction stage"), max_new_tokens=cfg.max_new_tokens,
-                          batch_size=cfg.batch_size, progress=study.progress)
-    write_json(out / "baseline.json", found.baseline.to_dict())
+                          batch_size=cfg.batch_size, second_judge=cfg.second_judge,
+                          second_judge_sample=cfg.second_judge_sample, progress=study.progress)
+    baseline = found.baseline.to_dict()
+    if found.second_judge_why:
+        baseline.update(nullable("second_judge", None, found.second_judge_why))
+    write_json(out / "baseline.json", baseline)
     write_json(out / "ablate.json", found.ablated.to_dict())
     write_json(out / "actadd.json", {**found.added.to_dict(), "alpha": found.alpha, "layer": found.layer})
 
 
 def stage_languages(study: StudyState, out: Path) -> None:
-    """Per-language directions at r̂'s site (train split): cosines, split halves, shared PCA, transfer matrix."""
+    """Per-language directions at r̂'s site (train split): cosines, the split-half reliability with intervals, shared
+    PCA, transfer matrix."""
     cfg = study.config
     found = study_languages(study.model(), study.direction(), study.prompts, study.test_split(), study.langs,
                             _baseline_completions(study), max_prompts=cfg.lang_cap,

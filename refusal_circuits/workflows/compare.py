@@ -26,6 +26,8 @@ from refusal_circuits.crosslingual import (
     separation,
     unpaired_why,
 )
+from refusal_circuits.crosslingual.controls import value_bias_writes
+from refusal_circuits.crosslingual.crossfit import CrossFitPatch, crossfit_patch_top_heads
 from refusal_circuits.data import PromptSet
 from refusal_circuits.directions import Direction
 from refusal_circuits.evaluation import RefusalEvaluation, evaluate_refusal
@@ -80,11 +82,14 @@ def paired_languages(attribution: Attribution, base: str, langs: Sequence[str]) 
 
 @dataclass(frozen=True)
 class Comparison:
-    """The paired comparison, the separation per language, and the patches per language (``PairPatch``)."""
+    """The paired comparison, the separation per language, the patches per language (``PairPatch``, heads chosen
+    on the pairs measured) and the cross-fitted patches (:class:`~refusal_circuits.crosslingual.crossfit.CrossFitPatch`,
+    also in :attr:`divergence`)."""
 
     divergence: Divergence
     separation: Separation
     patches: dict[str, Any] = field(default_factory=dict)
+    crossfit: dict[str, CrossFitPatch] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """``divergence.json``: the divergence record, with ``separation`` and each language's ``patch``."""
@@ -102,15 +107,30 @@ def compare_languages(attribution: Attribution, base: str, langs: Sequence[str],
     """Compare every language of ``langs`` with ``base`` on ``attribution`` (languages without a pair are kept,
     as skipped, with the reason). With a model, the direction and the attributed ``prompts`` (every attributed
     (id, language, label)), also patch the ``patch_top_k`` heads where each paired language loses most of r̂, when
-    the direction has refusal tokens for its language."""
+    the direction has refusal tokens for its language: once with the heads chosen on all pairs, and cross-fitted
+    (chosen on one stratified half of the pairs, measured on the other, both ways).
+
+    The controls of the paired comparison (:mod:`~refusal_circuits.crosslingual.controls`) stratify their halves
+    by the ``prompts``' harm categories where given, and take the value-bias terms from the model's weights where
+    one is given."""
     patches: dict[str, Any] = {}
+    crossfit: dict[str, CrossFitPatch] = {}
+    crossfit_why: dict[str, str] = {}
     tokens = direction_token_ids(direction, direction.lang) if direction is not None else []
     paired = paired_languages(attribution, base, langs)
     if model is not None and direction is not None and prompts is not None and paired and patch_top_k and tokens:
         patches = patch_top_heads(model, direction, attribution, prompts, base, paired, patch_top_k, tokens,
                                   alpha=alpha, batch_size=batch_size, progress=progress)
-    result = divergence(attribution, base, list(langs), baseline=baseline, patch=patches, alpha=alpha)
-    return Comparison(result, separation(attribution), patches)
+        crossfit, crossfit_why = crossfit_patch_top_heads(model, direction, attribution, prompts, base, paired,
+                                                          patch_top_k, tokens, batch_size=batch_size,
+                                                          progress=progress)
+    categories = ({r.id: r.category for r in prompts if r.lang == base} if prompts is not None else None)
+    value_bias, value_bias_why = (value_bias_writes(model, direction) if model is not None and direction is not None
+                                  else (None, None))
+    result = divergence(attribution, base, list(langs), baseline=baseline, patch=patches, alpha=alpha,
+                        categories=categories, value_bias=value_bias, value_bias_why=value_bias_why,
+                        crossfit=crossfit, crossfit_why=crossfit_why)
+    return Comparison(result, separation(attribution), patches, crossfit)
 
 
 def paired_tensors(result: Divergence) -> dict[str, Tensor]:
@@ -122,6 +142,14 @@ def paired_tensors(result: Divergence) -> dict[str, Tensor]:
         out[f"{lang}.mean"] = d.paired.other_mean.float().contiguous()
         out[f"{lang}.diff"] = d.paired.heads["mean"].float().contiguous()
         out[f"{lang}.significant"] = d.paired.heads["significant"].to(torch.uint8).contiguous()
+        c = d.paired.controls
+        if c is not None:
+            out[f"{lang}.did"] = c.did["mean"].float().contiguous()
+            out[f"{lang}.did_ci_low"] = c.did["ci_low"].float().contiguous()
+            out[f"{lang}.did_ci_high"] = c.did["ci_high"].float().contiguous()
+            out[f"{lang}.did_significant"] = c.did["significant"].to(torch.uint8).contiguous()
+            if c.value_bias is not None:
+                out["value_bias"] = c.value_bias.float().contiguous()
     return out
 
 

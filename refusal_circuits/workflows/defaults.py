@@ -21,6 +21,9 @@ BATCH_SIZE = 32
 ALPHA = 0.05
 #: At most this many prompts of each language and label that refusal tokens are discovered on.
 DISCOVERY_PROMPTS = 32
+#: The seed of every capped subset (``--max-prompts``, the discovery prompts): a sample stratified by category
+#: (:meth:`~refusal_circuits.data.PromptSet.sample`), the same prompts in every language.
+SAMPLE_SEED = 0
 
 #: ``directions``: the selection filter (Arditi's, falling back to PolyRefuse's).
 DIRECTIONS_FILTER = "auto"

@@ -16,6 +16,7 @@ from refusal_circuits.directions import extract_candidates
 from refusal_circuits.forward import check_context
 from refusal_circuits.models import HookedModel
 from refusal_circuits.selection import Selection, SelectionConfig, filter_configs, select_direction
+from refusal_circuits.workflows import filtering
 from refusal_circuits.workflows.splits import SplitPolicy, direction_splits
 from refusal_circuits.workflows.tokens import resolve_refusal_tokens
 
@@ -45,31 +46,43 @@ def plan_direction(prompts: PromptSet, policy: SplitPolicy, lang: str, *, max_pr
 
 def find_direction(model: HookedModel, plan: DirectionPlan, *, source: str, refusal_tokens: str | None = None,
                    token_langs: Sequence[str] | None = None, positions: Sequence[int] | None = None,
-                   batch_size: int = 32, progress: bool = True) -> Selection:
+                   refusal_filter: str = "none", batch_size: int = 32, progress: bool = True) -> Selection:
     """Extract ``plan.lang``'s candidates (difference in means on train) and select one on val.
 
     Args:
         source: the prompt set's name, recorded in the direction (``meta["prompts"]``).
         refusal_tokens: comma-separated token strings (for every language of ``token_langs``, by default the
-            direction's own); without them, discovered on the train prompts.
+            direction's own); without them, discovered on the train split of every language of ``token_langs``
+            (each language's own openers; at most ``DISCOVERY_PROMPTS`` per language and label, a stratified
+            sample).
         positions: post-instruction positions of the selection grid (None: all).
+        refusal_filter: set aside harmful prompts the model does not refuse and harmless ones it refuses, on
+            train and val, before extraction and selection (:mod:`~refusal_circuits.workflows.filtering`).
 
     The selection's direction carries the prompts' name, the split policy and every candidate's scores.
     """
     check_positions(model.tokenizer, positions)
     for part in (plan.train, plan.val):
         check_context(model, part)
-    tokens = resolve_refusal_tokens(model, refusal_tokens, plan.train, langs=token_langs, progress=progress)
+    # every language's own refusal tokens, each discovered on its own train split (the transfer matrix and the
+    # per-language scores read them); the direction itself needs only plan.lang's
+    discovery = plan.prompts.filter(split="train", lang=list(token_langs) if token_langs else plan.lang)
+    tokens = resolve_refusal_tokens(model, refusal_tokens, discovery if len(discovery) else plan.train,
+                                    langs=token_langs, progress=progress)
+    kept, record = filtering.refusal_filter(model, {"train": plan.train, "val": plan.val}, refusal_filter, tokens,
+                                            batch_size=batch_size, progress=progress)
+    train, val = kept["train"], kept["val"]
     candidates = extract_candidates(
-        model, plan.train.filter(label="harmful").instructions, plan.train.filter(label="harmless").instructions,
+        model, train.filter(label="harmful").instructions, train.filter(label="harmless").instructions,
         lang=plan.lang, prompts_sha256=plan.prompts.filter(lang=plan.lang).sha256, batch_size=batch_size,
         progress=progress)
     selection = select_direction(
-        model, candidates, plan.val.filter(label="harmful").instructions,
-        plan.val.filter(label="harmless").instructions, tokens, config=plan.config, fallback=plan.fallback,
+        model, candidates, val.filter(label="harmful").instructions,
+        val.filter(label="harmless").instructions, tokens, config=plan.config, fallback=plan.fallback,
         positions=list(positions) if positions else None, batch_size=batch_size, progress=progress)
     meta = selection.direction.meta
     meta["prompts"] = source
     meta["split_policy"] = plan.policy.to_json()
     meta["selection_scores"] = selection.to_json()
+    meta["refusal_filter"] = record.to_json()
     return selection

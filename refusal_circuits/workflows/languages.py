@@ -5,10 +5,13 @@ position) they give the cosine matrix (at that layer and per layer), one shared 
 language's direction ablated on every language's harmful test prompts and added on the harmless ones, judged by the
 first token (a greedy refusal token or not).
 
-The study also collects each language's candidates as two disjoint halves (the same forward passes): merged they
-are its candidates, apart they give the split-half check, how much of a cross-lingual cosine is shared prompt
-content rather than a shared direction. Its first-token judge counts each language's own refusal openings, and its
-baseline row is read off the evaluate stage's generation, so it costs no forward pass.
+The study also keeps every train prompt's activation at r̂'s site, collected in the same forward pass as the
+candidates (the pass runs through every layer for the candidates anyway; the rows cost ``n × d_model`` per group
+and no second pass): from them the split-half reliability
+(:func:`~refusal_circuits.crosslingual.split_half_reliability`) says how much of a cross-lingual cosine is
+shared prompt content rather than a shared direction, over many random stratified splits, with
+intervals. Its first-token judge counts each language's own refusal openings, and its baseline row is read off the
+evaluate stage's generation, so it costs no forward pass.
 """
 
 from __future__ import annotations
@@ -22,15 +25,15 @@ from torch import Tensor
 from refusal_circuits.crosslingual import (
     CosineMatrix,
     SharedPCA,
-    SplitHalfCosines,
+    SiteGroup,
+    SplitHalfReliability,
     TransferMatrix,
     direction_cosines,
-    halves_why,
-    language_candidate_halves,
     language_candidates,
+    language_candidates_and_site,
     shared_pca,
     site_directions,
-    split_half_cosines,
+    split_half_reliability,
     transfer_matrix,
 )
 from refusal_circuits.data import PromptSet
@@ -44,13 +47,14 @@ from refusal_circuits.workflows.tokens import direction_token_ids, evaluated_fir
 @dataclass(frozen=True)
 class LanguageDirections:
     """Every language's candidates, their cosines and shared PCA at ``direction``'s site, and the site directions
-    (the selected direction itself for its own language); ``split_half`` when collected in halves."""
+    (the selected direction itself for its own language); ``split_half``, the split-half reliability at that
+    site, when asked for (``halves``)."""
 
     candidates: dict[str, DirectionCandidates]
     cosines: CosineMatrix
     pca: SharedPCA
     directions: dict[str, Direction]
-    split_half: SplitHalfCosines | None = None
+    split_half: SplitHalfReliability | None = None
 
     @property
     def norms(self) -> dict[str, float]:
@@ -62,27 +66,22 @@ class LanguageDirections:
 
 
 def language_directions(model: HookedModel, prompts: PromptSet, langs: Sequence[str], direction: Direction, *,
-                        max_prompts: int | None = None, halves: bool = False, batch_size: int = 32,
+                        max_prompts: int | None = None, halves: bool = False, seed: int = 0, batch_size: int = 32,
                         progress: bool = True) -> LanguageDirections:
-    """Every language's candidates from (at most ``max_prompts`` per label of) its train prompts, read at
-    ``direction``'s site. With ``halves`` they are collected as two halves and the split-half cosines come with
-    them; a language with a single prompt of a label cannot be split: its candidates come whole, its split-half
-    cosines are null with the reason."""
+    """Every language's candidates from (at most ``max_prompts`` per label, a stratified sample seeded with
+    ``seed``, of) its train prompts, read at ``direction``'s site. With ``halves`` every prompt's activation at
+    the site is kept from the same forward pass and the split-half reliability comes with them (a language with
+    fewer than 4 prompts of a label has null statistics there, with the reason)."""
     split_half = None
     if halves:
-        unsplit = halves_why(prompts, langs, split="train", max_prompts=max_prompts)
-        splittable = [x for x in langs if x not in unsplit]
-        parts = language_candidate_halves(model, prompts, splittable, split="train", max_prompts=max_prompts,
-                                          batch_size=batch_size, progress=progress) if splittable else {}
-        whole = {lang: a.merge(b, prompts_sha256=a.prompts_sha256) for lang, (a, b) in parts.items()}
-        if unsplit:
-            whole |= language_candidates(model, prompts, list(unsplit), split="train", max_prompts=max_prompts,
-                                         batch_size=batch_size, progress=progress)
-        cands = {lang: whole[lang] for lang in langs}
-        split_half = split_half_cosines(parts, direction.lang, direction.layer, direction.position, unsplit=unsplit,
-                                        langs=list(langs))
+        cands, rows = language_candidates_and_site(model, prompts, langs, direction.layer, direction.position,
+                                                   split="train", max_prompts=max_prompts, seed=seed,
+                                                   batch_size=batch_size, progress=progress)
+        site = {key: SiteGroup.of(part, x) for key, (part, x) in rows.items()}
+        split_half = split_half_reliability(site, direction.lang, layer=direction.layer, position=direction.position,
+                                            langs=list(langs))
     else:
-        cands = language_candidates(model, prompts, langs, split="train", max_prompts=max_prompts,
+        cands = language_candidates(model, prompts, langs, split="train", max_prompts=max_prompts, seed=seed,
                                     batch_size=batch_size, progress=progress)
     dirs = site_directions(cands, direction)
     dirs[direction.lang] = direction  # the selected direction itself for its own language
@@ -153,12 +152,12 @@ def study_languages(model: HookedModel, direction: Direction, prompts: PromptSet
                     langs: Sequence[str], completions: Sequence[Mapping[str, Any]], *, max_prompts: int | None = None,
                     cells: Collection[tuple[str, str]] | None = None, batch_size: int = 32, progress: bool = True
                     ) -> LanguageStudy:
-    """Every language's direction at r̂'s site from two halves of its train prompts (at most ``max_prompts`` per
-    label), and the transfer matrix on ``test`` (``cells``, default all) judged by each language's own refusal
+    """Every language's direction at r̂'s site from its train prompts (at most ``max_prompts`` per label) with the
+    split-half reliability, and the transfer matrix on ``test`` (``cells``, default all) judged by each language's own refusal
     openings in ``completions`` (the evaluate stage's baseline generation), its baseline row read off them."""
     found = language_directions(model, prompts, langs, direction, max_prompts=max_prompts, halves=True,
                                 batch_size=batch_size, progress=progress)
-    judged = judge_tokens(completions, model.tokenizer, direction_token_ids(direction), langs)
+    judged = judge_tokens(direction, langs)
     transfer = transfer_matrix(model, found.directions, test, targets=list(langs), refusal_ids=judged, cells=cells,
                                baseline=first_token_baseline(completions, test, judged, langs),
                                batch_size=batch_size, progress=progress)

@@ -25,6 +25,7 @@ from typing import Any
 
 from refusal_circuits.data import LABELS, SPLITS, PromptRecord, PromptSet, load_prompts
 from refusal_circuits.errors import InputError
+from refusal_circuits.workflows.defaults import SAMPLE_SEED
 
 #: ``sha256(id) mod HASH_BUCKETS``: bucket 0 is val, bucket 1 is test, the rest train.
 HASH_BUCKETS = 5
@@ -69,7 +70,8 @@ def with_splits(prompts: PromptSet) -> tuple[PromptSet, SplitPolicy]:
 
 def direction_splits(prompts: PromptSet, lang: str, policy: SplitPolicy, *, max_prompts: int | None = None,
                      what: str = "the prompts") -> tuple[PromptSet, PromptSet]:
-    """``(train, val)`` of ``lang`` for extracting and selecting its direction, at most ``max_prompts`` per label.
+    """``(train, val)`` of ``lang`` for extracting and selecting its direction, at most ``max_prompts`` per label
+    (a sample stratified by category, :meth:`~refusal_circuits.data.PromptSet.sample`).
 
     Raises :class:`InputError` naming the split and what it lacks when either has no harmful or no harmless prompt.
     """
@@ -78,7 +80,7 @@ def direction_splits(prompts: PromptSet, lang: str, policy: SplitPolicy, *, max_
         raise InputError(f"no prompts in language {lang!r}; {what} have {', '.join(prompts.langs)}")
     train, val = own.filter(split="train"), own.filter(split="val")
     if max_prompts:
-        train, val = train.head(max_prompts), val.head(max_prompts)
+        train, val = train.sample(max_prompts, seed=SAMPLE_SEED), val.sample(max_prompts, seed=SAMPLE_SEED)
     for name, part in (("train", train), ("val", val)):
         counts = part.counts().get(lang, {})
         if not counts.get("harmful") or not counts.get("harmless"):
@@ -110,9 +112,10 @@ def load_split_prompts(source: str, langs: list[str] | None = None) -> tuple[Pro
 def split_and_cap(prompts: PromptSet, split: str, max_prompts: int | None = None, *, what: str = "the prompts"
                   ) -> PromptSet:
     """The prompts of ``split`` (every one for ``all``; the policy has given every prompt a split) and at most
-    ``max_prompts`` of each language and label. Raises :class:`InputError` naming ``what`` when the split is empty."""
+    ``max_prompts`` of each language and label (stratified by category and seeded, the same prompts in every
+    language). Raises :class:`InputError` naming ``what`` when the split is empty."""
     if split != "all":
         prompts = prompts.filter(split=split)
         if not len(prompts):
             raise InputError(f"{what} has no prompts in split {split!r}")
-    return prompts.head(max_prompts) if max_prompts else prompts
+    return prompts.sample(max_prompts, seed=SAMPLE_SEED) if max_prompts else prompts

@@ -23,10 +23,9 @@ from refusal_circuits.scores import (
     RefusalTokens,
     discover_refusal_tokens,
     first_token_ids,
-    refusal_tokens_from_completions,
     refusal_tokens_from_strings,
 )
-from refusal_circuits.workflows.defaults import DISCOVERY_PROMPTS
+from refusal_circuits.workflows.defaults import DISCOVERY_PROMPTS, SAMPLE_SEED
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ def resolve_refusal_tokens(model: HookedModel, value: str | None, prompts: Promp
     if value:
         return refusal_tokens_from_strings(model.tokenizer, token_strings(value, flag),
                                            langs=list(langs) if langs is not None else prompts.langs)
-    return discover_refusal_tokens(model, prompts.head(DISCOVERY_PROMPTS), progress=progress)
+    return discover_refusal_tokens(model, prompts.sample(DISCOVERY_PROMPTS, seed=SAMPLE_SEED), progress=progress)
 
 
 def saved_refusal_tokens(direction: Direction, where: str) -> RefusalTokens | None:
@@ -88,7 +87,8 @@ def evaluation_refusal_tokens(model: HookedModel, everything: PromptSet, chosen:
         train = everything.filter(split="train")
         train = train if len(train) else chosen
         if not value:
-            check_context(model, train.head(DISCOVERY_PROMPTS))  # the prompts the refusal tokens are discovered on
+            # the prompts the refusal tokens are discovered on
+            check_context(model, train.sample(DISCOVERY_PROMPTS, seed=SAMPLE_SEED))
         tokens = resolve_refusal_tokens(model, value, train, progress=progress)
         if not tokens.ids:
             log.warning("the model refused none of the discovery prompts, so no refusal tokens were found: refusal "
@@ -130,15 +130,11 @@ def compliance_from_completions(completions: Sequence[Mapping[str, Any]], prompt
     return compliance_tokens_by_lang(first, {lang: tokens.for_lang(lang) for lang in first})
 
 
-def judge_tokens(completions: Sequence[Mapping[str, Any]], tokenizer: Any, refusal_ids: Sequence[int],
-                 langs: Sequence[str]) -> dict[str, list[int]]:
-    """Per language, what the first-token judge counts as the start of a refusal: the direction's refusal tokens
-    (discovered in the base language) plus the first tokens that begin that language's refusals in an evaluation's
-    generation (phrase judge; :func:`~refusal_circuits.scores.refusal_tokens_from_completions`). A model refuses in
-    each language with its own first words ("Je", "Lo", "申し訳"); counting only the base language's would call
-    nearly every translated refusal a compliance."""
-    found = refusal_tokens_from_completions(tokenizer, [c["lang"] for c in completions],
-                                            [c.get("first_token") for c in completions],
-                                            [bool(c["refused"]) for c in completions], report=list(langs))
-    return {lang: list(dict.fromkeys([*(int(t) for t in refusal_ids), *found.by_lang.get(lang, ())]))
-            for lang in langs}
+def judge_tokens(direction: Direction, langs: Sequence[str]) -> dict[str, list[int]]:
+    """Per language, what the first-token judge counts as the start of a refusal: the tokens discovered on the
+    train split with the direction (``meta.refusal_tokens``: each language's own openers, "Je", "Lo", "申し",
+    or its native-phrase openers where it refused too rarely to discover any), plus every language's together
+    (a model may refuse a foreign-language request in English). Nothing is read off the test completions the
+    transfer matrix then scores: the judge is fixed before the prompts it judges."""
+    every = direction_token_ids(direction)
+    return {lang: list(dict.fromkeys([*direction_token_ids(direction, lang), *every])) for lang in langs}
