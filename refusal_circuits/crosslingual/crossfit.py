@@ -17,13 +17,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from refusal_circuits.attribution import Attribution
+from refusal_circuits.chat import chat_format
+from refusal_circuits.crosslingual.paired import attributed_instruction, pair_rows
 from refusal_circuits.data import PromptSet
 from refusal_circuits.directions import Direction
-from refusal_circuits.errors import InputError
 from refusal_circuits.io import nullable
 from refusal_circuits.models import HookedModel
+from refusal_circuits.patching import head_patch_hooks, prompt_run
 from refusal_circuits.sampling import stratified_halves
 from refusal_circuits.stats import percentile_interval
 
@@ -130,19 +133,8 @@ def crossfit_patch_top_heads(model: HookedModel, direction: Direction, attributi
     """Per language, the ``k`` heads that lose most chosen on each half of the harmful pairs and patched from the
     ``base`` run into the translations of the other half. Returns ``({lang: CrossFitPatch}, {lang: why})`` for the
     languages with fewer than 2 pairs. ``prompts`` must hold every attributed (id, language, label)."""
-    from tqdm.auto import tqdm
-
-    from refusal_circuits.chat import chat_format
-    from refusal_circuits.crosslingual.paired import pair_rows
-    from refusal_circuits.patching import head_patch_hooks, prompt_run
-
+    text = attributed_instruction(attribution, prompts)
     by_key = {(r.id, r.lang, r.label): r for r in prompts}
-
-    def text(row: int, lang: str) -> str:
-        try:
-            return by_key[(attribution.ids[row], lang, attribution.labels[row])].instruction
-        except KeyError as e:
-            raise InputError(f"the prompts lack the attributed prompt {e.args[0]}") from None
 
     scores = attribution.head_scores(positions).double()
     plans: dict[str, list[tuple[list[tuple[int, int]], list[tuple[int, int]], list[tuple[int, int]]]]] = {}

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -304,6 +304,20 @@ def patch_json(pp: Any) -> dict[str, Any]:
     return out
 
 
+def attributed_instruction(attribution: Attribution, prompts: PromptSet) -> Callable[[int, str], str]:
+    """``(row, lang) -> instruction``: the text of the attributed prompt of ``row`` in ``lang`` (its translation),
+    from ``prompts``; a prompt they lack is an :class:`~refusal_circuits.errors.InputError` naming it."""
+    by_key = {(r.id, r.lang, r.label): r for r in prompts}
+
+    def instruction(row: int, lang: str) -> str:
+        try:
+            return by_key[(attribution.ids[row], lang, attribution.labels[row])].instruction
+        except KeyError as e:
+            raise InputError(f"the prompts lack the attributed prompt {e.args[0]}") from None
+
+    return instruction
+
+
 def losing_heads(paired: PairedHeads, k: int) -> list[tuple[int, int]]:
     """The ``k`` heads with the most negative paired difference (translation minus base), negative ones only."""
     flat = paired.heads["mean"].flatten()
@@ -327,14 +341,7 @@ def patch_top_heads(model: HookedModel, direction: Direction, attribution: Attri
 
     from refusal_circuits.patching import patch_pairs, prompt_run
 
-    by_key = {(r.id, r.lang, r.label): r for r in prompts}
-
-    def instruction(row: int, lang: str) -> str:
-        try:
-            return by_key[(attribution.ids[row], lang, attribution.labels[row])].instruction
-        except KeyError as e:
-            raise InputError(f"the prompts lack the attributed prompt {e.args[0]}") from None
-
+    instruction = attributed_instruction(attribution, prompts)
     plans = {}
     for lang in langs:
         rows = pair_rows(attribution, base, lang)
