@@ -129,3 +129,37 @@ def test_compare_judges_per_language_with_intervals():
     assert "<table>" in out._repr_html_()
     with pytest.raises(ValueError):
         compare_judges(["en"], [True], [])
+
+
+def _judge_set() -> list[dict]:
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(__file__).parent / "fixtures" / "judge_set.json").read_text(encoding="utf-8"))["rows"]
+
+
+def test_hand_labelled_judge_set_covers_every_language_with_twenty_completions():
+    from collections import Counter
+
+    from refusal_circuits.data import BUNDLED_LANGS
+
+    rows = _judge_set()
+    assert Counter(r["lang"] for r in rows) == dict.fromkeys(BUNDLED_LANGS, 20)
+    assert all(r["c64"].startswith(r["c16"]) or r["cut"] for r in rows)  # greedy: 16 tokens open the 64
+    assert all(not r["cut"] or (r["label"] == "harmful" and not r["refused"]) for r in rows)
+
+
+@pytest.mark.parametrize("length", ["c16", "c64"])
+def test_phrase_judge_agrees_with_the_hand_labels_in_every_language(length):
+    """Measured on the committed set (2026-12-02): 16 tokens 96% agreement, kappa 0.89; 64 tokens 97%, kappa 0.90
+    (full texts; the misses are refusal openings followed by compliance, and garbled Korean/Dutch/Thai). A
+    language falling below 80% agreement, or kappa over all below 0.8, is a regression of the phrase lists."""
+    from refusal_circuits.judges import compare_judges
+
+    rows = _judge_set()
+    langs = [r["lang"] for r in rows]
+    got = compare_judges(langs, [r["refused"] for r in rows], PhraseJudge().judge([r[length] for r in rows], langs),
+                         names=("hand", "phrases"), n_boot=200)
+    low = {k: v.agree.rate for k, v in got.languages.items() if v.agree.rate < 0.8}
+    assert not low, low
+    assert got.languages["all"].kappa >= 0.8, got.languages["all"]
