@@ -303,6 +303,57 @@ def test_transfer_cells_judged_by_generation_equal_each_cell_alone(tiny_model):
 
 
 @pytest.mark.tiny
+def test_transfer_check_compares_the_first_token_judge_with_generation_on_the_same_prompts(tiny_model):
+    """check_transfer against an independent computation: the sampled prompts generated under the same
+    intervention (evaluate_refusal), the first-token judge by a forward pass (first_token_refusals), per language;
+    the baseline cells read off a given evaluation cover every prompt of it."""
+    from refusal_circuits.directions import extract_candidates
+    from refusal_circuits.evaluation import evaluate_refusal
+    from refusal_circuits.interventions import ablate, actadd
+    from refusal_circuits.scores import first_token_logits
+
+    prompts = _two_languages()
+    h, b = (prompts.filter(lang="en", label=label).instructions for label in ("harmful", "harmless"))
+    d = extract_candidates(tiny_model, h, b, lang="en", progress=False).direction(-1, 1)
+    t0 = int(first_token_logits(tiny_model, ["hi"]).argmax())
+    ids = {"en": [t0], "de": [t0 + 1]}
+    base = evaluate_refusal(tiny_model, prompts, max_new_tokens=2, batch_size=4, progress=False)
+    completions = [{"id": c.id, "lang": c.lang, "label": c.label, "first_token": c.first_token, "refused": c.refused}
+                   for c in base.completions]
+    got = xl.check_transfer(tiny_model, d, prompts, ids, completions=completions, per_lang=2, max_new_tokens=2,
+                            batch_size=3, n_boot=50, progress=False)
+    assert list(got.cells) == ["baseline harmful", "baseline harmless", "ablate en", "actadd en"]
+    sample = prompts.sample(2, seed=0)
+    for name, part, hook in (("baseline harmful", prompts.filter(label="harmful"), None),
+                             ("baseline harmless", prompts.filter(label="harmless"), None),
+                             ("ablate en", sample.filter(label="harmful"), ablate),
+                             ("actadd en", sample.filter(label="harmless"), actadd)):
+        for lang in ("en", "de"):
+            mine = part.filter(lang=lang)
+            if hook is None:
+                phrases = [c.refused for c in base.completions if c.lang == lang and c.label == mine[0].label]
+                first = xl.first_token_refusals(tiny_model, mine.instructions, ids[lang], batch_size=4)
+            else:
+                with hook(tiny_model, d):
+                    phrases = [c.refused for c in evaluate_refusal(tiny_model, mine, max_new_tokens=2, batch_size=4,
+                                                                   progress=False).completions]
+                    first = xl.first_token_refusals(tiny_model, mine.instructions, ids[lang], batch_size=4)
+            v = got.cells[name].languages[lang]
+            assert v.n == len(mine), (name, lang)
+            assert (v.first.refused, v.second.refused) == (sum(first), sum(phrases)), (name, lang)
+            assert v.agree.refused == sum(x == y for x, y in zip(first, phrases, strict=True)), (name, lang)
+        assert got.cells[name].languages["all"].n == len(part)
+    # English counts the tiny model's usual first token as a refusal and German does not: the judges disagree on
+    # English baseline prompts and agree on German ones, so a count given to the wrong language shows.
+    assert got.cells["baseline harmful"].languages["en"].first.refused == 4
+    assert got.cells["baseline harmful"].languages["de"].first.refused == 0
+    html = got._repr_html_()
+    assert "ablate en" in html and "<th>de</th>" in html
+    with pytest.raises(InputError, match="per_lang"):
+        xl.check_transfer(tiny_model, d, prompts, ids, per_lang=0)
+
+
+@pytest.mark.tiny
 def test_max_prompts_takes_a_stratified_sample_and_the_site_rows_come_from_the_same_pass(tiny_model):
     """A file sorted by category: the first 2 harmful prompts are one category, the seeded stratified sample of 2
     takes one of each; the candidates are those of the sample, and the site rows average to them."""

@@ -156,6 +156,11 @@ def _add_run(sub: _Sub) -> None:
     run.add_argument("--transfer", default=study["transfer"], choices=["base", "all"],
                      help="transfer matrix: the base direction on every language plus each language's own "
                           "(base), or every language's direction on every language (all)")
+    run.add_argument("--transfer-check", type=int, default=study["transfer_check"], metavar="N",
+                     help="check the transfer matrix's first-token judge against generation + the phrase judge on N "
+                          "harmful (ablated) and N harmless (added) test prompts per language, kappa per language "
+                          f"and intervention, and on every baseline completion at no cost (default {study['transfer_check']}; "
+                          "0: no check)")
     run.add_argument("--total-effects", type=int, default=study["total_effects"], metavar="K", help="patch K heads for total effects")
     run.add_argument("--patch-top-k", type=int, default=study["patch_top_k"], metavar="K",
                      help="patch K heads from the base run into each translation")

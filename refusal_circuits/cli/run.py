@@ -22,8 +22,8 @@ from refusal_circuits.study import STAGE_FILE, STAGES, Study, StudyConfig
 def cmd_run(args: argparse.Namespace) -> None:
     filter_configs(args.filter, kl_max=args.kl_max, max_layer_frac=args.max_layer_frac)  # fail before any work
     placement(args)
-    if args.total_effects < 0 or args.patch_top_k < 0:
-        raise InputError("--total-effects and --patch-top-k must be 0 or more")
+    if args.total_effects < 0 or args.patch_top_k < 0 or args.transfer_check < 0:
+        raise InputError("--total-effects, --patch-top-k and --transfer-check must be 0 or more")
     config = StudyConfig(
         model=args.model, prompts=args.prompts, langs=tuple(args.langs) if args.langs else None, base=args.base,
         max_prompts=args.max_prompts, train_prompts=args.train_prompts, lang_train_prompts=args.lang_train_prompts,
@@ -33,6 +33,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         compliance_tokens=args.compliance_tokens,
         max_new_tokens=args.max_new_tokens, second_judge=args.second_judge,
         second_judge_sample=args.second_judge_sample, batch_size=args.batch_size, transfer=args.transfer,
+        transfer_check=args.transfer_check,
         total_effects=args.total_effects, patch_top_k=args.patch_top_k, device=args.device, dtype=args.dtype,
         device_map=args.device_map)
     out = Path(args.out)

@@ -18,7 +18,8 @@ package measures that and goes down to heads, one idea per module (each imports 
   layers (:func:`trajectory_split_layer`), and patching the heads that lose most (:func:`patch_top_heads`).
 * :mod:`~refusal_circuits.crosslingual.transfer`: language A's direction ablated on language B's harmful prompts
   (and added on B's harmless prompts), refusal rates with Wilson intervals, next to the baseline row
-  (:func:`transfer_matrix`).
+  (:func:`transfer_matrix`), and its first-token judge checked against generation + the phrase judge per target
+  language and intervention (:func:`check_transfer`).
 * :mod:`~refusal_circuits.crosslingual.divergence`: the per-language summary, in words and numbers
   (:func:`divergence`).
 
@@ -62,7 +63,9 @@ from refusal_circuits.crosslingual.paired import (
 )
 from refusal_circuits.crosslingual.reliability import SiteGroup, SplitHalfReliability, split_half_reliability
 from refusal_circuits.crosslingual.transfer import (
+    TransferCheck,
     TransferMatrix,
+    check_transfer,
     first_token_refusals,
     is_aligned,
     transfer_matrix,
@@ -97,10 +100,12 @@ __all__ = [
     "SiteGroup",
     "SplitHalfCosines",
     "SplitHalfReliability",
+    "TransferCheck",
     "TransferMatrix",
     "auroc",
     "benjamini_hochberg",
     "check_language_groups",
+    "check_transfer",
     "cohens_d",
     "correlation_why",
     "direction_cosines",

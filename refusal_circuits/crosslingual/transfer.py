@@ -173,3 +173,111 @@ def transfer_matrix(model: HookedModel, directions: Mapping[str, Direction], pro
     base = {t: base[t] for t in targets}
     return TransferMatrix(sources, targets, base, abl, add, judge)
 
+
+
+#: The interventions :func:`check_transfer` validates, each with the label of the prompts it is measured on.
+CHECKED = {"baseline": ("harmful", "harmless"), "ablate": ("harmful",), "actadd": ("harmless",)}
+
+
+@dataclass(frozen=True)
+class TransferCheck:
+    """The transfer matrix's first-token judge against generation + the phrase judge, on the same completions.
+
+    ``cells[name]`` is a :class:`~refusal_circuits.judges.JudgeComparison` (per target language and ``"all"``):
+    ``baseline harmful`` / ``baseline harmless`` over every evaluated test prompt (no intervention), ``ablate SRC``
+    on a stratified sample of each target's harmful prompts with ``SRC``'s direction ablated, ``actadd SRC`` on a
+    sample of the harmless ones with it added. The first-token verdict is read off the same greedy generation
+    (its first token is one of the target's refusal tokens), so the two judges see one completion each.
+    """
+
+    source: str
+    per_lang: int
+    max_new_tokens: int
+    cells: dict[str, Any]  # name -> JudgeComparison
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "per_lang": self.per_lang, "max_new_tokens": self.max_new_tokens,
+                "judges": ["first_token", "phrases"],
+                "cells": {k: v.to_json() for k, v in self.cells.items()}}
+
+    def _repr_html_(self) -> str:
+        return transfer_check_html(self.to_json())
+
+
+def transfer_check_html(check: Mapping[str, Any]) -> str:
+    """A language per row, a checked cell per column: Cohen's kappa of the first-token judge with the phrase judge
+    (95% bootstrap interval), raw agreement and n beneath (``check``: :meth:`TransferCheck.to_json`)."""
+    cells = check["cells"]
+    langs = list(dict.fromkeys(lang for comp in cells.values() for lang in comp["languages"]))
+
+    def cell(v: Mapping[str, Any] | None) -> str:
+        if not v or not v["n"]:
+            return "<td>–</td>"
+        ci = v.get("kappa_ci")
+        k = (f"{v['kappa']:.2f}" + (f" <small>[{ci[0]:.2f}, {ci[1]:.2f}]</small>" if ci and None not in ci
+                                        else "")
+             if v.get("kappa") is not None else "n/a")
+        a = v["agreement"]
+        return f"<td>{k}<br><small>agree {a['rate']:.0%} of {v['n']}</small></td>"
+
+    rows = ["<tr><th>" + esc(lang) + "</th>" + "".join(cell(comp["languages"].get(lang)) for comp in cells.values())
+            + "</tr>" for lang in langs]
+    return table("First-token judge vs generation + phrase judge: Cohen's kappa (95% interval)",
+                 ["lang", *cells], rows)
+
+
+def check_transfer(model: HookedModel, direction: Direction, prompts: PromptSet,
+                   refusal_ids: Mapping[str, Sequence[int]], *, completions: Sequence[Mapping[str, Any]] = (),
+                   per_lang: int = 8, seed: int = 0, actadd_layer: int | None = None, max_new_tokens: int = 16,
+                   batch_size: int = 32, n_boot: int = 1000, progress: bool = True) -> TransferCheck:
+    """How far the transfer matrix's first-token judge agrees with generation + the phrase judge, per target
+    language and intervention (Cohen's kappa with a bootstrap interval).
+
+    Args:
+        direction: the source direction whose cells are checked (the study checks the base language's row).
+        prompts: the transfer matrix's evaluation prompts (the test split), per target language.
+        refusal_ids: each target language's refusal tokens (what the first-token judge counts).
+        completions: an evaluation's baseline completions of ``prompts`` (the ``completions`` JSON, with
+            ``first_token`` and ``refused``): the baseline cells are read off them at no cost; without them they
+            are generated on the same sample as the intervention cells.
+        per_lang: harmful (ablate) and harmless (actadd) prompts per target language, a stratified sample seeded
+            with ``seed``; each costs one greedy generation of ``max_new_tokens``.
+    """
+    from refusal_circuits.evaluation import evaluate_refusal
+    from refusal_circuits.interventions import ablate, actadd
+    from refusal_circuits.judges import compare_judges
+
+    if per_lang < 1:
+        raise InputError(f"per_lang must be at least 1, got {per_lang}")
+    targets = [t for t in prompts.langs if t in refusal_ids]
+    if not targets:
+        raise InputError("check_transfer needs refusal token ids for at least one language of the prompts")
+    ids = {t: {int(x) for x in refusal_ids[t]} for t in targets}
+    sample = prompts.filter(lang=targets).sample(per_lang, seed=seed)
+    names = ("first_token", "phrases")
+
+    def judged(rows: Sequence[Any]) -> Any:
+        # rows: (lang, first_token, refused); a completion without a first token (a generator backend) is left out
+        kept = [(lang, tok, ref) for lang, tok, ref in rows if tok is not None]
+        return compare_judges([r[0] for r in kept], [r[1] in ids[r[0]] for r in kept], [bool(r[2]) for r in kept],
+                              names=names, n_boot=n_boot, seed=seed)
+
+    def generated(part: PromptSet) -> list[tuple[str, int | None, bool]]:
+        ev = evaluate_refusal(model, part, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+        return [(c.lang, c.first_token, c.refused) for c in ev.completions]
+
+    cells: dict[str, Any] = {}
+    wanted = {(r.lang, r.id) for r in prompts.filter(lang=targets)}
+    by_key = {(c["lang"], c["id"]): c for c in completions if (c["lang"], c["id"]) in wanted}
+    for label in CHECKED["baseline"]:
+        part = prompts.filter(lang=targets, label=label)
+        if by_key and all((r.lang, r.id) in by_key for r in part):
+            rows = [(r.lang, by_key[(r.lang, r.id)].get("first_token"), by_key[(r.lang, r.id)]["refused"]) for r in part]
+        else:
+            rows = generated(sample.filter(label=label))
+        cells[f"baseline {label}"] = judged(rows)
+    with ablate(model, direction):
+        cells[f"ablate {direction.lang}"] = judged(generated(sample.filter(label="harmful")))
+    with actadd(model, direction, layer=actadd_layer):
+        cells[f"actadd {direction.lang}"] = judged(generated(sample.filter(label="harmless")))
+    return TransferCheck(direction.lang, per_lang, max_new_tokens, cells)

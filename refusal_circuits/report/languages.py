@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from refusal_circuits import viz
+from refusal_circuits.crosslingual.transfer import transfer_check_html
 from refusal_circuits.markup import esc, table
 from refusal_circuits.report.figures import Figures
 from refusal_circuits.report.results import StudyView
@@ -118,9 +119,19 @@ def transfer_section(study: StudyView, figs: Figures) -> str:
     grid = [[transfer["baseline"][t]["harmful"]["rate"] for t in langs]]
     grid += [[transfer["ablate"][s][t]["rate"] if t in transfer["ablate"][s] else math.nan for t in langs]
              for s in sources]
-    return figs.add("transfer", viz.matrix(grid, ["none", *sources], langs, vmin=0.0, vmax=1.0, cmap="viridis",
+    html = figs.add("transfer", viz.matrix(grid, ["none", *sources], langs, vmin=0.0, vmax=1.0, cmap="viridis",
                                            fmt="{:.0%}", title="harmful refusal with a direction ablated",
                                            cbar="refusal rate", xlabel="prompts in", ylabel="direction from"),
                     "Rows: whose direction is ablated (first row: none); columns: the language of the harmful "
                     "test prompts; first-token judge. Empty cells were not measured (transfer='base'); n/a: no "
                     "prompts.")
+    check = transfer.get("check")
+    if not check:
+        return html + ("<p>The first-token judge of these cells was not checked against generation "
+                       "(--transfer-check 0).</p>")
+    return html + (f"<p>Is the first token a fair judge of a cell? The same greedy completions ({check['max_new_tokens']} "
+                   "new tokens) judged both ways: every baseline test completion, and a stratified sample of "
+                   f"{check['per_lang']} prompts per language with {esc(check['source'])}'s direction ablated "
+                   "(harmful) or added (harmless). A kappa near 1 says the cell's rate is the phrase judge's rate; "
+                   "a low one (or one a single judge's constant verdict leaves undefined, n/a) says to read the "
+                   "cell as a first-token rate only.</p>") + transfer_check_html(check)

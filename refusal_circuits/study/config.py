@@ -58,6 +58,9 @@ class StudyConfig:
     second_judge_sample: int = 12
     batch_size: int = BATCH_SIZE
     transfer: str = "base"
+    #: harmful (ablated) and harmless (added) test prompts per language on which the transfer matrix's first-token
+    #: judge is checked against generation + the phrase judge (0: no check; the baseline cells cost nothing)
+    transfer_check: int = 8
     total_effects: int = 4
     patch_top_k: int = 3
     alpha: float = ALPHA
@@ -86,7 +89,8 @@ READS: dict[str, tuple[str, ...]] = {
                   "refusal_filter", "batch_size"),
     "evaluate": (*_COMMON, "langs", "max_prompts", "max_new_tokens", "batch_size", "second_judge",
                  "second_judge_sample"),
-    "languages": (*_COMMON, "langs", "max_prompts", "train_prompts", "lang_train_prompts", "transfer", "batch_size"),
+    "languages": (*_COMMON, "langs", "max_prompts", "train_prompts", "lang_train_prompts", "transfer", "transfer_check",
+                  "max_new_tokens", "batch_size"),
     "attribute": (*_COMMON, "langs", "max_prompts", "compliance_tokens", "total_effects", "batch_size"),
     "compare": (*_COMMON, "langs", "max_prompts", "patch_top_k", "alpha", "batch_size"),
 }

@@ -95,8 +95,9 @@ def stage_languages(study: StudyState, out: Path) -> None:
     cfg = study.config
     found = study_languages(study.model(), study.direction(), study.prompts, study.test_split(), study.langs,
                             _baseline_completions(study), max_prompts=cfg.lang_cap,
-                            cells=transfer_cells(cfg.transfer, cfg.base, study.langs), batch_size=cfg.batch_size,
-                            progress=study.progress)
+                            cells=transfer_cells(cfg.transfer, cfg.base, study.langs),
+                            check_per_lang=cfg.transfer_check, max_new_tokens=cfg.max_new_tokens,
+                            batch_size=cfg.batch_size, progress=study.progress)
     with atomic_path(out / "directions.safetensors") as tmp:
         save_file(found.found.tensors(), str(tmp))
     write_json(out / "languages.json", found.to_json())

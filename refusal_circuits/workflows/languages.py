@@ -27,7 +27,9 @@ from refusal_circuits.crosslingual import (
     SharedPCA,
     SiteGroup,
     SplitHalfReliability,
+    TransferCheck,
     TransferMatrix,
+    check_transfer,
     direction_cosines,
     language_candidates,
     language_candidates_and_site,
@@ -132,12 +134,14 @@ def transfer_cells(mode: str, base: str, langs: Sequence[str]) -> set[tuple[str,
 
 @dataclass(frozen=True)
 class LanguageStudy:
-    """The study's ``languages`` stage: the language directions, the transfer matrix and its judge's tokens."""
+    """The study's ``languages`` stage: the language directions, the transfer matrix, its judge's tokens and, when
+    asked for, that judge checked against generation + the phrase judge (``check``)."""
 
     found: LanguageDirections
     transfer: TransferMatrix
     judge_tokens: dict[str, list[int]]
     judge_strings: dict[str, list[str]]
+    check: TransferCheck | None = None
 
     def to_json(self) -> dict[str, Any]:
         """``languages.json``."""
@@ -145,21 +149,31 @@ class LanguageStudy:
         return {"cosines": self.found.cosines.to_json(), "split_half": split_half.to_json() if split_half is not None else None,
                 "pca": self.found.pca.to_json(), "norms": self.found.norms,
                 "transfer": {**self.transfer.to_json(), "judge_tokens": {
-                    lang: {"ids": v, "strings": self.judge_strings[lang]} for lang, v in self.judge_tokens.items()}}}
+                    lang: {"ids": v, "strings": self.judge_strings[lang]} for lang, v in self.judge_tokens.items()},
+                    "check": self.check.to_json() if self.check is not None else None}}
 
 
 def study_languages(model: HookedModel, direction: Direction, prompts: PromptSet, test: PromptSet,
                     langs: Sequence[str], completions: Sequence[Mapping[str, Any]], *, max_prompts: int | None = None,
-                    cells: Collection[tuple[str, str]] | None = None, batch_size: int = 32, progress: bool = True
-                    ) -> LanguageStudy:
+                    cells: Collection[tuple[str, str]] | None = None, check_per_lang: int = 0,
+                    max_new_tokens: int = 16, batch_size: int = 32, progress: bool = True) -> LanguageStudy:
     """Every language's direction at r̂'s site from its train prompts (at most ``max_prompts`` per label) with the
     split-half reliability, and the transfer matrix on ``test`` (``cells``, default all) judged by each language's own refusal
-    openings in ``completions`` (the evaluate stage's baseline generation), its baseline row read off them."""
+    openings in ``completions`` (the evaluate stage's baseline generation), its baseline row read off them.
+
+    With ``check_per_lang`` that first-token judge is checked against generation (``max_new_tokens``) + the phrase
+    judge (:func:`~refusal_circuits.crosslingual.check_transfer`): on every baseline completion, and on
+    ``check_per_lang`` harmful (ablated) and harmless (added) test prompts per language under the base direction."""
     found = language_directions(model, prompts, langs, direction, max_prompts=max_prompts, halves=True,
                                 batch_size=batch_size, progress=progress)
     judged = judge_tokens(direction, langs)
     transfer = transfer_matrix(model, found.directions, test, targets=list(langs), refusal_ids=judged, cells=cells,
                                baseline=first_token_baseline(completions, test, judged, langs),
                                batch_size=batch_size, progress=progress)
+    check = None
+    if check_per_lang:
+        check = check_transfer(model, direction, test.filter(lang=list(langs)), judged, completions=completions,
+                               per_lang=check_per_lang, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               progress=progress)
     strings = {lang: [model.tokenizer.decode([t]) for t in v] for lang, v in judged.items()}
-    return LanguageStudy(found, transfer, judged, strings)
+    return LanguageStudy(found, transfer, judged, strings, check)
