@@ -231,6 +231,14 @@ class JudgeComparison:
                      ["<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows])
 
 
+def kappa_html(v: Mapping[str, Any]) -> str:
+    """Cohen's kappa of a :meth:`JudgeAgreement.to_json` with its 95% interval, or ``n/a`` where either is null."""
+    ci = v.get("kappa_ci")
+    if v.get("kappa") is None or not ci or None in ci:
+        return "n/a"
+    return f"{v['kappa']:.2f} <small>[{ci[0]:.2f}, {ci[1]:.2f}]</small>"
+
+
 def compare_judges(langs: Sequence[str], first: Sequence[bool], second: Sequence[bool], *,
                    names: tuple[str, str] = ("first", "second"), n_boot: int = 1000, seed: int = 0
                    ) -> JudgeComparison:

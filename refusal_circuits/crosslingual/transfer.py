@@ -14,6 +14,7 @@ from typing import Any
 from refusal_circuits.data import PromptSet
 from refusal_circuits.directions import Direction
 from refusal_circuits.errors import InputError
+from refusal_circuits.judges import JudgeComparison, compare_judges, kappa_html
 from refusal_circuits.markup import esc, table
 from refusal_circuits.models import HookedModel
 from refusal_circuits.stats import Rate
@@ -174,11 +175,6 @@ def transfer_matrix(model: HookedModel, directions: Mapping[str, Direction], pro
     return TransferMatrix(sources, targets, base, abl, add, judge)
 
 
-
-#: The interventions :func:`check_transfer` validates, each with the label of the prompts it is measured on.
-CHECKED = {"baseline": ("harmful", "harmless"), "ablate": ("harmful",), "actadd": ("harmless",)}
-
-
 @dataclass(frozen=True)
 class TransferCheck:
     """The transfer matrix's first-token judge against generation + the phrase judge, on the same completions.
@@ -193,7 +189,7 @@ class TransferCheck:
     source: str
     per_lang: int
     max_new_tokens: int
-    cells: dict[str, Any]  # name -> JudgeComparison
+    cells: dict[str, JudgeComparison]
 
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "per_lang": self.per_lang, "max_new_tokens": self.max_new_tokens,
@@ -213,12 +209,7 @@ def transfer_check_html(check: Mapping[str, Any]) -> str:
     def cell(v: Mapping[str, Any] | None) -> str:
         if not v or not v["n"]:
             return "<td>–</td>"
-        ci = v.get("kappa_ci")
-        k = (f"{v['kappa']:.2f}" + (f" <small>[{ci[0]:.2f}, {ci[1]:.2f}]</small>" if ci and None not in ci
-                                        else "")
-             if v.get("kappa") is not None else "n/a")
-        a = v["agreement"]
-        return f"<td>{k}<br><small>agree {a['rate']:.0%} of {v['n']}</small></td>"
+        return f"<td>{kappa_html(v)}<br><small>agree {v['agreement']['rate']:.0%} of {v['n']}</small></td>"
 
     rows = ["<tr><th>" + esc(lang) + "</th>" + "".join(cell(comp["languages"].get(lang)) for comp in cells.values())
             + "</tr>" for lang in langs]
@@ -245,7 +236,6 @@ def check_transfer(model: HookedModel, direction: Direction, prompts: PromptSet,
     """
     from refusal_circuits.evaluation import evaluate_refusal
     from refusal_circuits.interventions import ablate, actadd
-    from refusal_circuits.judges import compare_judges
 
     if per_lang < 1:
         raise InputError(f"per_lang must be at least 1, got {per_lang}")
@@ -256,7 +246,7 @@ def check_transfer(model: HookedModel, direction: Direction, prompts: PromptSet,
     sample = prompts.filter(lang=targets).sample(per_lang, seed=seed)
     names = ("first_token", "phrases")
 
-    def judged(rows: Sequence[Any]) -> Any:
+    def judged(rows: Sequence[tuple[str, int | None, bool]]) -> JudgeComparison:
         # rows: (lang, first_token, refused); a completion without a first token (a generator backend) is left out
         kept = [(lang, tok, ref) for lang, tok, ref in rows if tok is not None]
         return compare_judges([r[0] for r in kept], [r[1] in ids[r[0]] for r in kept], [bool(r[2]) for r in kept],
@@ -266,13 +256,13 @@ def check_transfer(model: HookedModel, direction: Direction, prompts: PromptSet,
         ev = evaluate_refusal(model, part, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
         return [(c.lang, c.first_token, c.refused) for c in ev.completions]
 
-    cells: dict[str, Any] = {}
-    wanted = {(r.lang, r.id) for r in prompts.filter(lang=targets)}
-    by_key = {(c["lang"], c["id"]): c for c in completions if (c["lang"], c["id"]) in wanted}
-    for label in CHECKED["baseline"]:
+    cells: dict[str, JudgeComparison] = {}
+    by_key = {(c["lang"], c["id"]): c for c in completions}
+    for label in ("harmful", "harmless"):
         part = prompts.filter(lang=targets, label=label)
         if by_key and all((r.lang, r.id) in by_key for r in part):
-            rows = [(r.lang, by_key[(r.lang, r.id)].get("first_token"), by_key[(r.lang, r.id)]["refused"]) for r in part]
+            given = [by_key[(r.lang, r.id)] for r in part]
+            rows = [(r.lang, c.get("first_token"), c["refused"]) for r, c in zip(part, given, strict=True)]
         else:
             rows = generated(sample.filter(label=label))
         cells[f"baseline {label}"] = judged(rows)

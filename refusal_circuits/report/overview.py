@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from refusal_circuits import viz
+from refusal_circuits.judges import kappa_html
 from refusal_circuits.markup import esc, table
 from refusal_circuits.report.figures import Figures
 from refusal_circuits.report.results import StudyView, rate
@@ -59,8 +60,7 @@ def judging_section(study: StudyView) -> str:
     second = study.results.get("second_judge")
     if second:
         rows = [f"<tr><td>{esc(k)}</td><td>{v['n']}</td><td>{_pct(v['agreement'])}</td><td>"
-                + (f"{v['kappa']:.2f} <small>[{v['kappa_ci'][0]:.2f}, {v['kappa_ci'][1]:.2f}]</small>"
-                   if v.get("kappa") is not None and v.get("kappa_ci") and None not in v["kappa_ci"] else "n/a")
+                + kappa_html(v)
                 + f"</td><td>{_pct(v['first_rate'])}</td><td>{_pct(v['second_rate'])}</td></tr>"
                 for k, v in second["languages"].items()]
         body.append(table(f"Agreement of {esc(second['first'])} and {esc(second['second'])} on a stratified "
