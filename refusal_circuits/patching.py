@@ -12,7 +12,7 @@ through later layers.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,8 +20,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from refusal_circuits import hooks
-from refusal_circuits.attribution import head_geometry
+from refusal_circuits import exactness, hooks
+from refusal_circuits.attribution import Attribution, attribute, head_geometry
 from refusal_circuits.chat import chat_format
 from refusal_circuits.directions import Direction, check_compatible
 from refusal_circuits.errors import InputError
@@ -30,6 +30,7 @@ from refusal_circuits.io import nullable
 from refusal_circuits.markup import esc, table
 from refusal_circuits.models import HookedModel, model_id
 from refusal_circuits.scores import refusal_score
+from refusal_circuits.stats import paired_stats_or_single
 
 Head = tuple[int, int]
 
@@ -151,6 +152,14 @@ class HeadEffect:
         patch_harmless: change on harmless prompts under the harmful mean (positive: the head can induce refusal).
         projection_harmful: change of ``resid_pre[r̂ layer] . r̂`` at r̂'s position under the first patch:
             the direct part (if the head sits below r̂'s layer) plus what later layers make of it.
+        site_harmful / site_harmless: the mean direct write at r̂'s position only (what ``projection_harmful`` is
+            compared with; NaN under a post-norm, as above).
+        path: the decomposition of ``projection_harmful`` into the head's own write, the MLPs and the later heads
+            (:class:`EffectPath`); None for a head at or above r̂'s layer (its patch cannot move r̂ there) or
+            where it was not asked for.
+        ci: 95% paired-bootstrap intervals (prompts resampled; each prompt patched against itself unpatched) of
+            ``patch_harmful``, ``patch_harmless`` and ``projection_harmful``: ``{name: (low, high)}``, NaN for one
+            prompt.
     """
 
     layer: int
@@ -160,11 +169,74 @@ class HeadEffect:
     patch_harmful: float
     patch_harmless: float
     projection_harmful: float
+    site_harmful: float = float("nan")
+    site_harmless: float = float("nan")
+    path: EffectPath | None = None
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def direct_gap(self) -> float:
         """How much more the head writes onto r̂ on harmful than on harmless prompts."""
         return self.direct_harmful - self.direct_harmless
+
+    @property
+    def site_gap(self) -> float:
+        """The same at r̂'s own position: the write the projection change compares with, like with like."""
+        return self.site_harmful - self.site_harmless
+
+
+@dataclass(frozen=True)
+class EffectPath:
+    """Where a head's total effect on r̂'s projection comes from: the change of every component's write onto r̂ at
+    r̂'s (layer, position) when the head is patched (harmful prompts, harmless mean), from attributing the patched
+    run and the clean one. ``own + sum(heads) + sum(mlps) + rest == total`` exactly, and ``total`` equals the
+    projection change measured without attribution (checked where it is computed).
+
+    Attributes:
+        own: the change of the head's own write at r̂'s position (the direct part of the effect).
+        heads: per layer from the head's own to r̂'s layer − 1, the summed change of the other heads' writes (the
+            head's own layer: 0, as its other heads do not read it).
+        mlps: per layer, the change of the MLP's write (its own layer's MLP reads the patched head).
+        rest: attention biases and embedding (0 up to rounding without a post-norm).
+        total: the change of ``resid_pre[r̂ layer] . r̂`` at r̂'s position.
+        ci: 95% bootstrap intervals (prompts resampled) of ``own``, ``via_mlps``, ``via_heads`` and ``total``.
+    """
+
+    own: float
+    heads: dict[int, float]
+    mlps: dict[int, float]
+    rest: float
+    total: float
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def via_heads(self) -> float:
+        return sum(self.heads.values())
+
+    @property
+    def via_mlps(self) -> float:
+        return sum(self.mlps.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"own": self.own, "via_heads": self.via_heads, "via_mlps": self.via_mlps, "rest": self.rest,
+                "total": self.total, **_ci_json(self.ci), "heads": {str(k): v for k, v in self.heads.items()},
+                "mlps": {str(k): v for k, v in self.mlps.items()}}
+
+
+def _ci_json(ci: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
+    """``{name}_ci_low`` / ``{name}_ci_high`` per interval, null with a reason where it is undefined."""
+    out: dict[str, Any] = {}
+    for name, (lo, hi) in ci.items():
+        out.update(nullable(f"{name}_ci_low", lo, "one prompt: no interval"))
+        out.update(nullable(f"{name}_ci_high", hi, "one prompt: no interval"))
+    return out
+
+
+def _intervals(per_prompt: Mapping[str, Tensor]) -> dict[str, tuple[float, float]]:
+    """Paired-bootstrap 95% intervals of the means of per-prompt differences (one seeded resampling)."""
+    names = list(per_prompt)
+    stats = paired_stats_or_single(torch.stack([per_prompt[k].double() for k in names], -1), n_perm=1)
+    return {k: (float(stats["ci_low"][i]), float(stats["ci_high"][i])) for i, k in enumerate(names)}
 
 
 @dataclass(frozen=True)
@@ -185,41 +257,58 @@ class HeadEffects:
                 "n_harmless": self.n_harmless,
                 "heads": [self._head_json(e) for e in self.effects]}
 
-    @staticmethod
-    def _head_json(e: HeadEffect) -> dict[str, Any]:
+    def _head_json(self, e: HeadEffect) -> dict[str, Any]:
         why = "the head's layer normalises its attention output per token (post-norm): see attribute()"
-        out: dict[str, Any] = {k: v for k, v in e.__dict__.items() if not k.startswith("direct_")}
-        for key in ("direct_harmful", "direct_harmless"):
+        out: dict[str, Any] = {k: v for k, v in e.__dict__.items()
+                               if not k.startswith(("direct_", "site_")) and k not in ("path", "ci")}
+        out.update(_ci_json(e.ci))
+        for key in ("direct_harmful", "direct_harmless", "site_harmful", "site_harmless"):
             out.update(nullable(key, getattr(e, key), why))
         out.update(nullable("direct_gap", e.direct_gap, why))
+        out.update(nullable("site_gap", e.site_gap, why))
+        no_path = ("the head sits at or above r̂'s layer: its patch cannot move r̂ at r̂'s site"
+                   if e.layer >= int(self.direction["layer"]) else "not decomposed (total_effects(decompose=False))")
+        out.update(nullable("path", None if e.path is None else e.path.to_json(), no_path))
         return out
 
     def _repr_html_(self) -> str:
+        def num(x: float | None) -> str:
+            return "n/a" if x is None or x != x else f"{x:+.3f}"
+
         rows = (
-            f"<tr><td>L{e.layer}.H{e.head}</td><td>{e.direct_harmful:+.3f}</td><td>{e.direct_harmless:+.3f}</td>"
-            f"<td>{e.projection_harmful:+.3f}</td><td>{e.patch_harmful:+.3f}</td><td>{e.patch_harmless:+.3f}</td></tr>"
+            f"<tr><td>L{e.layer}.H{e.head}</td><td>{num(e.direct_gap)}</td><td>{num(e.site_gap)}</td>"
+            f"<td>{num(e.projection_harmful)}</td><td>{num(e.path.own if e.path else None)}</td>"
+            f"<td>{num(e.path.via_mlps if e.path else None)}</td><td>{num(e.path.via_heads if e.path else None)}</td>"
+            f"<td>{num(e.patch_harmful)}</td><td>{num(e.patch_harmless)}</td></tr>"
             for e in self.effects)
-        return table(f"Direct vs total effect · {esc(self.model)} · baseline refusal score harmful "
-                     f"{self.baseline_harmful:+.2f} (n={self.n_harmful}), harmless {self.baseline_harmless:+.2f} "
-                     f"(n={self.n_harmless})",
-                     ["head", "direct (harmful)", "direct (harmless)", "Δ r̂ projection, harmful→harmless patch",
+        return table(f"Direct vs total effect · {esc(self.model)} · r̂ at layer {self.direction['layer']}, position "
+                     f"{self.direction['position']} · baseline refusal score harmful {self.baseline_harmful:+.2f} "
+                     f"(n={self.n_harmful}), harmless {self.baseline_harmless:+.2f} (n={self.n_harmless})",
+                     ["head", "direct gap (post-instruction mean)", "direct gap at r̂'s position",
+                      "Δ r̂ projection, harmful→harmless patch", "of which own write", "via MLPs", "via later heads",
                       "Δ refusal score, harmful→harmless patch", "Δ refusal score, harmless→harmful patch"], rows)
 
     def __repr__(self) -> str:
-        lines = [f"L{e.layer}.H{e.head}: direct {e.direct_harmful:+.3f}/{e.direct_harmless:+.3f}  "
-                 f"Δproj {e.projection_harmful:+.3f}  Δscore {e.patch_harmful:+.3f}/{e.patch_harmless:+.3f}"
+        def path(e: HeadEffect) -> str:
+            p = e.path
+            return "" if p is None else f" = own {p.own:+.3f} + MLPs {p.via_mlps:+.3f} + heads {p.via_heads:+.3f}"
+
+        lines = [f"L{e.layer}.H{e.head}: site gap {e.site_gap:+.3f}  Δproj {e.projection_harmful:+.3f}{path(e)}  "
+                 f"Δscore {e.patch_harmful:+.3f}/{e.patch_harmless:+.3f}"
                  for e in self.effects]
         return "HeadEffects(\n  " + "\n  ".join(lines) + "\n)"
 
 
 @torch.inference_mode()
 def total_effects(model: HookedModel, direction: Direction, harmful: Sequence[str], harmless: Sequence[str],
-                  heads: Sequence[Head], refusal_tokens: Sequence[int], *, batch_size: int = 32,
-                  progress: bool = True) -> HeadEffects:
+                  heads: Sequence[Head], refusal_tokens: Sequence[int], *, decompose: bool = True,
+                  batch_size: int = 32, progress: bool = True) -> HeadEffects:
     """Direct write and total effect (activation patching at the post-instruction tokens) of each head.
 
     Costs two forward passes over ``harmful`` + ``harmless`` for the means and baselines, then one pass over each
-    set per head (first-token logits only, template prefix shared).
+    set per head (first-token logits only, template prefix shared). With ``decompose`` (the default), the harmful
+    prompts are also attributed once clean and once under each patch of a head below r̂'s layer, which splits
+    its projection change into :class:`EffectPath` (about 1.5 forward passes over ``harmful`` per head).
     """
     check_compatible(direction, model)
     heads = [(int(layer), int(head)) for layer, head in heads]
@@ -243,30 +332,81 @@ def total_effects(model: HookedModel, direction: Direction, harmful: Sequence[st
     read = {layer: geo.head_readout(layer, r[None].to(geo.w_o[layer].device))[0].cpu() for layer in layers}
     # Without a post-norm a head's write is m * z_h . W_O[h]^T r̂; with one it needs each token's scale (NaN).
     factor = {layer: geo.attn[layer].multiplier if geo.attn[layer].norm is None else float("nan") for layer in layers}
+    site = n_post + direction.position  # r̂'s position among the post-instruction tokens
 
     def head_mean(which: str, layer: int, head: int) -> Tensor:
         return means[which][layer][:, head * d_head:(head + 1) * d_head]
 
-    def scores(instructions: Sequence[str], patch: list[tuple[str, hooks.HookFn]]) -> tuple[float, float]:
-        run = prompt_run(model, direction, instructions, refusal_tokens, patch_for=lambda _idx: patch,
-                         batch_size=batch_size)
-        return float(run.scores.mean()), float(run.projections.mean())
+    def write(which: str, layer: int, head: int, at: int | None = None) -> float:
+        """The mean direct write over the post-instruction tokens, or at post-instruction token ``at`` only."""
+        z = head_mean(which, layer, head)
+        return factor[layer] * float(((z if at is None else z[at:at + 1]) @ read[layer][head]).mean())
 
-    base_h, base_proj_h = float(clean["harmful"].scores.mean()), float(clean["harmful"].projections.mean())
-    base_l = float(clean["harmless"].scores.mean())
+    def scores(instructions: Sequence[str], patch: list[tuple[str, hooks.HookFn]]) -> PromptRun:
+        return prompt_run(model, direction, instructions, refusal_tokens, patch_for=_constant(patch),
+                          batch_size=batch_size)
+
+    ref_h, ref_l = clean["harmful"], clean["harmless"]
+    base_h, base_l = float(ref_h.scores.mean()), float(ref_l.scores.mean())
+    below = [h for h in heads if h[0] < direction.layer]
+    clean_attr = (attribute(model, direction, list(harmful), dla=False, batch_size=batch_size, progress=False)
+                  if decompose and below else None)
     effects: list[HeadEffect] = []
     for layer, head in tqdm(heads, desc="total effects", disable=not progress, leave=False):
         to_harmless = head_patch_hooks(model, {(layer, head): head_mean("harmless", layer, head)}, last=n_post)
         to_harmful = head_patch_hooks(model, {(layer, head): head_mean("harmful", layer, head)}, last=n_post)
-        s_h, p_h = scores(harmful, to_harmless)
-        s_l, _ = scores(harmless, to_harmful)
+        run_h, run_l = scores(harmful, to_harmless), scores(harmless, to_harmful)
+        d_score_h, d_score_l = run_h.scores - ref_h.scores, run_l.scores - ref_l.scores
+        d_proj = run_h.projections - ref_h.projections
+        path = None
+        if clean_attr is not None and layer < direction.layer:
+            patched = attribute(model, direction, list(harmful), dla=False, batch_size=batch_size,
+                                patch_for=_constant(to_harmless), progress=False)
+            path = _effect_path(clean_attr, patched, direction, (layer, head), float(d_proj.mean()),
+                                exactness.compute_dtype(model))
         effects.append(HeadEffect(
-            layer, head,
-            direct_harmful=factor[layer] * float((head_mean("harmful", layer, head) @ read[layer][head]).mean()),
-            direct_harmless=factor[layer] * float((head_mean("harmless", layer, head) @ read[layer][head]).mean()),
-            patch_harmful=s_h - base_h, patch_harmless=s_l - base_l, projection_harmful=p_h - base_proj_h))
+            layer, head, direct_harmful=write("harmful", layer, head), direct_harmless=write("harmless", layer, head),
+            patch_harmful=float(d_score_h.mean()), patch_harmless=float(d_score_l.mean()),
+            projection_harmful=float(d_proj.mean()),
+            site_harmful=write("harmful", layer, head, site), site_harmless=write("harmless", layer, head, site),
+            path=path, ci={**_intervals({"patch_harmful": d_score_h, "projection_harmful": d_proj}),
+                           **_intervals({"patch_harmless": d_score_l})}))
     return HeadEffects(effects, base_h, base_l, len(harmful), len(harmless), model_id(model),
                        {"lang": direction.lang, "layer": direction.layer, "position": direction.position})
+
+
+def _constant(patch: list[tuple[str, hooks.HookFn]]) -> Callable[[list[int]], list[tuple[str, hooks.HookFn]]]:
+    """The same patch for every batch."""
+    return lambda _idx: patch
+
+
+def _effect_path(clean: Attribution, patched: Attribution, direction: Direction, head: Head, measured: float,
+                 dtype: torch.dtype) -> EffectPath:
+    """The patched run's attribution minus the clean one's at r̂'s (layer, position), per component, checked to
+    add up to the projection change ``measured`` by :func:`prompt_run` (another code path: a hook on
+    ``resid_pre``)."""
+    top, (layer, h) = direction.layer, head
+    at = clean.resid.shape[-1] + direction.position  # rows are left-padded: the same template token in every row
+    per_head = (patched.heads - clean.heads)[:, :, :, at].double()  # [prompt, layer, head]
+    per_mlp = (patched.mlps - clean.mlps)[:, :, at].double()  # [prompt, layer]
+    d_heads, d_mlps = per_head.mean(0), per_mlp.mean(0)
+    d_rest = (patched.embed - clean.embed)[:, at].double().mean()
+    if clean.attn_bias is not None and patched.attn_bias is not None:
+        d_rest = d_rest + (patched.attn_bias - clean.attn_bias)[:, :top, at].double().sum(-1).mean()
+    own_per = per_head[:, layer, h].clone()
+    own = float(d_heads[layer, h])
+    d_heads[layer, h] = 0.0
+    per_head[:, layer, h] = 0.0
+    per_total = (patched.resid - clean.resid)[:, top, at].double()
+    total = float(per_total.mean())
+    exactness.require(torch.tensor([total]), torch.tensor([measured]), dtype,
+                      f"the decomposition of L{layer}.H{h}'s total effect: the attributed change of r̂'s projection "
+                      "differs from the measured one", n_terms=2 * top + 1,
+                      hint="the attribution and the patched forward pass disagree on this model")
+    ci = _intervals({"own": own_per, "via_mlps": per_mlp[:, layer:top].sum(-1),
+                     "via_heads": per_head[:, layer:top].sum((-1, -2)), "total": per_total})
+    return EffectPath(own, {a: float(d_heads[a].sum()) for a in range(layer, top)},
+                      {a: float(d_mlps[a]) for a in range(layer, top)}, float(d_rest), total, ci)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,12 @@ def test_run_writes_every_stage_the_report_and_results(study):
     assert de["n_pairs"] == 4 and len(de["patch"]["heads"]) == 2 and de["summary"].startswith("de: refuses")
     assert len(results["effects"]["heads"]) == 2
     page = (out / "report.html").read_text()
+    # The effects table: like with like (the site gap beside the projection change) and every head's split or why not.
+    table = page.split("Direct write versus total effect")[1].split("</table>")[0]
+    for h in results["effects"]["heads"]:
+        assert f"L{h['layer']}.H{h['head']}" in table
+        assert (h["path"] is None) == (h["layer"] >= results["direction"]["layer"])
+    assert "direct gap at r̂&#x27;s position" in table or "direct gap at r̂'s position" in table
     figures = sorted(p.stem for p in (out / "figures").glob("*.svg"))
     assert {"refusal_rates", "cosines", "split_half", "transfer", "pca", "trajectories", "heads_en", "heads_diff_de",
             "projection_de"} <= set(figures)

@@ -14,14 +14,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from refusal_circuits import exactness
+from refusal_circuits import exactness, hooks
 from refusal_circuits import forward as fwd
 from refusal_circuits.attribution.inputs import _check_one_device, _unit_vector
 from refusal_circuits.attribution.probe import _BatchProbe
@@ -140,9 +140,11 @@ class _Pass:
     worst: float
 
 
-def _run_pass(setup: _Setup, batch: ChatBatch, rows: Tensor) -> _Pass:
+def _run_pass(setup: _Setup, batch: ChatBatch, rows: Tensor,
+              patch: Sequence[tuple[str, hooks.HookFn]] = ()) -> _Pass:
     """Run the probes over ``batch`` (``rows``: each row's language group) and check they rebuild the residual
-    stream."""
+    stream. ``patch``: hooks registered before the probes on the batch's own positions (an activation patch the
+    probes then attribute)."""
     geo, model, dtype = setup.geo, setup.model, setup.dtype
     dla_v = None if setup.readout is None else setup.readout.v
     dla_rows = rows if dla_v is not None else None
@@ -150,7 +152,7 @@ def _run_pass(setup: _Setup, batch: ChatBatch, rows: Tensor) -> _Pass:
     n_prefix = fwd.shared_prefix(model, batch)  # 0 where the prefix is not shared or its check failed
     if not n_prefix:
         probe = _BatchProbe(geo, setup.r, dla_v, b, batch.input_ids.shape[1], batch.n_post, batch.spans, dla_rows)
-        hidden = decoder_forward(model, batch, probe.hook_list(), share_prefix=False)
+        hidden = decoder_forward(model, batch, [*patch, *probe.hook_list()], share_prefix=False)
         return _Pass(probe, None, 0, hidden, probe.check(batch.attention_mask, dtype))
     # The template prefix is the same for every row: attribute it once (a batch of one), and let every row
     # continue from it; its value projections join the keys of the rows' own pass.
@@ -163,7 +165,8 @@ def _run_pass(setup: _Setup, batch: ChatBatch, rows: Tensor) -> _Pass:
     key_spans = torch.cat([torch.full((b, n_prefix), int(Span.PREFIX), device=setup.device), tail_spans], 1)
     probe = _BatchProbe(geo, setup.r, dla_v, b, rest_len, batch.n_post, key_spans, dla_rows,
                         prefix_vproj=prefix.vprojs)
-    hidden = decoder_forward(model, batch, probe.hook_list(), share_prefix=True, prefix_readers=prefix.hook_list())
+    hidden = decoder_forward(model, batch, [*patch, *probe.hook_list()], share_prefix=True,
+                             prefix_readers=prefix.hook_list())
     worst = prefix.check(torch.ones(1, n_prefix, device=setup.device), dtype)
     worst = max(worst, probe.check(own[:, -rest_len:], dtype))
     return _Pass(probe, prefix, n_prefix, hidden, worst)
@@ -277,6 +280,7 @@ def attribute(
     dla: bool = True,
     batch_size: int = 16,
     fmt: ChatFormat | None = None,
+    patch_for: Callable[[list[int]], Sequence[tuple[str, hooks.HookFn]]] | None = None,
     progress: bool = True,
 ) -> Attribution:
     """Direct attribution of every component onto r̂, at every position, plus source spans and DLA.
@@ -291,6 +295,11 @@ def attribute(
             tokens on the harmless prompts of each language, refusal tokens excluded).
         dla: compute direct logit attribution (needs both token sets; skipped with a warning otherwise).
         batch_size: prompts per forward pass.
+        patch_for: an activation patch to attribute: ``patch_for(idx)`` gives the hooks of the batch whose rows are
+            the input indices ``idx`` (e.g. :func:`~refusal_circuits.patching.head_patch_hooks` with ``last``).
+            They run before the probes on each batch's own positions (the shared template prefix is left alone,
+            so patch post-instruction tokens only), and the parts still rebuild the patched residual stream
+            exactly (checked). The source spans of a patched head describe its unpatched attention.
 
     Returns:
         The :class:`Attribution`, one row per prompt in input order.
@@ -319,7 +328,7 @@ def attribute(
                               adv_suffix=adv_suffix, names=[rec.id for rec in records], progress=progress,
                               desc="attribution"):
         rows = torch.tensor([group_of.get(records[i].lang, 0) for i in idx], dtype=torch.long, device=device)
-        p = _run_pass(setup, batch, rows)
+        p = _run_pass(setup, batch, rows, patch_for(idx) if patch_for else ())
         worst = max(worst, p.worst)
         extra = _dla_parts(setup, p, rows)
         for i, (row, toks) in zip(idx, _batch_rows(setup, p, batch, extra), strict=True):

@@ -9,6 +9,7 @@ from refusal_circuits.markup import page
 from refusal_circuits.report.appendix import completions_section, gaps_section
 from refusal_circuits.report.circuits import (
     attribution_section,
+    effects_section,
     heads_section,
     projections_section,
     separation_section,
@@ -47,6 +48,7 @@ def build_report(out: Path, results: dict[str, Any]) -> str:
         pca_section(study, figs),
         transfer_section(study, figs),
         attribution_section(study),
+        effects_section(study),
         separation_section(study, figs),
         trajectories_section(study, figs),
         projections_section(study, figs),

@@ -23,6 +23,42 @@ def attribution_section(study: StudyView) -> str:
             + attribution.top_heads(8).where(lang=study.base)._repr_html_())
 
 
+def effects_section(study: StudyView) -> str:
+    """Direct write versus total effect of the base language's top heads, like with like: the write at r̂'s own
+    position beside the projection change at that position, split into the head's own write, the MLPs and later
+    heads, with intervals (empty where the study measured no total effects)."""
+    eff = study.results.get("effects")
+    if not eff:
+        return ""
+    direction = eff["direction"]
+
+    def cell(obj: dict[str, Any] | None, key: str) -> str:
+        if obj is None:
+            return "n/a"
+        value = _num(obj, key)
+        return value if obj.get(key) is None or f"{key}_ci_low" not in obj else f"{value} {_ci(obj, key)}"
+
+    rows = []
+    for h in eff["heads"]:
+        path = h.get("path")
+        rows.append(f"<tr><td>L{h['layer']}.H{h['head']}</td><td>{_num(h, 'site_gap')}</td>"
+                    f"<td>{cell(h, 'projection_harmful')}</td><td>{cell(path, 'own')}</td>"
+                    f"<td>{cell(path, 'via_mlps')}</td><td>{cell(path, 'via_heads')}</td>"
+                    f"<td>{cell(h, 'patch_harmful')}</td><td>{cell(h, 'patch_harmless')}</td></tr>")
+    no_path = {h.get("path_why") for h in eff["heads"] if h.get("path") is None} - {None}
+    note = f" Heads without a decomposition: {esc('; '.join(sorted(no_path)))}." if no_path else ""
+    return ("<h3>Direct write versus total effect</h3>"
+            f"<p>{esc(direction['lang'])} heads patched at the post-instruction tokens ({eff['n_harmful']} harmful "
+            f"prompts get each head's harmless mean, {eff['n_harmless']} harmless ones its harmful mean). r̂ is "
+            f"read at layer {direction['layer']}, position {direction['position']}: the direct-write gap at that "
+            "position is compared with the change of r̂'s projection there, which attributing the patched run "
+            "splits exactly into the head's own write, what the MLPs and the later heads make of it. Intervals: "
+            f"95% paired bootstrap over prompts.{note}</p>"
+            + table("", ["head", "direct gap at r̂'s position", "Δ r̂ projection (harmful→harmless patch)",
+                         "own write", "via MLPs", "via later heads", "Δ refusal score (harmful→harmless)",
+                         "Δ refusal score (harmless→harmful)"], rows))
+
+
 def separation_section(study: StudyView, figs: Figures) -> str:
     """AUROC of harmful vs harmless along r̂ per language and layer (empty where compare wrote none)."""
     sep = study.divergence.get("separation")
