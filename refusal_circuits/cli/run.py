@@ -22,8 +22,9 @@ from refusal_circuits.study import STAGE_FILE, STAGES, Study, StudyConfig
 def cmd_run(args: argparse.Namespace) -> None:
     filter_configs(args.filter, kl_max=args.kl_max, max_layer_frac=args.max_layer_frac)  # fail before any work
     placement(args)
-    if args.total_effects < 0 or args.patch_top_k < 0 or args.transfer_check < 0:
-        raise InputError("--total-effects, --patch-top-k and --transfer-check must be 0 or more")
+    for flag in ("total_effects", "patch_top_k", "transfer_check"):
+        if getattr(args, flag) < 0:
+            raise InputError(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
     config = StudyConfig(
         model=args.model, prompts=args.prompts, langs=tuple(args.langs) if args.langs else None, base=args.base,
         max_prompts=args.max_prompts, train_prompts=args.train_prompts, lang_train_prompts=args.lang_train_prompts,

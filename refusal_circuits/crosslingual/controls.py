@@ -239,6 +239,22 @@ def paired_controls(attribution: Attribution, harmful: Sequence[tuple[int, int]]
                           None if value_bias is None else value_bias.float(), spans, why)
 
 
+def _rho_slope_stats(out: dict[str, float], why: dict[str, str], prefix: str, base: Tensor, other: Tensor,
+                     boot_base: Tensor, boot_other: Tensor, what: str, no_slope: str) -> None:
+    """Rank correlation and slope of ``other`` on ``base`` (per head), with bootstrap intervals from the resampled
+    ``boot_*`` rows, into ``out`` as ``{prefix}rank_correlation`` / ``{prefix}slope``; reasons where undefined into
+    ``why``."""
+    pairs = [_rho_slope(boot_base[b], boot_other[b]) for b in range(boot_base.shape[0])]
+    rho, slope = _rho_slope(base, other)
+    rho_why = correlation_why(base, other, what)
+    out |= _stat(f"{prefix}rank_correlation", rho, [p[0] for p in pairs], rho_why)
+    out |= _stat(f"{prefix}slope", slope, [p[1] for p in pairs], None if math.isfinite(slope) else no_slope)
+    if rho_why is not None:
+        why[f"{prefix}rank_correlation"] = rho_why
+    if not math.isfinite(slope):
+        why[f"{prefix}slope"] = no_slope
+
+
 def _correlations(scores: Tensor, hb: list[int], ho: list[int], sb: list[int], so: list[int], h_ids: list[str],
                   s_ids: list[str], categories: Mapping[str, str | None] | None, n_boot: int, seed: int
                   ) -> tuple[dict[str, float], dict[str, str]]:
@@ -255,17 +271,9 @@ def _correlations(scores: Tensor, hb: list[int], ho: list[int], sb: list[int], s
     out: dict[str, float] = {}
     # Raw: the harmful mean writes (what PairedHeads correlates).
     ch, cb = _counts(len(hb), n_boot, g), _counts(max(len(sb), 1), n_boot, g)
-    raw_e, raw_t = eh.mean(0), th.mean(0)
     boot_e, boot_t = _resample_means(eh, ch), _resample_means(th, ch)
-    pairs = [_rho_slope(boot_e[b], boot_t[b]) for b in range(n_boot)]
-    rho, slope = _rho_slope(raw_e, raw_t)
-    raw_why = correlation_why(raw_e, raw_t, "mean head scores")
-    out |= _stat("raw_rank_correlation", rho, [p[0] for p in pairs], raw_why)
-    out |= _stat("raw_slope", slope, [p[1] for p in pairs], None if math.isfinite(slope) else "no head writes")
-    if raw_why is not None:
-        why["raw_rank_correlation"] = raw_why
-    if not math.isfinite(slope):
-        why["raw_slope"] = "no head writes onto r̂ in the base language"
+    _rho_slope_stats(out, why, "raw_", eh.mean(0), th.mean(0), boot_e, boot_t, "mean head scores",
+                     "no head writes onto r̂ in the base language")
     # Contrasts: harmful minus harmless, per language.
     nan_keys = ("rank_correlation", "slope", "null_rank_correlation", "null_slope", "halves_rank_correlation",
                 "halves_slope")
@@ -274,18 +282,9 @@ def _correlations(scores: Tensor, hb: list[int], ho: list[int], sb: list[int], s
             out |= {key: math.nan, f"{key}_ci_low": math.nan, f"{key}_ci_high": math.nan}
         why["correlations"] = "no harmless pairs: no harmful - harmless contrast"
         return out, why
-    ce, ct = eh.mean(0) - es.mean(0), th.mean(0) - ts.mean(0)
-    bce = boot_e - _resample_means(es, cb)
-    bct = boot_t - _resample_means(ts, cb)
-    pairs = [_rho_slope(bce[b], bct[b]) for b in range(n_boot)]
-    rho, slope = _rho_slope(ce, ct)
-    c_why = correlation_why(ce, ct, "head contrasts")
-    out |= _stat("rank_correlation", rho, [p[0] for p in pairs], c_why)
-    out |= _stat("slope", slope, [p[1] for p in pairs], None if math.isfinite(slope) else "no contrast")
-    if c_why is not None:
-        why["rank_correlation"] = c_why
-    if not math.isfinite(slope):
-        why["slope"] = "no head's harmful - harmless contrast in the base language"
+    _rho_slope_stats(out, why, "", eh.mean(0) - es.mean(0), th.mean(0) - ts.mean(0),
+                     boot_e - _resample_means(es, cb), boot_t - _resample_means(ts, cb), "head contrasts",
+                     "no head's harmful - harmless contrast in the base language")
     # Halves: English vs English (the null, the ceiling) and English vs translation on the same half sizes.
     ha, hb2 = _halves(h_ids, categories, seed)
     sa, sb2 = _halves(s_ids, categories, seed)
