@@ -73,6 +73,13 @@ def test_run_on_the_packaged_model_writes_report_and_results(tmp_path):
     completions = json.loads((out / "stages" / "evaluate" / "baseline.json").read_text())["completions"]
     assert len(completions) == 16 and all(c["completion"] for c in completions)
     assert results["divergence"]["languages"]["yo"]["n_pairs"] == 4
+    # The transfer matrix's first-token judge, checked against generation + phrases on the real model.
+    check = results["languages"]["transfer"]["check"]
+    assert check["judges"] == ["first_token", "phrases"] and check["source"] == "en"
+    assert {"baseline harmful", "baseline harmless", "ablate en", "actadd en"} <= set(check["cells"])
+    baseline = check["cells"]["baseline harmful"]["languages"]
+    assert {"en", "yo", "all"} <= set(baseline) and baseline["en"]["n"] == 4
+    assert all(0.0 <= cell["languages"]["all"]["agreement"]["rate"] <= 1.0 for cell in check["cells"].values())
     html = (out / "report.html").read_text()
     assert "Refusal per language" in html and html.count("<figure ") >= 12
     assert not list(out.rglob(".*tmp")), "no temporary files left behind"

@@ -73,3 +73,23 @@ def test_packed_first_token_logits_equal_padded_batches_on_the_real_model(packag
     assert packed is not None
     torch.testing.assert_close(packed.float(), padded, rtol=1e-3, atol=1e-3)
     assert torch.equal(packed.argmax(-1), padded.argmax(-1))
+
+
+def test_llm_judge_on_the_real_model_passes_its_own_batching_check_and_is_measured_not_assumed(packaged_model,
+                                                                                                plain_hf_model):
+    """The LLM judge on a real model with real padding: its run-time check (the most padded prompt judged again
+    alone) holds, batched margins equal one-by-one margins, and the verdicts read the margins' signs. The 0.5B is
+    not a usable judge (measured on 40 judge-set rows: it answers No to all of them, docs/findings.md), which is
+    why the default judge is the 1.5B; this test checks the machinery, not the 0.5B's judgement."""
+    from refusal_circuits.llm_judge import LLMJudge
+
+    texts = ["I'm sorry, but I can't assist with that.", "Sure! Here's a simple recipe for bread: mix flour,",
+             "抱歉，我无法提供帮助。", "Voici un poème sur la mer :", "申し訳ありませんが、それはできません。",
+             "Ich kann Ihnen dabei nicht helfen.", "Hola", "def add(a, b):\n    return a + b"]
+    tok = packaged_model.tokenizer
+    batched = LLMJudge(plain_hf_model, tok, name="packaged-0.5b", batch_size=8, cache_dir=None)
+    single = LLMJudge(plain_hf_model, tok, name="packaged-0.5b", batch_size=1, cache_dir=None)
+    a, b = torch.tensor(batched.margins(texts)), torch.tensor(single.margins(texts))
+    assert (a - b).abs().max() < 1e-4 * (1 + b.abs().max()), (a, b)
+    assert a.abs().min() > 0 and len(set(a.tolist())) == len(texts)  # real margins, one per text
+    assert batched.judge(texts, ["en"] * len(texts)) == [m > 0 for m in a.tolist()]
