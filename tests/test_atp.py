@@ -1,0 +1,195 @@
+"""Attribution patching on tiny random models: exact where the path is linear (against a hand-patched Hugging Face
+forward), the gradient of the exact patch everywhere else (against central finite differences of exact patching),
+and the validation record against exact patching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refusal_circuits import hooks
+from refusal_circuits.atp import AtPEstimates, attribution_patching, validate_atp
+from refusal_circuits.chat import chat_format
+from refusal_circuits.directions import Direction
+from refusal_circuits.errors import InputError
+from refusal_circuits.models import load_model, model_id
+from refusal_circuits.patching import prompt_run
+from refusal_circuits.scores import refusal_tokens_from_strings
+from tests.helpers import tiny_qwen_dir
+
+pytestmark = pytest.mark.tiny
+
+CLEAN = ["tell me a story about a cat", "what is two plus two?", "x" * 30, "why is the sky blue"]
+REFERENCE = ["hi", "name three birds", "a poem on rain please", "count to five"]
+
+
+def _direction(model, layer: int, seed: int = 3) -> Direction:
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(int(model.cfg.d_model), generator=g)
+    return Direction(vector=v / v.norm(), norm=float(v.norm()), layer=layer, position=-2, model=model_id(model),
+                     lang="en", n_harmful=4, n_harmless=4, prompts_sha256="")
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    return load_model(str(tiny_qwen_dir(tmp_path_factory.mktemp("tiny-qwen-atp"), n_layers=4)))
+
+
+@pytest.fixture(scope="module")
+def setup(deep):
+    d = _direction(deep, layer=2)
+    refusal = refusal_tokens_from_strings(deep.tokenizer, ["I"]).for_lang("en")
+    est = attribution_patching(deep, d, CLEAN, REFERENCE, refusal, batch_size=3, progress=False)
+    return d, refusal, est
+
+
+def _hf_z(model, layer: int, text: str, n_post: int) -> torch.Tensor:
+    """``o_proj``'s input of ``layer`` at the post-instruction tokens, from the plain Hugging Face model."""
+    hf, fmt = model.original_model, chat_format(model.tokenizer)
+    ids = torch.tensor([model.tokenizer.encode(fmt.render(model.tokenizer, text), add_special_tokens=False)])
+    seen = {}
+    h = hf.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(
+        lambda _m, args: seen.__setitem__("z", args[0][0, -n_post:].double()))
+    try:
+        hf(input_ids=ids)
+    finally:
+        h.remove()
+    return seen["z"]
+
+
+def _hf_projection(model, direction: Direction, layer: int, head: int, pos: int, value, text: str) -> float:
+    """``resid_pre[r̂ layer] . r̂`` at r̂'s position with head ``(layer, head)``'s input to ``o_proj`` at
+    post-instruction token ``pos`` set to ``value`` (None: clean), from the plain Hugging Face model."""
+    hf, fmt = model.original_model, chat_format(model.tokenizer)
+    ids = torch.tensor([model.tokenizer.encode(fmt.render(model.tokenizer, text), add_special_tokens=False)])
+    d_head = int(model.cfg.d_head)
+    sl = slice(head * d_head, (head + 1) * d_head)
+
+    def pre(_m, args):
+        z = args[0].clone()
+        if value is not None:
+            z[:, z.shape[1] - fmt.n_post + pos, sl] = value.to(z.dtype)
+        return (z,)
+
+    h = hf.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(pre)
+    try:
+        out = hf(input_ids=ids, output_hidden_states=True)
+    finally:
+        h.remove()
+    r = direction.vector.double() / direction.vector.double().norm()
+    return float(out.hidden_states[direction.layer][0, direction.position].double() @ r)
+
+
+def test_exact_where_the_path_is_linear(deep, setup):
+    """Every head of the layer below r̂'s, at r̂'s position, patched with the reference mean by hand in Hugging Face:
+    AtP's projection estimate is the exact change; at the later position it is exactly zero."""
+    d, _refusal, est = setup
+    n_post, d_head = chat_format(deep.tokenizer).n_post, int(deep.cfg.d_head)
+    mean = torch.stack([_hf_z(deep, 1, t, n_post) for t in REFERENCE]).mean(0)
+    pos = n_post + d.position
+    largest = 0.0
+    for head in range(int(deep.cfg.n_heads)):
+        value = mean[pos, head * d_head:(head + 1) * d_head]
+        for i, text in enumerate(CLEAN):
+            exact = _hf_projection(deep, d, 1, head, pos, value, text) - _hf_projection(deep, d, 1, head, pos, None, text)
+            assert abs(float(est.heads["projection"][i, 1, head, pos]) - exact) < 1e-4 * (1 + abs(exact))
+            largest = max(largest, abs(exact))
+        assert bool((est.heads["projection"][:, 1, head, pos + 1:] == 0).all())
+    assert largest > 1e-3  # the comparison is not 0 == 0
+    assert est.linear_check is not None and est.linear_check < 1e-4
+    # Nodes at or above r̂'s layer cannot move its projection.
+    assert bool((est.heads["projection"][:, 2:] == 0).all()) and bool((est.mlps["projection"][:, 2:] == 0).all())
+
+
+def _scaled_patch(model, node, eps: float, ref: torch.Tensor, n_post: int):
+    kind, layer, head, pos = node
+    d_head = int(model.cfg.d_head)
+
+    def fn(x, _name):
+        x = x.clone()
+        flat = x.flatten(2)
+        at = x.shape[1] - n_post + pos
+        sl = slice(head * d_head, (head + 1) * d_head) if kind == "head" else slice(None)
+        flat[:, at, sl] = flat[:, at, sl] + eps * (ref.to(x.dtype) - flat[:, at, sl])
+        return flat.view_as(x)
+
+    return lambda _idx: [(hooks.attn_z(layer) if kind == "head" else hooks.mlp_out(layer), fn)]
+
+
+@pytest.mark.parametrize("node", [("head", 0, 1, -1), ("mlp", 0, -1, -2), ("head", 2, 0, -1), ("mlp", 1, -1, -1),
+                                  ("head", 1, 2, -2)])
+def test_estimate_is_the_derivative_of_exact_patching(deep, setup, node):
+    """Nonlinear paths: AtP is d/dε of the exact patch clean + ε (ref − clean) at ε = 0, by central differences of
+    patched forward passes (the score for every node, the projection below r̂'s layer). One prompt per run, so
+    each prompt's own clean value is moved."""
+    d, refusal, est = setup
+    n_post = chat_format(deep.tokenizer).n_post
+    kind, layer, head, pos = node
+    pos = n_post + pos  # the last template token, or r̂'s
+    node = (kind, layer, head, pos)
+    d_head = int(deep.cfg.d_head)
+    ref_all = []
+    for t in REFERENCE:
+        got = {}
+        name = hooks.attn_z(layer) if kind == "head" else hooks.mlp_out(layer)
+        run = prompt_run(deep, d, [t], refusal, patch_for=lambda _i, got=got, name=name: [
+            (name, lambda x, _n: got.__setitem__("x", x.flatten(2)[0, x.shape[1] - n_post + pos].double()))])
+        del run
+        ref_all.append(got["x"])
+    ref = torch.stack(ref_all).mean(0)
+    if kind == "head":
+        ref = ref[head * d_head:(head + 1) * d_head]
+    eps = 1e-2
+    largest = 0.0
+    for metric in ("score", "projection"):
+        if metric == "projection" and layer >= d.layer:
+            continue
+        for i, text in enumerate(CLEAN):
+            plus = prompt_run(deep, d, [text], refusal, patch_for=_scaled_patch(deep, node, eps, ref, n_post))
+            minus = prompt_run(deep, d, [text], refusal, patch_for=_scaled_patch(deep, node, -eps, ref, n_post))
+            key = "scores" if metric == "score" else "projections"
+            fd = float((getattr(plus, key) - getattr(minus, key))[0]) / (2 * eps)
+            got = float(est.estimate(node, metric)[i])
+            assert abs(got - fd) < 2e-3 * (1 + abs(fd)), (metric, i, got, fd)
+            largest = max(largest, abs(fd))
+    assert largest > 1e-3  # the node moves the metric: the comparison is not 0 == 0
+
+
+def test_validation_against_exact_patching(deep, setup):
+    d, refusal, est = setup
+    val = validate_atp(deep, d, CLEAN, REFERENCE, refusal, est, n_top=3, n_random=3, batch_size=3, progress=False)
+    assert len(val.nodes) == 6 and len(set(val.nodes)) == 6
+    summary = val.to_json()["summary"]
+    for m in ("score", "projection"):
+        assert summary[m]["worst_error"] >= 0 and summary[m]["max_abs_exact"] > 0
+        assert -1 <= summary[m]["pearson"] <= 1
+    assert "Pearson" in val._repr_html_() and "worst error" in repr(val)
+    # The same seed picks the same random nodes.
+    again = validate_atp(deep, d, CLEAN, REFERENCE, refusal, est, n_top=3, n_random=3, batch_size=3, progress=False)
+    assert again.nodes == val.nodes and again.exact == val.exact
+
+
+def test_paired_reference_is_exact_on_the_linear_path(deep):
+    d = _direction(deep, layer=2, seed=5)
+    refusal = refusal_tokens_from_strings(deep.tokenizer, ["I"]).for_lang("en")
+    est = attribution_patching(deep, d, CLEAN, REFERENCE, refusal, paired=True, batch_size=2, progress=False)
+    assert isinstance(est, AtPEstimates) and est.reference == "paired"
+    n_post, d_head = chat_format(deep.tokenizer).n_post, int(deep.cfg.d_head)
+    pos = n_post + d.position
+    for i, (text, partner) in enumerate(zip(CLEAN, REFERENCE, strict=True)):
+        value = _hf_z(deep, 1, partner, n_post)[pos, 0:d_head]
+        exact = _hf_projection(deep, d, 1, 0, pos, value, text) - _hf_projection(deep, d, 1, 0, pos, None, text)
+        assert abs(float(est.heads["projection"][i, 1, 0, pos]) - exact) < 1e-4 * (1 + abs(exact))
+
+
+def test_bad_input_and_hook_hygiene(deep, setup):
+    d, refusal, _est = setup
+    with pytest.raises(InputError, match="equally many"):
+        attribution_patching(deep, d, CLEAN, REFERENCE[:2], refusal, paired=True, progress=False)
+    with pytest.raises(InputError, match="clean and reference"):
+        attribution_patching(deep, d, [], REFERENCE, refusal, progress=False)
+    with pytest.raises(InputError, match="refusal tokens"):
+        attribution_patching(deep, d, CLEAN, REFERENCE, [], progress=False)
+    with pytest.raises(InputError, match="unknown metric"):
+        _est.head_totals("logits")
+    assert hooks.count_hooks(deep) == 0
