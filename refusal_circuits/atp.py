@@ -44,11 +44,12 @@ from refusal_circuits.chat import chat_format
 from refusal_circuits.directions import Direction, check_compatible
 from refusal_circuits.errors import InputError
 from refusal_circuits.forward import batches, last_logits
+from refusal_circuits.io import nullable
 from refusal_circuits.markup import esc, table
 from refusal_circuits.models import HookedModel, model_id
 from refusal_circuits.patching import prompt_run
 from refusal_circuits.scores import refusal_score
-from refusal_circuits.stats import spearman
+from refusal_circuits.stats import correlation_why, spearman
 
 METRICS = ("projection", "score")
 
@@ -164,6 +165,8 @@ def attribution_patching(model: HookedModel, direction: Direction, clean: Sequen
     first batch for the run-time check.
     """
     check_compatible(direction, model)
+    if torch.is_inference_mode_enabled():
+        raise InputError("attribution patching needs gradients: call it outside torch.inference_mode()")
     if not clean or not reference:
         raise InputError("attribution patching needs clean and reference prompts")
     if paired and len(clean) != len(reference):
@@ -306,11 +309,20 @@ class AtPValidation:
     n_top: int
     seed: int
 
+    def why(self, metric: str) -> str | None:
+        """Why the correlations of ``metric`` are not defined (e.g. every node checked sits at or above r̂'s layer,
+        so none moves its projection), or None."""
+        return correlation_why(torch.tensor(self.estimate[metric]), torch.tensor(self.exact[metric]), "node changes")
+
     def pearson(self, metric: str) -> float:
+        if self.why(metric):
+            return float("nan")
         a, b = torch.tensor(self.estimate[metric]), torch.tensor(self.exact[metric])
         return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
 
     def spearman(self, metric: str) -> float:
+        if self.why(metric):
+            return float("nan")
         return float(spearman(torch.tensor(self.estimate[metric]), torch.tensor(self.exact[metric])))
 
     def worst_error(self, metric: str) -> float:
@@ -322,7 +334,8 @@ class AtPValidation:
     def to_json(self) -> dict[str, Any]:
         return {"nodes": [_name(n) for n in self.nodes], "n_top": self.n_top, "seed": self.seed,
                 "exact": self.exact, "estimate": self.estimate,
-                "summary": {m: {"pearson": self.pearson(m), "spearman": self.spearman(m),
+                "summary": {m: {**nullable("pearson", self.pearson(m), self.why(m)),
+                                **nullable("spearman", self.spearman(m), self.why(m)),
                                 "worst_error": self.worst_error(m), "max_abs_exact": self.scale(m)} for m in METRICS}}
 
     def __repr__(self) -> str:

@@ -192,4 +192,6 @@ def test_bad_input_and_hook_hygiene(deep, setup):
         attribution_patching(deep, d, CLEAN, REFERENCE, [], progress=False)
     with pytest.raises(InputError, match="unknown metric"):
         _est.head_totals("logits")
+    with torch.inference_mode(), pytest.raises(InputError, match="inference_mode"):
+        attribution_patching(deep, d, CLEAN, REFERENCE, refusal, progress=False)
     assert hooks.count_hooks(deep) == 0

@@ -216,3 +216,27 @@ def test_compare_end_to_end(tiny_dir, workdir, capsys):
     code, _, err = _run(capsys, "compare", "--attributions", str(workdir / "attr2"), "--base", "fr",
                         "--out", str(workdir / "cmp-bad"))
     assert code == 2 and "--base fr" in err and not (workdir / "cmp-bad" / "divergence.json").exists()
+
+
+def test_atp_end_to_end_and_bad_input(tiny_dir, workdir, capsys):
+    from safetensors.torch import load_file
+
+    prompts = _prompt_file(workdir / "p.jsonl")
+    if not (workdir / "dir" / "direction.json").exists():
+        assert main(["-q", "directions", "--model", str(tiny_dir), "--prompts", str(prompts), "--lang", "en",
+                     "--out", str(workdir / "dir"), "--refusal-tokens", "I,S", "--filter", "polyrefuse",
+                     "--kl-max", "1e9", "--max-layer-frac", "1.0"]) == 0
+    out_dir = workdir / "atp"
+    code, out, err = _run(capsys, "atp", "--model", str(tiny_dir), "--prompts", str(prompts), "--direction",
+                          str(workdir / "dir"), "--split", "all", "--validate", "2", "--out", str(out_dir))
+    assert code == 0, err
+    t = load_file(str(out_dir / "atp.safetensors"))
+    assert t["heads.score"].shape[:3] == (6, 2, 4) and t["mlps.projection"].shape[:2] == (6, 2)
+    summary = json.loads((out_dir / "atp.json").read_text())
+    assert summary["n_harmful"] == 6 and summary["validation"]["n_top"] == 2
+    assert len(summary["validation"]["nodes"]) == 4 and "pearson" in summary["validation"]["summary"]["score"]
+    assert "AtPValidation" in out
+    code, _, err = _run(capsys, "atp", "--model", str(tiny_dir), "--prompts", str(prompts), "--direction",
+                        str(workdir / "dir"), "--validate", "-1", "--out", str(workdir / "atp-bad"))
+    assert code == 2 and "--validate" in err and len(err.strip().splitlines()) == 1
+    assert not (workdir / "atp-bad").exists()

@@ -11,6 +11,7 @@ from typing import Any
 
 from refusal_circuits._version import __version__
 from refusal_circuits.cli.analysis import cmd_attribute, cmd_compare
+from refusal_circuits.cli.atp import cmd_atp
 from refusal_circuits.cli.check import cmd_check
 from refusal_circuits.cli.direction import cmd_directions, cmd_orthogonalize
 from refusal_circuits.cli.evaluate import cmd_evaluate
@@ -259,6 +260,31 @@ def _add_attribute(sub: _Sub) -> None:
     a.set_defaults(func=cmd_attribute)
 
 
+def _add_atp(sub: _Sub) -> None:
+    a = sub.add_parser("atp", help="attribution patching: every head and MLP at every post-instruction token",
+                       description=(
+                           "Attribution patching (first-order estimates of activation patching, one forward and "
+                           "two backward passes per batch): for every head's output and every MLP's write at every "
+                           "post-instruction token of the harmful prompts of one language, the change of r̂'s "
+                           "projection at its site and of the refusal score (that language's own tokens) when it "
+                           "is set to its mean over the harmless prompts. Checked on the model against exact "
+                           "patching where the path is linear; --validate K also patches the K largest and K "
+                           "random nodes exactly and reports the correlation and worst error. Writes "
+                           "OUT/atp.safetensors and OUT/atp.json."))
+    _model_arg(a)
+    _prompts_arg(a)
+    a.add_argument("--direction", required=True, help="a directory written by `directions`")
+    a.add_argument("--lang", default=None, help="the language whose prompts are patched (default: the direction's)")
+    a.add_argument("--out", required=True, help="output directory")
+    a.add_argument("--split", default=None, choices=SPLITS, help=_SPLIT_HELP)
+    a.add_argument("--max-prompts", type=_positive, default=None, help="at most this many per label")
+    a.add_argument("--batch-size", type=_positive, default=8)
+    a.add_argument("--refusal-tokens", default=None, help="comma-separated refusal tokens (default: the direction's)")
+    a.add_argument("--validate", type=int, default=8, metavar="K",
+                   help="exactly patch the K largest and K random nodes to validate the estimates (0: skip)")
+    a.set_defaults(func=cmd_atp)
+
+
 def _add_compare(sub: _Sub) -> None:
     c = sub.add_parser("compare", help="English vs each language, paired by prompt id: where refusal diverges",
                        description=(
@@ -336,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_run, _add_directions, _add_evaluate, _add_attribute, _add_compare, _add_report,
+    for add in (_add_run, _add_directions, _add_evaluate, _add_attribute, _add_atp, _add_compare, _add_report,
                 _add_orthogonalize, _add_check):
         add(sub)
     return parser
