@@ -17,6 +17,11 @@ English test prompts of the bundled set), as the median of ``--repeats`` runs:
 * ``generate_ablate_vs_plain``: greedy generation of 32 new tokens with r̂ ablated (hooks on every residual
   write, through the bridge's hook points), as ``evaluate`` runs it (the template prefix once, shared through
   the key-value cache), vs plain Hugging Face ``generate`` on the same batch.
+* ``atp_vs_forward``: attribution patching (:func:`refusal_circuits.atp.attribution_patching`: every head and MLP
+  at every post-instruction token, two metrics, the harmful half patched with the harmless half's mean, its
+  run-time check included) vs the plain forward of the whole batch; ``atp_speedup_vs_exact``: exact activation
+  patching of every one of those nodes (one patched pass over the harmful half each, timed on 4 nodes and scaled
+  to all) vs attribution patching.
 * ``selection_seconds_per_candidate``: bypass, induce and KL scores of 4 candidates (2 layers x 2 positions) on
   16 + 16 prompts, per candidate.
 
@@ -92,7 +97,8 @@ def measure(fn: Callable[[], Any], repeats: int) -> dict[str, Any]:
     return {"seconds": statistics.median(times), "peak_mib_above": peak, "times": times, "result": out}
 
 
-STEPS = ("forward", "collect", "attribute", "generate", "generate_ablate", "selection", "naive", "study")
+STEPS = ("forward", "collect", "attribute", "atp", "exact_patch", "generate", "generate_ablate", "selection", "naive",
+         "study")
 #: The languages of the ``study`` step (the default ``run`` on three languages, measured once, end to end).
 STUDY_LANGS = "en,de,ja"
 
@@ -107,6 +113,7 @@ def run_step(name: str, spec: str, n_prompts: int, repeats: int, scores_path: st
     from refusal_circuits.data import PromptSet, load_bundled
     from refusal_circuits.directions import extract_candidates
     from refusal_circuits.forward import batches, prefix_continuation, shared_prefix_length
+    from refusal_circuits.models import model_id
     from refusal_circuits.selection import score_candidates
 
     torch.set_grad_enabled(False)
@@ -161,15 +168,47 @@ def run_step(name: str, spec: str, n_prompts: int, repeats: int, scores_path: st
         stacked = cache.stack_head_results(layer=-1)  # [layer * head, batch, pos, d_model]
         return stacked @ r
 
-    fns = {"collect": collect, "attribute": attribute_, "generate_ablate": generate_ablate, "selection": selection,
+    harmful_half = prompts.filter(label="harmful").instructions
+    harmless_half = prompts.filter(label="harmless").instructions
+    direction = rc.Direction(vector=r, norm=1.0, layer=layer, position=-1, model=model_id(model), lang="en",
+                             n_harmful=half, n_harmless=half, prompts_sha256="")
+
+    def atp():
+        from refusal_circuits.atp import attribution_patching
+
+        with torch.enable_grad():
+            return attribution_patching(model, direction, harmful_half, harmless_half, list(refusal.ids),
+                                        batch_size=half, progress=False)
+
+    def exact_patch():
+        # Four single-node patches, each one patched pass over the harmful half, as validate_atp runs them.
+        from refusal_circuits.atp import _patch_for, _post_means
+        from refusal_circuits.patching import prompt_run
+
+        n_post = rc.chat_format(tok).n_post
+        ref_z, ref_m = _post_means(model, harmless_half, n_post, half)
+        ref_z, ref_m = ref_z.mean(0, keepdim=True), ref_m.mean(0, keepdim=True)
+        for node in (("head", layer - 1, 0, n_post - 1), ("head", 1, 1, n_post - 2), ("mlp", mid, -1, n_post - 1),
+                     ("head", mid, 2, n_post - 1)):
+            prompt_run(model, direction, harmful_half, list(refusal.ids),
+                       patch_for=_patch_for(model, node, ref_z, ref_m, False, n_post), batch_size=half)
+
+    fns = {"collect": collect, "atp": atp, "exact_patch": exact_patch, "attribute": attribute_, "generate_ablate": generate_ablate, "selection": selection,
            "naive": naive}
     with torch.inference_mode():
         hf(input_ids=batch.input_ids[:1, -4:])  # warm the thread pool the same small way before every step
+    if name == "atp":  # gradients: outside inference mode
         m = measure(fns[name], repeats)
+    else:
+        with torch.inference_mode():
+            m = measure(fns[name], repeats)
     result = m.pop("result")
     extra: dict[str, Any] = {"tokens": int(batch.attention_mask.sum()), "padded_len": int(batch.input_ids.shape[1])}
     if name == "selection":
         extra["candidates"] = len(result[0])
+    if name == "atp":
+        extra["nodes"] = int(result.heads["score"][0].numel() + result.mlps["score"][0].numel())
+        extra["linear_check_error"] = result.linear_check
     if name == "attribute":
         extra["completeness_error"] = result.completeness_error()
     if scores_path and name in ("attribute", "naive"):
@@ -297,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         ratios["attribute_peak_rss_vs_hf"] = raw["attribute"]["peak_mib_above"] / fwd["peak_mib_above"]
     if "generate" in raw and "generate_ablate" in raw:
         ratios["generate_ablate_vs_plain"] = raw["generate_ablate"]["seconds"] / raw["generate"]["seconds"]
+    if "atp" in raw:
+        ratios["atp_vs_forward"] = raw["atp"]["seconds"] / fwd["seconds"]
+        if "exact_patch" in raw:
+            ratios["atp_speedup_vs_exact"] = raw["exact_patch"]["seconds"] / 4 * raw["atp"]["nodes"] / raw["atp"]["seconds"]
     if "selection" in raw:
         ratios["selection_seconds_per_candidate"] = raw["selection"]["seconds"] / raw["selection"]["candidates"]
     if "study" in raw:

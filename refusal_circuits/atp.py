@@ -14,10 +14,11 @@ projection ``resid_pre[r̂ layer] · r̂`` at r̂'s position and the refusal sco
 refusal tokens at the first generated token), the two that :func:`~refusal_circuits.patching.total_effects`
 measures exactly.
 
-Exact or refused: the estimate is exact for a node whose path to the metric is linear; a head in the layer just
-below r̂'s writes into the projection only directly (no post-norm), so there AtP must equal exact patching. Every
-call checks that on the user's model (one exact patched pass) and raises :class:`ExactnessError` if the gradients
-do not reproduce it. Elsewhere AtP is an approximation: :func:`validate_atp` measures it against exact patching on
+Exact or refused: the estimate is exact for a node whose path to the metric is linear: the MLP of the layer just
+below r̂'s writes into the projection only directly (no post-norm), so there AtP must equal exact patching; and
+everywhere it must be the derivative of exact patching along the patch. Every call checks both on the user's model
+(the MLP exactly, that layer's largest head by central differences; three patched passes over the first batch)
+and raises :class:`ExactnessError` if the gradients do not reproduce them. Elsewhere AtP is an approximation: :func:`validate_atp` measures it against exact patching on
 the largest estimates and a seeded random sample of the rest and reports the correlation and the worst error.
 
 What this adds to TransformerLens 4.3's ``attribution_patching`` tools: the reference is a mean or a paired
@@ -67,8 +68,8 @@ class AtPEstimates:
         mlps: ``{metric: [prompt, layer, post]}``.
         baseline: ``{metric: [prompt]}`` the clean values.
         reference: "mean" or "paired".
-        linear_check: the worst error of the run-time check (a head of the layer below r̂'s, exact vs AtP), or
-            None where it could not run (r̂ at layer 0, or a post-norm there).
+        linear_check: the worst error of the run-time checks (see :func:`_linear_check`), or None where they could
+            not run (r̂ at layer 0, or a post-norm on the MLP below it).
     """
 
     heads: dict[str, Float[Tensor, "prompt layer head post"]]
@@ -233,13 +234,14 @@ def attribution_patching(model: HookedModel, direction: Direction, clean: Sequen
     result = AtPEstimates(heads, mlps, baseline, model_id(model),
                           {"lang": direction.lang, "layer": direction.layer, "position": direction.position},
                           "paired" if paired else "mean", None)
-    check = _linear_check(model, direction, clean, refusal_tokens, result, ref_z, paired, batch_size)
+    check = _linear_check(model, direction, clean, refusal_tokens, result, ref_z, ref_m, paired, batch_size)
     return AtPEstimates(heads, mlps, baseline, result.model, result.direction, result.reference, check)
 
 
-def _patch_for(model: HookedModel, node: Node, ref_z: Tensor, ref_m: Tensor | None, paired: bool, n_post: int
-               ) -> Callable[[list[int]], list[tuple[str, hooks.HookFn]]]:
-    """Hooks that set one node at one post-instruction token to its reference value (each batch's rows)."""
+def _patch_for(model: HookedModel, node: Node, ref_z: Tensor | None, ref_m: Tensor | None, paired: bool, n_post: int,
+               scale: float = 1.0) -> Callable[[list[int]], list[tuple[str, hooks.HookFn]]]:
+    """Hooks that move one node at one post-instruction token to ``clean + scale * (reference - clean)`` (1: the
+    reference value itself), in each batch's rows."""
     kind, layer, head, pos = node
     d_head = int(model.cfg.d_head)
 
@@ -255,11 +257,10 @@ def _patch_for(model: HookedModel, node: Node, ref_z: Tensor, ref_m: Tensor | No
             x = x.clone()
             flat = x.flatten(2) if kind == "head" else x
             at = x.shape[1] - n_post + pos
-            if kind == "head":
-                flat[:, at, head * d_head:(head + 1) * d_head] = value.to(x.dtype).to(x.device)
-                return flat.view_as(x)
-            flat[:, at] = value.to(x.dtype).to(x.device)
-            return flat
+            sl = slice(head * d_head, (head + 1) * d_head) if kind == "head" else slice(None)
+            cur = flat[:, at, sl]
+            flat[:, at, sl] = cur + scale * (value.to(x.dtype).to(x.device) - cur)
+            return flat.view_as(x)
 
         return [(hooks.attn_z(layer) if kind == "head" else hooks.mlp_out(layer), fn)]
 
@@ -267,29 +268,52 @@ def _patch_for(model: HookedModel, node: Node, ref_z: Tensor, ref_m: Tensor | No
 
 
 def _linear_check(model: HookedModel, direction: Direction, clean: Sequence[str],
-                  refusal_tokens: Sequence[int], result: AtPEstimates, ref_z: Tensor, paired: bool,
+                  refusal_tokens: Sequence[int], result: AtPEstimates, ref_z: Tensor, ref_m: Tensor, paired: bool,
                   batch_size: int) -> float | None:
-    """Exact patching of the head of layer r̂−1 with the largest projection estimate at r̂'s position must equal
-    the estimate (the path is linear there); ExactnessError otherwise."""
+    """Two checks on the first batch, on the user's model; ExactnessError if either fails.
+
+    1. The MLP of the layer below r̂'s, at r̂'s position, writes into r̂'s projection directly and nothing else
+       reads it first: there the estimate must equal exact patching (the float tolerance).
+    2. The head of that layer with the largest estimate there (its own layer's MLP reads it, so the path is not
+       linear): the estimate must be the derivative of exact patching along the patch, by central differences
+       of two patched passes (ε = 0.01; within 2% of the larger size plus 1e-3).
+    """
     below = direction.layer - 1
-    if below < 0 or head_geometry(model).attn[below].norm is not None:
+    geo = head_geometry(model)
+    if below < 0 or geo.mlp[below].norm is not None:
         return None
     n_post = chat_format(model.tokenizer).n_post
     pos = n_post + direction.position
     rows = list(range(min(len(clean), batch_size)))
-    est = result.heads["projection"][rows, below, :, pos]
-    head = int(est.abs().mean(0).argmax())
-    node: Node = ("head", below, head, pos)
     sub_clean = [clean[i] for i in rows]
-    sub_ref = ref_z[rows] if paired else ref_z
-    with torch.inference_mode():
-        run = prompt_run(model, direction, sub_clean, refusal_tokens,
-                         patch_for=_patch_for(model, node, sub_ref, None, paired, n_post), batch_size=batch_size)
-    exact = run.projections - result.baseline["projection"][rows]
-    return exactness.require(est[:, head], exact, exactness.compute_dtype(model),
-                             f"attribution patching of {_name(node)} (linear path into r̂'s projection): the gradient "
-                             "estimate differs from exact patching", n_terms=2 * direction.layer + 1,
-                             hint="gradients through this model's hooks do not match its forward pass")
+    sub_z, sub_m = (ref_z[rows], ref_m[rows]) if paired else (ref_z, ref_m)
+    base = result.baseline["projection"][rows]
+
+    def patched(node: Node, scale: float) -> Tensor:
+        with torch.inference_mode():
+            run = prompt_run(model, direction, sub_clean, refusal_tokens, batch_size=batch_size,
+                             patch_for=_patch_for(model, node, sub_z, sub_m, paired, n_post, scale))
+        return run.projections
+
+    mlp: Node = ("mlp", below, -1, pos)
+    err = exactness.require(result.mlps["projection"][rows, below, pos], patched(mlp, 1.0) - base,
+                            exactness.compute_dtype(model),
+                            f"attribution patching of {_name(mlp)} (a linear path into r̂'s projection): the gradient "
+                            "estimate differs from exact patching", n_terms=2 * direction.layer + 1,
+                            hint="gradients through this model's hooks do not match its forward pass")
+    est = result.heads["projection"][rows, below, :, pos]
+    head: Node = ("head", below, int(est.abs().mean(0).argmax()), pos)
+    eps = 0.01
+    fd = (patched(head, eps) - patched(head, -eps)) / (2 * eps)
+    got = result.estimate(head, "projection")[rows]
+    worst = float((got - fd).abs().max())
+    allowed = 0.02 * float(torch.maximum(got.abs(), fd.abs()).max()) + 1e-3
+    if worst > allowed:
+        raise exactness.ExactnessError(
+            f"attribution patching of {_name(head)}: the gradient estimate is not the derivative of exact patching "
+            f"(error {worst:.3g}, allowed {allowed:.3g}); gradients through this model's hooks do not match its "
+            "forward pass")
+    return max(err, worst)
 
 
 @dataclass(frozen=True)

@@ -80,23 +80,58 @@ def _hf_projection(model, direction: Direction, layer: int, head: int, pos: int,
     return float(out.hidden_states[direction.layer][0, direction.position].double() @ r)
 
 
+def _hf_mlp(model, layer: int, text: str, n_post: int) -> torch.Tensor:
+    """The MLP output of ``layer`` at the post-instruction tokens, from the plain Hugging Face model."""
+    hf, fmt = model.original_model, chat_format(model.tokenizer)
+    ids = torch.tensor([model.tokenizer.encode(fmt.render(model.tokenizer, text), add_special_tokens=False)])
+    seen = {}
+    h = hf.model.layers[layer].mlp.register_forward_hook(
+        lambda _m, _a, out: seen.__setitem__("m", out[0, -n_post:].double()))
+    try:
+        hf(input_ids=ids)
+    finally:
+        h.remove()
+    return seen["m"]
+
+
+def _hf_mlp_projection(model, direction: Direction, layer: int, pos: int, value, text: str) -> float:
+    """``resid_pre[r̂ layer] . r̂`` at r̂'s position with MLP ``layer``'s output at post-instruction token ``pos``
+    set to ``value`` (None: clean), from the plain Hugging Face model."""
+    hf, fmt = model.original_model, chat_format(model.tokenizer)
+    ids = torch.tensor([model.tokenizer.encode(fmt.render(model.tokenizer, text), add_special_tokens=False)])
+
+    def post(_m, _a, out):
+        if value is None:
+            return None
+        out = out.clone()
+        out[:, out.shape[1] - fmt.n_post + pos] = value.to(out.dtype)
+        return out
+
+    h = hf.model.layers[layer].mlp.register_forward_hook(post)
+    try:
+        out = hf(input_ids=ids, output_hidden_states=True)
+    finally:
+        h.remove()
+    r = direction.vector.double() / direction.vector.double().norm()
+    return float(out.hidden_states[direction.layer][0, direction.position].double() @ r)
+
+
 def test_exact_where_the_path_is_linear(deep, setup):
-    """Every head of the layer below r̂'s, at r̂'s position, patched with the reference mean by hand in Hugging Face:
-    AtP's projection estimate is the exact change; at the later position it is exactly zero."""
+    """The MLP of the layer below r̂'s writes into r̂'s projection only directly: patched with the reference mean by
+    hand in Hugging Face, AtP's estimate is the exact change at r̂'s position and exactly zero after it. (A head of
+    that layer is not linear: its own layer's MLP reads it; see the finite-difference test.)"""
     d, _refusal, est = setup
-    n_post, d_head = chat_format(deep.tokenizer).n_post, int(deep.cfg.d_head)
-    mean = torch.stack([_hf_z(deep, 1, t, n_post) for t in REFERENCE]).mean(0)
+    n_post = chat_format(deep.tokenizer).n_post
     pos = n_post + d.position
+    value = torch.stack([_hf_mlp(deep, 1, t, n_post) for t in REFERENCE]).mean(0)[pos]
     largest = 0.0
-    for head in range(int(deep.cfg.n_heads)):
-        value = mean[pos, head * d_head:(head + 1) * d_head]
-        for i, text in enumerate(CLEAN):
-            exact = _hf_projection(deep, d, 1, head, pos, value, text) - _hf_projection(deep, d, 1, head, pos, None, text)
-            assert abs(float(est.heads["projection"][i, 1, head, pos]) - exact) < 1e-4 * (1 + abs(exact))
-            largest = max(largest, abs(exact))
-        assert bool((est.heads["projection"][:, 1, head, pos + 1:] == 0).all())
+    for i, text in enumerate(CLEAN):
+        exact = _hf_mlp_projection(deep, d, 1, pos, value, text) - _hf_mlp_projection(deep, d, 1, pos, None, text)
+        assert abs(float(est.mlps["projection"][i, 1, pos]) - exact) < 1e-5 * (1 + abs(exact))
+        largest = max(largest, abs(exact))
     assert largest > 1e-3  # the comparison is not 0 == 0
-    assert est.linear_check is not None and est.linear_check < 1e-4
+    assert bool((est.mlps["projection"][:, 1, pos + 1:] == 0).all())
+    assert est.linear_check is not None and est.linear_check < 1e-3
     # Nodes at or above r̂'s layer cannot move its projection.
     assert bool((est.heads["projection"][:, 2:] == 0).all()) and bool((est.mlps["projection"][:, 2:] == 0).all())
 
@@ -174,12 +209,12 @@ def test_paired_reference_is_exact_on_the_linear_path(deep):
     refusal = refusal_tokens_from_strings(deep.tokenizer, ["I"]).for_lang("en")
     est = attribution_patching(deep, d, CLEAN, REFERENCE, refusal, paired=True, batch_size=2, progress=False)
     assert isinstance(est, AtPEstimates) and est.reference == "paired"
-    n_post, d_head = chat_format(deep.tokenizer).n_post, int(deep.cfg.d_head)
+    n_post = chat_format(deep.tokenizer).n_post
     pos = n_post + d.position
     for i, (text, partner) in enumerate(zip(CLEAN, REFERENCE, strict=True)):
-        value = _hf_z(deep, 1, partner, n_post)[pos, 0:d_head]
-        exact = _hf_projection(deep, d, 1, 0, pos, value, text) - _hf_projection(deep, d, 1, 0, pos, None, text)
-        assert abs(float(est.heads["projection"][i, 1, 0, pos]) - exact) < 1e-4 * (1 + abs(exact))
+        value = _hf_mlp(deep, 1, partner, n_post)[pos]
+        exact = _hf_mlp_projection(deep, d, 1, pos, value, text) - _hf_mlp_projection(deep, d, 1, pos, None, text)
+        assert abs(float(est.mlps["projection"][i, 1, pos]) - exact) < 1e-5 * (1 + abs(exact))
 
 
 def test_bad_input_and_hook_hygiene(deep, setup):
