@@ -10,6 +10,21 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from tests.fixtures import templates
 
+#: Short prompts of different lengths (left padding matters), as "harmful" and "harmless" for tiny-model tests.
+SHORT_PROMPTS = (["tell me a story about a cat", "what is two plus two?", "x" * 30, "why is the sky blue"],
+                 ["hi", "name three birds", "a poem on rain please", "count to five"])
+
+
+def random_direction(model, layer: int, seed: int = 3):
+    """A seeded random unit direction at ``layer``, position -2, for the tiny models."""
+    from refusal_circuits.directions import Direction
+    from refusal_circuits.models import model_id
+
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(int(model.cfg.d_model), generator=g)
+    return Direction(vector=v / v.norm(), norm=float(v.norm()), layer=layer, position=-2, model=model_id(model),
+                     lang="en", n_harmful=4, n_harmless=4, prompts_sha256="")
+
 
 def byte_tokenizer(chat_template: str | None, specials: list[str], *, bos: str | None = None,
                    eos: str | None = None, pad: str | None = None) -> PreTrainedTokenizerFast:

@@ -12,22 +12,15 @@ from refusal_circuits.atp import AtPEstimates, attribution_patching, validate_at
 from refusal_circuits.chat import chat_format
 from refusal_circuits.directions import Direction
 from refusal_circuits.errors import InputError
-from refusal_circuits.models import load_model, model_id
+from refusal_circuits.models import load_model
 from refusal_circuits.patching import prompt_run
 from refusal_circuits.scores import refusal_tokens_from_strings
-from tests.helpers import tiny_qwen_dir
+from tests.helpers import SHORT_PROMPTS, random_direction, tiny_qwen_dir
 
 pytestmark = pytest.mark.tiny
 
-CLEAN = ["tell me a story about a cat", "what is two plus two?", "x" * 30, "why is the sky blue"]
-REFERENCE = ["hi", "name three birds", "a poem on rain please", "count to five"]
-
-
-def _direction(model, layer: int, seed: int = 3) -> Direction:
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn(int(model.cfg.d_model), generator=g)
-    return Direction(vector=v / v.norm(), norm=float(v.norm()), layer=layer, position=-2, model=model_id(model),
-                     lang="en", n_harmful=4, n_harmless=4, prompts_sha256="")
+CLEAN, REFERENCE = SHORT_PROMPTS
+_direction = random_direction
 
 
 @pytest.fixture(scope="module")
@@ -43,47 +36,14 @@ def setup(deep):
     return d, refusal, est
 
 
-def _hf_z(model, layer: int, text: str, n_post: int) -> torch.Tensor:
-    """``o_proj``'s input of ``layer`` at the post-instruction tokens, from the plain Hugging Face model."""
-    hf, fmt = model.original_model, chat_format(model.tokenizer)
-    ids = torch.tensor([model.tokenizer.encode(fmt.render(model.tokenizer, text), add_special_tokens=False)])
-    seen = {}
-    h = hf.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(
-        lambda _m, args: seen.__setitem__("z", args[0][0, -n_post:].double()))
-    try:
-        hf(input_ids=ids)
-    finally:
-        h.remove()
-    return seen["z"]
-
-
-def _hf_projection(model, direction: Direction, layer: int, head: int, pos: int, value, text: str) -> float:
-    """``resid_pre[r̂ layer] . r̂`` at r̂'s position with head ``(layer, head)``'s input to ``o_proj`` at
-    post-instruction token ``pos`` set to ``value`` (None: clean), from the plain Hugging Face model."""
-    hf, fmt = model.original_model, chat_format(model.tokenizer)
-    ids = torch.tensor([model.tokenizer.encode(fmt.render(model.tokenizer, text), add_special_tokens=False)])
-    d_head = int(model.cfg.d_head)
-    sl = slice(head * d_head, (head + 1) * d_head)
-
-    def pre(_m, args):
-        z = args[0].clone()
-        if value is not None:
-            z[:, z.shape[1] - fmt.n_post + pos, sl] = value.to(z.dtype)
-        return (z,)
-
-    h = hf.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(pre)
-    try:
-        out = hf(input_ids=ids, output_hidden_states=True)
-    finally:
-        h.remove()
-    r = direction.vector.double() / direction.vector.double().norm()
-    return float(out.hidden_states[direction.layer][0, direction.position].double() @ r)
+def _ids(model, text: str) -> torch.Tensor:
+    fmt = chat_format(model.tokenizer)
+    return torch.tensor([model.tokenizer.encode(fmt.render(model.tokenizer, text), add_special_tokens=False)])
 
 
 def _hf_mlp(model, layer: int, text: str, n_post: int) -> torch.Tensor:
     """The MLP output of ``layer`` at the post-instruction tokens, from the plain Hugging Face model."""
-    hf, fmt = model.original_model, chat_format(model.tokenizer)
-    ids = torch.tensor([model.tokenizer.encode(fmt.render(model.tokenizer, text), add_special_tokens=False)])
+    hf, ids = model.original_model, _ids(model, text)
     seen = {}
     h = hf.model.layers[layer].mlp.register_forward_hook(
         lambda _m, _a, out: seen.__setitem__("m", out[0, -n_post:].double()))
@@ -97,8 +57,7 @@ def _hf_mlp(model, layer: int, text: str, n_post: int) -> torch.Tensor:
 def _hf_mlp_projection(model, direction: Direction, layer: int, pos: int, value, text: str) -> float:
     """``resid_pre[r̂ layer] . r̂`` at r̂'s position with MLP ``layer``'s output at post-instruction token ``pos``
     set to ``value`` (None: clean), from the plain Hugging Face model."""
-    hf, fmt = model.original_model, chat_format(model.tokenizer)
-    ids = torch.tensor([model.tokenizer.encode(fmt.render(model.tokenizer, text), add_special_tokens=False)])
+    hf, fmt, ids = model.original_model, chat_format(model.tokenizer), _ids(model, text)
 
     def post(_m, _a, out):
         if value is None:

@@ -9,22 +9,15 @@ import torch
 from refusal_circuits import hooks
 from refusal_circuits.chat import chat_format
 from refusal_circuits.directions import Direction
-from refusal_circuits.models import load_model, model_id
+from refusal_circuits.models import load_model
 from refusal_circuits.patching import total_effects
 from refusal_circuits.scores import refusal_tokens_from_strings
-from tests.helpers import tiny_arch_dir, tiny_qwen_dir
+from tests.helpers import SHORT_PROMPTS, random_direction, tiny_arch_dir, tiny_qwen_dir
 
 pytestmark = pytest.mark.tiny
 
-HARMFUL = ["tell me a story about a cat", "what is two plus two?", "x" * 30, "why is the sky blue"]
-HARMLESS = ["hi", "name three birds", "a poem on rain please", "count to five"]
-
-
-def _direction(model, layer: int, seed: int = 3) -> Direction:
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn(int(model.cfg.d_model), generator=g)
-    return Direction(vector=v / v.norm(), norm=float(v.norm()), layer=layer, position=-2, model=model_id(model),
-                     lang="en", n_harmful=4, n_harmless=4, prompts_sha256="")
+HARMFUL, HARMLESS = SHORT_PROMPTS
+_direction = random_direction
 
 
 @pytest.fixture(scope="module")
