@@ -182,19 +182,18 @@ def run_step(name: str, spec: str, n_prompts: int, repeats: int, scores_path: st
 
     def exact_patch():
         # Four single-node patches, each one patched pass over the harmful half, as validate_atp runs them.
-        from refusal_circuits.atp import _patch_for, _post_means
+        from refusal_circuits.atp import _patch_for, _references
         from refusal_circuits.patching import prompt_run
 
         n_post = rc.chat_format(tok).n_post
-        ref_z, ref_m = _post_means(model, harmless_half, n_post, half)
-        ref_z, ref_m = ref_z.mean(0, keepdim=True), ref_m.mean(0, keepdim=True)
+        ref_z, ref_m = _references(model, harmless_half, n_post, half, paired=False)
         for node in (("head", layer - 1, 0, n_post - 1), ("head", 1, 1, n_post - 2), ("mlp", mid, -1, n_post - 1),
                      ("head", mid, 2, n_post - 1)):
             prompt_run(model, direction, harmful_half, list(refusal.ids),
                        patch_for=_patch_for(model, node, ref_z, ref_m, False, n_post), batch_size=half)
 
-    fns = {"collect": collect, "atp": atp, "exact_patch": exact_patch, "attribute": attribute_, "generate_ablate": generate_ablate, "selection": selection,
-           "naive": naive}
+    fns = {"collect": collect, "attribute": attribute_, "atp": atp, "exact_patch": exact_patch,
+           "generate_ablate": generate_ablate, "selection": selection, "naive": naive}
     with torch.inference_mode():
         hf(input_ids=batch.input_ids[:1, -4:])  # warm the thread pool the same small way before every step
     if name == "atp":  # gradients: outside inference mode

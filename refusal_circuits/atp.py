@@ -29,6 +29,7 @@ per-language refusal score; the run-time exactness check above and the validatio
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -128,8 +129,8 @@ def _name(node: Node) -> str:
     return f"L{layer}.H{head}@{pos}" if kind == "head" else f"MLP{layer}@{pos}"
 
 
-def _post_means(model: HookedModel, instructions: Sequence[str], n_post: int, batch_size: int
-                ) -> tuple[Tensor, Tensor]:
+def _post_values(model: HookedModel, instructions: Sequence[str], n_post: int, batch_size: int
+                 ) -> tuple[Tensor, Tensor]:
     """Per layer, ``z`` and the MLP write at the post-instruction tokens of every prompt: ``[n, layer, post, width]``
     and ``[n, layer, post, d_model]``."""
     n_layers = int(model.cfg.n_layers)
@@ -155,6 +156,14 @@ def _post_means(model: HookedModel, instructions: Sequence[str], n_post: int, ba
     return torch.cat(z_all)[inv], torch.cat(m_all)[inv]
 
 
+def _references(model: HookedModel, reference: Sequence[str], n_post: int, batch_size: int, paired: bool
+                ) -> tuple[Tensor, Tensor]:
+    """What each node is patched towards: ``z`` and the MLP write of every reference prompt (``paired``) or their
+    mean (a leading axis of 1), ``[n | 1, layer, post, width | d_model]``."""
+    ref_z, ref_m = _post_values(model, reference, n_post, batch_size)
+    return (ref_z, ref_m) if paired else (ref_z.mean(0, keepdim=True), ref_m.mean(0, keepdim=True))
+
+
 def attribution_patching(model: HookedModel, direction: Direction, clean: Sequence[str], reference: Sequence[str],
                          refusal_tokens: Sequence[int], *, paired: bool = False, batch_size: int = 16,
                          progress: bool = True) -> AtPEstimates:
@@ -162,8 +171,8 @@ def attribution_patching(model: HookedModel, direction: Direction, clean: Sequen
     mean over ``reference`` (``paired``: with ``reference[i]``'s own value, prompts paired by position).
 
     Costs one forward pass over ``reference`` (no gradients) and, per batch of ``clean``, one forward and two
-    backward passes (one per metric; the projection's stops at r̂'s layer), then one exact patched pass over the
-    first batch for the run-time check.
+    backward passes (one per metric; the projection's stops at r̂'s layer), then three patched passes over the
+    first batch for the run-time checks (:func:`_linear_check`).
     """
     check_compatible(direction, model)
     if torch.is_inference_mode_enabled():
@@ -182,9 +191,7 @@ def attribution_patching(model: HookedModel, direction: Direction, clean: Sequen
     n_layers, n_heads, d_head = int(model.cfg.n_layers), int(model.cfg.n_heads), int(model.cfg.d_head)
     r = direction.vector.to(torch.float64)
     r = r / r.norm()
-    ref_z, ref_m = _post_means(model, reference, n_post, batch_size)
-    if not paired:
-        ref_z, ref_m = ref_z.mean(0, keepdim=True), ref_m.mean(0, keepdim=True)
+    ref_z, ref_m = _references(model, reference, n_post, batch_size, paired)
     n = len(clean)
     heads = {k: torch.zeros(n, n_layers, n_heads, n_post, dtype=torch.float64) for k in METRICS}
     mlps = {k: torch.zeros(n, n_layers, n_post, dtype=torch.float64) for k in METRICS}
@@ -235,10 +242,10 @@ def attribution_patching(model: HookedModel, direction: Direction, clean: Sequen
                           {"lang": direction.lang, "layer": direction.layer, "position": direction.position},
                           "paired" if paired else "mean", None)
     check = _linear_check(model, direction, clean, refusal_tokens, result, ref_z, ref_m, paired, batch_size)
-    return AtPEstimates(heads, mlps, baseline, result.model, result.direction, result.reference, check)
+    return dataclasses.replace(result, linear_check=check)
 
 
-def _patch_for(model: HookedModel, node: Node, ref_z: Tensor | None, ref_m: Tensor | None, paired: bool, n_post: int,
+def _patch_for(model: HookedModel, node: Node, ref_z: Tensor, ref_m: Tensor, paired: bool, n_post: int,
                scale: float = 1.0) -> Callable[[list[int]], list[tuple[str, hooks.HookFn]]]:
     """Hooks that move one node at one post-instruction token to ``clean + scale * (reference - clean)`` (1: the
     reference value itself), in each batch's rows."""
@@ -247,9 +254,7 @@ def _patch_for(model: HookedModel, node: Node, ref_z: Tensor | None, ref_m: Tens
 
     def make(idx: list[int]) -> list[tuple[str, hooks.HookFn]]:
         rows = torch.as_tensor(idx, dtype=torch.long) if paired else torch.zeros(len(idx), dtype=torch.long)
-        src = ref_z if kind == "head" else ref_m
-        assert src is not None
-        value = src[rows, layer, pos]
+        value = (ref_z if kind == "head" else ref_m)[rows, layer, pos]
         if kind == "head":
             value = value[:, head * d_head:(head + 1) * d_head]
 
@@ -388,9 +393,7 @@ def validate_atp(model: HookedModel, direction: Direction, clean: Sequence[str],
     rest += [("mlp", a, -1, p) for a in range(n_layers) for p in range(n_post)]
     rest = [x for x in rest if x not in top]
     nodes = top + random.Random(seed).sample(rest, min(n_random, len(rest)))
-    ref_z, ref_m = _post_means(model, reference, n_post, batch_size)
-    if not paired:
-        ref_z, ref_m = ref_z.mean(0, keepdim=True), ref_m.mean(0, keepdim=True)
+    ref_z, ref_m = _references(model, reference, n_post, batch_size, paired)
     exact: dict[str, list[float]] = {m: [] for m in METRICS}
     est: dict[str, list[float]] = {m: [] for m in METRICS}
     with torch.inference_mode():

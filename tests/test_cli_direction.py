@@ -24,6 +24,16 @@ def _prompt_file(path):
     return path
 
 
+def _direction_made(tiny_dir, workdir):
+    """The prompt file, and ``workdir/dir`` written by `directions` unless an earlier test already wrote it."""
+    prompts = _prompt_file(workdir / "p.jsonl")
+    if not (workdir / "dir" / "direction.json").exists():
+        assert main(["-q", "directions", "--model", str(tiny_dir), "--prompts", str(prompts), "--lang", "en",
+                     "--out", str(workdir / "dir"), "--refusal-tokens", "I,S", "--filter", "polyrefuse",
+                     "--kl-max", "1e9", "--max-layer-frac", "1.0"]) == 0
+    return prompts
+
+
 def _run(capsys, *argv):
     code = main(["-q", *argv])
     out, err = capsys.readouterr()
@@ -128,11 +138,7 @@ def test_evaluate_without_refusal_tokens_still_reports_rates(tiny_dir, tmp_path,
 def test_attribute_end_to_end_and_completeness_from_the_file(tiny_dir, workdir, capsys):
     from safetensors.torch import load_file
 
-    prompts = _prompt_file(workdir / "p.jsonl")
-    if not (workdir / "dir" / "direction.json").exists():
-        assert main(["-q", "directions", "--model", str(tiny_dir), "--prompts", str(prompts), "--lang", "en",
-                     "--out", str(workdir / "dir"), "--refusal-tokens", "I,S", "--filter", "polyrefuse",
-                     "--kl-max", "1e9", "--max-layer-frac", "1.0"]) == 0
+    prompts = _direction_made(tiny_dir, workdir)
     out_dir = workdir / "attr"
     code, out, err = _run(capsys, "attribute", "--model", str(tiny_dir), "--prompts", str(prompts), "--direction",
                           str(workdir / "dir"), "--split", "all", "--compliance-tokens", "T,x",
@@ -161,11 +167,7 @@ def test_attribute_end_to_end_and_completeness_from_the_file(tiny_dir, workdir, 
     (["--langs", "xx"], "xx"),
 ])
 def test_attribute_bad_input(tiny_dir, workdir, capsys, extra, message):
-    prompts = _prompt_file(workdir / "p.jsonl")
-    if not (workdir / "dir" / "direction.json").exists():
-        assert main(["-q", "directions", "--model", str(tiny_dir), "--prompts", str(prompts), "--lang", "en",
-                     "--out", str(workdir / "dir"), "--refusal-tokens", "I,S", "--filter", "polyrefuse",
-                     "--kl-max", "1e9", "--max-layer-frac", "1.0"]) == 0
+    prompts = _direction_made(tiny_dir, workdir)
     args = ["attribute", "--model", str(tiny_dir), "--prompts", str(prompts), "--direction", str(workdir / "dir"),
             "--out", str(workdir / "bad-attr")]
     for i in range(0, len(extra), 2):  # later flags win in argparse
@@ -176,15 +178,11 @@ def test_attribute_bad_input(tiny_dir, workdir, capsys, extra, message):
 
 
 def test_compare_end_to_end(tiny_dir, workdir, capsys):
-    rows = [json.loads(line) for line in _prompt_file(workdir / "p.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in _direction_made(tiny_dir, workdir).read_text().splitlines()]
     both = rows + [{**r, "lang": "de", "instruction": r["instruction"].replace("tell me about", "erzähl mir von")}
                    for r in rows]
     prompts = workdir / "p2.jsonl"
     prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in both))
-    if not (workdir / "dir" / "direction.json").exists():
-        assert main(["-q", "directions", "--model", str(tiny_dir), "--prompts", str(workdir / "p.jsonl"), "--lang",
-                     "en", "--out", str(workdir / "dir"), "--refusal-tokens", "I,S", "--filter", "polyrefuse",
-                     "--kl-max", "1e9", "--max-layer-frac", "1.0"]) == 0
     code, _, err = _run(capsys, "attribute", "--model", str(tiny_dir), "--prompts", str(prompts), "--direction",
                         str(workdir / "dir"), "--split", "all", "--compliance-tokens", "T", "--total-effects", "0",
                         "--out", str(workdir / "attr2"))
@@ -221,11 +219,7 @@ def test_compare_end_to_end(tiny_dir, workdir, capsys):
 def test_atp_end_to_end_and_bad_input(tiny_dir, workdir, capsys):
     from safetensors.torch import load_file
 
-    prompts = _prompt_file(workdir / "p.jsonl")
-    if not (workdir / "dir" / "direction.json").exists():
-        assert main(["-q", "directions", "--model", str(tiny_dir), "--prompts", str(prompts), "--lang", "en",
-                     "--out", str(workdir / "dir"), "--refusal-tokens", "I,S", "--filter", "polyrefuse",
-                     "--kl-max", "1e9", "--max-layer-frac", "1.0"]) == 0
+    prompts = _direction_made(tiny_dir, workdir)
     out_dir = workdir / "atp"
     code, out, err = _run(capsys, "atp", "--model", str(tiny_dir), "--prompts", str(prompts), "--direction",
                           str(workdir / "dir"), "--split", "all", "--validate", "2", "--out", str(out_dir))
