@@ -9,13 +9,15 @@ groups (harmful and harmless, languages, halves) in one length bucketing, so bat
 Resampling statistics (the split-half reliability of :mod:`refusal_circuits.crosslingual.reliability`) need the
 activations of every prompt, but at one site only: :func:`site_activations` keeps ``resid_pre`` at one (layer,
 post-instruction position) per prompt, ``[n, d_model]`` per group, and stops the pass after that layer;
-:func:`collect_groups` gives the means and those rows from the same forward pass.
+:func:`collect_groups` gives the means and those rows from the same forward pass. :func:`site_rows` keeps rows at
+several sites at once, one of which may be the last instruction token (:func:`last_instruction`, Zhao et al.'s
+``t_inst``: where a harmfulness direction is read, one position before the post-instruction tokens).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -102,12 +104,14 @@ class GroupActivations:
         site: name -> ``[n, d_model]`` float64, ``resid_pre[layer]`` at the site's position for every prompt of the
             group, in the group's order (empty when no site was asked for).
         layer, position: the site (None without one).
+        sites: ``(layer, position) ->`` the same rows at every site asked for with ``sites`` (and ``site``).
     """
 
     means: dict[Any, MeanActivations]
     site: dict[Any, SiteRows]
     layer: int | None = None
     position: int | None = None
+    sites: dict[tuple[int, int], dict[Any, SiteRows]] = field(default_factory=dict)
 
 
 @torch.inference_mode()
@@ -164,6 +168,38 @@ def site_activations(
     return dict(got.site)
 
 
+def last_instruction(fmt: ChatFormat) -> int:
+    """The site position of the instruction's last token (Zhao et al.'s ``t_inst``): ``-n_post - 1``, one before
+    the post-instruction tokens (every prompt is tokenized in pieces, so it is always the instruction's own)."""
+    return -fmt.n_post - 1
+
+
+@torch.inference_mode()
+def site_rows(
+    model: HookedModel,
+    groups: Mapping[K, Sequence[str]],
+    sites: Sequence[tuple[int, int]],
+    *,
+    batch_size: int = 32,
+    fmt: ChatFormat | None = None,
+    progress: bool = True,
+    desc: str = "activations",
+) -> dict[tuple[int, int], dict[K, SiteRows]]:
+    """Every prompt's ``resid_pre[layer]`` at each ``(layer, position)`` of ``sites``, per group, from one pass.
+
+    A position is a post-instruction token (``-n_post`` .. ``-1``) or the last instruction token
+    (:func:`last_instruction`). The pass stops after the deepest site's layer; memory is ``n × d_model`` per site.
+
+    Returns:
+        ``(layer, position) -> name -> float64 [n, d_model]``, rows in the order of the group's instructions.
+    """
+    if not sites:
+        raise InputError("site_rows needs at least one (layer, position) site")
+    got = collect_groups(model, groups, layers=(), sites=sites, batch_size=batch_size, fmt=fmt, progress=progress,
+                         desc=desc)
+    return {key: dict(rows) for key, rows in got.sites.items()}
+
+
 @torch.inference_mode()
 def collect_groups(
     model: HookedModel,
@@ -171,6 +207,7 @@ def collect_groups(
     *,
     layers: Sequence[int] | None = None,
     site: tuple[int, int] | None = None,
+    sites: Sequence[tuple[int, int]] = (),
     batch_size: int = 32,
     fmt: ChatFormat | None = None,
     progress: bool = True,
@@ -178,6 +215,9 @@ def collect_groups(
 ) -> GroupActivations:
     """:func:`group_means` at ``layers`` (default all; ``()`` for none) and, with ``site = (layer, position)``,
     :func:`site_activations` there, from one forward pass over all groups (stopped after the last layer needed).
+
+    ``sites`` asks for rows at more sites (see :func:`site_rows`); their positions may also be the last instruction
+    token, ``-n_post - 1`` (:func:`last_instruction`).
 
     Returns:
         a :class:`GroupActivations`, both mappings in the order of ``groups``; everything checked free of NaN
@@ -189,7 +229,8 @@ def collect_groups(
         raise InputError(f"no instructions to average over in group(s) {', '.join(empty)}")
     n_layers = int(model.cfg.n_layers)
     layer_list = tuple(range(n_layers)) if layers is None else tuple(int(layer) for layer in layers)
-    needed = [*layer_list, *([site[0]] if site is not None else [])]
+    all_sites = list(dict.fromkeys([*([site] if site is not None else []), *((int(a), int(b)) for a, b in sites)]))
+    needed = [*layer_list, *(layer for layer, _ in all_sites)]
     bad = [layer for layer in needed if not 0 <= layer < n_layers]
     if bad:
         raise InputError(f"layer(s) {bad} out of range; the model has {n_layers} layers")
@@ -199,10 +240,14 @@ def collect_groups(
     n_post, d_model = fmt.n_post, int(model.cfg.d_model)
     if site is not None and not -n_post <= site[1] < 0:
         raise InputError(f"position {site[1]} out of range: the chat template has {n_post} post-instruction tokens")
+    far = [p for _, p in all_sites if not -n_post - 1 <= p < 0]
+    if far:
+        raise InputError(f"site position(s) {far} out of range: the chat template has {n_post} post-instruction "
+                         f"tokens (-{n_post}..-1) and the last instruction token is {-n_post - 1}")
     flat = [s for name in names for s in groups[name]]
     group_of = torch.tensor([g for g, name in enumerate(names) for _ in groups[name]])
     total = torch.zeros(len(names), n_post, len(layer_list), d_model, dtype=torch.float64)
-    rows_at = torch.zeros(len(flat) if site is not None else 0, d_model, dtype=torch.float64)
+    rows_at = torch.zeros(len(all_sites), len(flat), d_model, dtype=torch.float64)
     rows = group_of[:0]  # the current batch's group indices
     idx: list[int] = []  # the current batch's indices into ``flat``
 
@@ -213,19 +258,23 @@ def collect_groups(
 
         return fn
 
-    def keep_rows(x: Tensor, _name: str) -> None:
-        assert site is not None
-        rows_at[idx] = x[:, site[1]].to(torch.float64).cpu()
+    def keep_rows(k: int, position: int):
+        def fn(x: Tensor, _name: str) -> None:
+            # Pieces are tokenized apart (chat.tokenize_chat), so -n_post - 1 is always the instruction's last token.
+            rows_at[k, idx] = x[:, position].to(torch.float64).cpu()
+
+        return fn
 
     grabs = [(hooks.resid_pre(layer), accumulate(slot)) for slot, layer in enumerate(layer_list)]
-    if site is not None:
-        grabs.append((hooks.resid_pre(site[0]), keep_rows))
+    grabs += [(hooks.resid_pre(layer), keep_rows(k, position)) for k, (layer, position) in enumerate(all_sites)]
     stop_at = hooks.resid_pre(max(needed))
     for idx, batch in batches(model, flat, batch_size, fmt=fmt, progress=progress, desc=desc):
         rows = group_of[idx]
         run_until(model, batch, stop_at, grabs)
+    if not torch.isfinite(rows_at).all():
+        raise FloatingPointError("non-finite activation: the model produced NaN or inf")
     means: dict[Any, MeanActivations] = {}
-    at_site: dict[Any, Tensor] = {}
+    by_site: dict[tuple[int, int], dict[Any, Tensor]] = {key: {} for key in all_sites}
     start = 0
     for g, name in enumerate(names):
         n = len(groups[name])
@@ -234,10 +283,9 @@ def collect_groups(
             if not torch.isfinite(mean).all():
                 raise FloatingPointError("non-finite mean activation: the model produced NaN or inf")
             means[name] = MeanActivations(mean, n, layer_list)
-        if site is not None:
-            part = rows_at[start:start + n]
-            if not torch.isfinite(part).all():
-                raise FloatingPointError("non-finite activation: the model produced NaN or inf")
-            at_site[name] = part
+        for k, key in enumerate(all_sites):
+            by_site[key][name] = rows_at[k, start:start + n]
         start += n
-    return GroupActivations(means, at_site, None if site is None else site[0], None if site is None else site[1])
+    at_site = by_site[site] if site is not None else {}
+    return GroupActivations(means, at_site, None if site is None else site[0], None if site is None else site[1],
+                            by_site)

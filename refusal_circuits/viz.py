@@ -214,6 +214,40 @@ def scatter(coords: Sequence[Sequence[float]], labels: Sequence[str], *, title: 
     return fig
 
 
+def harm_vs_refusal(langs: Mapping[str, Mapping[str, Any]], *, base: str, title: str | None = None) -> Any:
+    """Per language, harm retention (x) against refusal retention (y) with both 95% intervals as error bars.
+
+    ``langs``: ``lang -> {"harm_retention": {"value", "ci_low", "ci_high"}, "refusal_retention": {...}}`` (the
+    JSON of :class:`~refusal_circuits.crosslingual.harm.HarmRefusal`). 1 is the base language on both axes; a
+    language below the diagonal recognises more harm than it turns into refusal."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    lows, highs = [0.0], [1.0]
+    for lang, rec in langs.items():
+        h, r = rec.get("harm_retention") or {}, rec.get("refusal_retention") or {}
+        if h.get("value") is None or r.get("value") is None or h.get("ci_low") is None or r.get("ci_low") is None:
+            continue
+        x, y = float(h["value"]), float(r["value"])
+        xerr = [[x - float(h["ci_low"])], [float(h["ci_high"]) - x]]
+        yerr = [[y - float(r["ci_low"])], [float(r["ci_high"]) - y]]
+        colour = "#204a87" if lang == base else "#cc0000" if y < x else "#4e9a06"
+        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", ms=3, lw=0.7, capsize=1.5, color=colour)
+        ax.annotate(lang, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        lows += [float(h["ci_low"]), float(r["ci_low"])]
+        highs += [float(h["ci_high"]), float(r["ci_high"])]
+    lo, hi = min(lows) - 0.05, max(highs) + 0.05
+    ax.plot([lo, hi], [lo, hi], ls=":", lw=0.7, color="#888888")
+    for v in (0.0, 1.0):
+        ax.axhline(v, ls="--", lw=0.5, color="#bbbbbb")
+        ax.axvline(v, ls="--", lw=0.5, color="#bbbbbb")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel(f"harm retention (gap on ĥ({base}) at the last instruction token, / {base}'s)")
+    ax.set_ylabel(f"refusal retention (gap on r̂({base}) at its site, / {base}'s)")
+    ax.set_title(title or "Harm recognised vs turned into refusal")
+    return fig
+
+
 def token_projection_html(tokens: Sequence[str], values: Sequence[float], *, limit: float | None = None) -> str:
     """Tokens coloured by their projection on r̂ (red positive, blue negative); escaped, no script."""
     lim = limit or max((abs(float(v)) for v in values), default=1.0) or 1.0

@@ -234,3 +234,30 @@ def test_atp_end_to_end_and_bad_input(tiny_dir, workdir, capsys):
                         str(workdir / "dir"), "--validate", "-1", "--out", str(workdir / "atp-bad"))
     assert code == 2 and "--validate" in err and len(err.strip().splitlines()) == 1
     assert not (workdir / "atp-bad").exists()
+
+
+def test_harm_end_to_end_and_bad_input(tiny_dir, workdir, capsys):
+    from safetensors.torch import load_file
+
+    prompts = _direction_made(tiny_dir, workdir)
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    both = workdir / "p-en-de.jsonl"
+    both.write_text("".join(json.dumps(r) + "\n" for r in rows + [{**r, "lang": "de", "instruction": r["instruction"]
+                                                                   .upper()} for r in rows]))
+    out_dir = workdir / "harm"
+    code, out, err = _run(capsys, "harm", "--model", str(tiny_dir), "--prompts", str(both), "--direction",
+                          str(workdir / "dir"), "--n-boot", "50", "--out", str(out_dir))
+    assert code == 0, err
+    obj = json.loads((out_dir / "harm.json").read_text())
+    assert list(obj["langs"]) == ["en", "de"] and obj["langs"]["en"]["n"]["test"] == {"harmful": 2, "harmless": 2}
+    assert obj["langs"]["en"]["harm_retention"]["value"] == pytest.approx(1.0)
+    assert "steer_harm" in obj["langs"]["de"] and set(obj["langs"]["de"]["heads"]) == {"harm", "refusal"}
+    assert obj["langs"]["de"]["sentence"].startswith("de ") and "HarmRefusal(" in out
+    t = load_file(str(out_dir / "harm.safetensors"))
+    assert set(t) == {"harm_direction", "harm.en", "refusal.en", "harm.de", "refusal.de"}
+    html = (out_dir / "harm.html").read_text()
+    assert "<svg" in html and "Recognise harm or refuse?" in html and (out_dir / "figures" / "harm_vs_refusal.svg").exists()
+    code, _, err = _run(capsys, "harm", "--model", str(tiny_dir), "--prompts", str(both), "--direction",
+                        str(workdir / "dir"), "--harm-layer", "9", "--out", str(workdir / "harm-bad"))
+    assert code == 2 and "--harm-layer 9" in err and len(err.strip().splitlines()) == 1
+    assert not (workdir / "harm-bad").exists()

@@ -174,6 +174,7 @@ _PROMPT_COMMANDS = {
     "evaluate": ["evaluate", "--model", "{model}", "--out", "{out_json}", "--prompts"],
     "attribute": ["attribute", "--model", "{model}", "--direction", "{dir}", "--out", "{out}", "--prompts"],
     "atp": ["atp", "--model", "{model}", "--direction", "{dir}", "--out", "{out}", "--prompts"],
+    "harm": ["harm", "--model", "{model}", "--direction", "{dir}", "--out", "{out}", "--prompts"],
     "compare": ["compare", "--attributions", "{attr}", "--out", "{out}", "--prompts"],
 }
 for _cmd, _argv in _PROMPT_COMMANDS.items():
@@ -182,7 +183,7 @@ for _cmd, _argv in _PROMPT_COMMANDS.items():
     # a prompt longer than the model's context: named with its id, language and file, before any work
     CASES.append(_case(_cmd, [*_argv, "{long}", *(["--directions"] if _cmd == "compare" else [])],
                        # attribute holds a direction from another file out whole: its first long prompt
-                       "prompt 'harmful-0' (en) of {long} is 6" if _cmd in ("run", "directions", "compare", "attribute", "atp")
+                       "prompt 'harmful-0' (en) of {long} is 6" if _cmd in ("run", "directions", "compare", "attribute", "atp", "harm")
                        else "prompt 'harmful-4' (en) of {long} is 6"))
     # prompts from the hub without the `hub` extra
     CASES.append(_case(_cmd, [*_argv, "hf:advbench"], "loading hub datasets needs the 'hub' extra: pip install",
@@ -195,6 +196,7 @@ _MODEL_COMMANDS = {
     "evaluate": ["evaluate", "--out", "{out_json}", "--prompts", "{prompts}", "--model"],
     "attribute": ["attribute", "--direction", "{dir}", "--out", "{out}", "--prompts", "{prompts}", "--model"],
     "atp": ["atp", "--direction", "{dir}", "--out", "{out}", "--prompts", "{prompts}", "--model"],
+    "harm": ["harm", "--direction", "{dir}", "--out", "{out}", "--prompts", "{prompts}", "--model"],
     "orthogonalize": ["orthogonalize", "--direction", "{dir}", "--out", "{out}", "--model"],
     "compare": ["compare", "--attributions", "{attr}", "--out", "{out}", "--model"],
     "check": ["check", "--json", "{out_json}", "--model"],
@@ -222,6 +224,7 @@ _DIRECTION_COMMANDS = {
                  "{out_json}", "--direction"],
     "attribute": ["attribute", "--model", "{model}", "--prompts", "{prompts}", "--out", "{out}", "--direction"],
     "atp": ["atp", "--model", "{model}", "--prompts", "{prompts}", "--out", "{out}", "--direction"],
+    "harm": ["harm", "--model", "{model}", "--prompts", "{prompts}", "--out", "{out}", "--direction"],
     "orthogonalize": ["orthogonalize", "--model", "{model}", "--out", "{out}", "--direction"],
     "compare": ["compare", "--attributions", "{attr}", "--out", "{out}", "--direction"],
 }

@@ -15,6 +15,7 @@ from refusal_circuits.cli.atp import cmd_atp
 from refusal_circuits.cli.check import cmd_check
 from refusal_circuits.cli.direction import cmd_directions, cmd_orthogonalize
 from refusal_circuits.cli.evaluate import cmd_evaluate
+from refusal_circuits.cli.harm import cmd_harm
 from refusal_circuits.cli.run import cmd_report, cmd_run
 from refusal_circuits.models import DEFAULT_MODEL, DTYPES
 from refusal_circuits.study import StudyConfig
@@ -285,6 +286,37 @@ def _add_atp(sub: _Sub) -> None:
     a.set_defaults(func=cmd_atp)
 
 
+def _add_harm(sub: _Sub) -> None:
+    h = sub.add_parser("harm", help="per language: is harm recognised, and is it turned into refusal? (Zhao et al.)",
+                       description=(
+                           "Per language, a harmfulness direction at the instruction's last token and the refusal "
+                           "direction at r̂'s site (differences in means over the train split), and on held-out test "
+                           "prompts: how far each language separates harmful from harmless prompts along the base "
+                           "language's harm direction and along r̂ (AUROC and retention, the gap relative to the "
+                           "base language's), the directions' cosines, the refusal score's change when the harm "
+                           "direction is added at the last instruction token (harmless prompts) and when r̂ is "
+                           "ablated (harmful prompts), the per-head writes onto both, and one sentence per "
+                           "language; 95% bootstrap intervals over prompts. Writes OUT/harm.json, "
+                           "OUT/harm.safetensors and OUT/harm.html."))
+    _model_arg(h)
+    _prompts_arg(h)
+    h.add_argument("--direction", required=True, help="a directory written by `directions` (its language is the base)")
+    h.add_argument("--out", required=True, help="output directory")
+    _langs_arg(h)
+    h.add_argument("--harm-layer", type=int, default=None, help="the layer of the harm direction (default: r̂'s)")
+    h.add_argument("--fit-prompts", type=_positive, default=defaults.HARM_FIT_PROMPTS,
+                   help=f"at most this many train prompts per language and label for the directions (default: "
+                        f"{defaults.HARM_FIT_PROMPTS})")
+    h.add_argument("--max-prompts", type=_positive, default=None, help="at most this many test prompts per language "
+                   "and label")
+    h.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (default: 1000)")
+    h.add_argument("--no-heads", action="store_true", help="skip the per-head attribution (one pass per test prompt "
+                   "and direction)")
+    h.add_argument("--batch-size", type=_positive, default=defaults.HARM_BATCH_SIZE)
+    h.add_argument("--refusal-tokens", default=None, help="comma-separated refusal tokens (default: the direction's)")
+    h.set_defaults(func=cmd_harm)
+
+
 def _add_compare(sub: _Sub) -> None:
     c = sub.add_parser("compare", help="English vs each language, paired by prompt id: where refusal diverges",
                        description=(
@@ -362,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_run, _add_directions, _add_evaluate, _add_attribute, _add_atp, _add_compare, _add_report,
+    for add in (_add_run, _add_directions, _add_evaluate, _add_attribute, _add_atp, _add_harm, _add_compare, _add_report,
                 _add_orthogonalize, _add_check):
         add(sub)
     return parser

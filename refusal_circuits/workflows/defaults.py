@@ -37,3 +37,8 @@ ATTRIBUTE_TOTAL_EFFECTS = 8
 COMPARE_PATCH_TOP_K = 5
 #: ``compare`` without ``--evaluation``: tokens of the greedy generation that gives the baseline refusal rates.
 COMPARE_BASELINE_NEW_TOKENS = 24
+#: ``harm``: at most this many train prompts per language and label for the harm and refusal directions (the
+#: study's per-language directions use the same number).
+HARM_FIT_PROMPTS = 64
+#: ``harm``: prompts per forward pass (the per-head attribution keeps every head's write per position).
+HARM_BATCH_SIZE = 16
