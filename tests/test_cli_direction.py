@@ -251,7 +251,10 @@ def test_harm_end_to_end_and_bad_input(tiny_dir, workdir, capsys):
     obj = json.loads((out_dir / "harm.json").read_text())
     assert list(obj["langs"]) == ["en", "de"] and obj["langs"]["en"]["n"]["test"] == {"harmful": 2, "harmless": 2}
     assert obj["langs"]["en"]["harm_retention"]["value"] == pytest.approx(1.0)
-    assert "steer_harm" in obj["langs"]["de"] and set(obj["langs"]["de"]["heads"]) == {"harm", "refusal"}
+    assert set(obj["langs"]["de"]["heads"]) == {"harm", "refusal"} and "steer_harm" in obj["langs"]["en"]
+    # the direction has tokens for en only, and the byte tokenizer's de phrases give none: no English stand-in
+    de = obj["langs"]["de"]
+    assert de["refusal_tokens"] == "none" and de["steer_harm"] is None and "no refusal tokens" in de["steer_harm_why"]
     assert obj["langs"]["de"]["sentence"].startswith("de ") and "HarmRefusal(" in out
     t = load_file(str(out_dir / "harm.safetensors"))
     assert set(t) == {"harm_direction", "harm.en", "refusal.en", "harm.de", "refusal.de"}

@@ -42,7 +42,7 @@ def study(tiny_dir, tmp_path_factory):
 def test_run_writes_every_stage_the_report_and_results(study):
     out, _ = study
     results = json.loads((out / "results.json").read_text())
-    assert set(results["seconds"]) == {"direction", "evaluate", "languages", "attribute", "compare"}
+    assert set(results["seconds"]) == {"direction", "evaluate", "languages", "attribute", "compare", "harm"}
     assert results["direction"]["lang"] == "en" and results["config"]["langs"] == ["en", "de"]
     assert set(results["refusal"]["baseline"]) == {"en", "de"}
     assert results["refusal"]["baseline"]["en"]["harmful"]["n"] == 4
@@ -57,7 +57,11 @@ def test_run_writes_every_stage_the_report_and_results(study):
     de = results["divergence"]["languages"]["de"]
     assert de["n_pairs"] == 4 and len(de["patch"]["heads"]) == 2 and de["summary"].startswith("de: refuses")
     assert len(results["effects"]["heads"]) == 2
+    harm = results["harm"]
+    assert list(harm["langs"]) == ["en", "de"] and harm["langs"]["en"]["harm_retention"]["value"] == pytest.approx(1.0)
+    assert set(harm["langs"]["de"]["heads"]) == {"harm", "refusal"} and "steer_harm" in harm["langs"]["de"]
     page = (out / "report.html").read_text()
+    assert "Recognise harm or refuse?" in page and "fig-harm_vs_refusal" in page
     # The effects table: like with like (the site gap beside the projection change) and every head's split or why not.
     table = page.split("Direct write versus total effect")[1].split("</table>")[0]
     for h in results["effects"]["heads"]:
@@ -80,7 +84,7 @@ def test_rerun_is_cached_and_a_changed_input_reruns_only_what_depends_on_it(stud
     stamp = {p.parent.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*/stage.json")}
     capsys.readouterr()
     assert main(argv) == 0
-    assert capsys.readouterr().out.count("cached") == 5
+    assert capsys.readouterr().out.count("cached") == 6
     assert stamp == {p.parent.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*/stage.json")}
     changed = [a if a != "3" else "4" for a in argv]  # --max-new-tokens 3 -> 4
     assert main(changed) == 0

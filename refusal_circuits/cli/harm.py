@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from refusal_circuits.cli.common import out_dir, placement, progress, say
-from refusal_circuits.crosslingual.harm import harm_and_refusal
 from refusal_circuits.directions import check_compatible, load_direction
 from refusal_circuits.errors import InputError
 from refusal_circuits.forward import check_context
@@ -14,6 +13,7 @@ from refusal_circuits.markup import page
 from refusal_circuits.models import ModelSpec, load_model
 from refusal_circuits.report.figures import Figures
 from refusal_circuits.report.harm import harm_section
+from refusal_circuits.workflows.harm import study_harm
 from refusal_circuits.workflows.splits import load_split_prompts
 from refusal_circuits.workflows.tokens import resolve_refusal_tokens, saved_refusal_tokens
 
@@ -38,9 +38,9 @@ def cmd_harm(args: argparse.Namespace) -> None:
     if tokens is None:
         say(f"--direction {args.direction} records no refusal tokens: the refusal-score rows are skipped "
             "(pass --refusal-tokens for them)", err=True)
-    found = harm_and_refusal(model, direction, prompts, langs, tokens=tokens, harm_layer=args.harm_layer,
-                             max_fit=args.fit_prompts, max_test=args.max_prompts, heads=not args.no_heads,
-                             n_boot=args.n_boot, batch_size=args.batch_size, progress=progress())
+    found = study_harm(model, direction, prompts, langs, tokens=tokens, harm_layer=args.harm_layer,
+                       max_fit=args.fit_prompts, max_test=args.max_prompts, heads=not args.no_heads,
+                       n_boot=args.n_boot, batch_size=args.batch_size, progress=progress())
     say(repr(found))
     obj = {**found.to_json(), "prompts": args.prompts, "direction_dir": str(args.direction)}
     with atomic_path(out / "harm.safetensors") as tmp:

@@ -21,6 +21,7 @@ from refusal_circuits.models import DEFAULT_MODEL, DTYPES
 from refusal_circuits.study import StudyConfig
 from refusal_circuits.workflows import defaults
 from refusal_circuits.workflows.filtering import RULES
+from refusal_circuits.workflows.harm import HARM_MODES
 
 DEFAULT_OUT = "refusal-report"
 FILTERS = ["auto", "arditi", "polyrefuse"]
@@ -168,6 +169,10 @@ def _add_run(sub: _Sub) -> None:
                      help="patch K heads from the base run into each translation")
     run.add_argument("--max-new-tokens", type=_positive, default=study["max_new_tokens"],
                      help=f"tokens generated per prompt (default {study['max_new_tokens']}: enough for the phrase judge to see the opening)")
+    run.add_argument("--harm", default=study["harm"], choices=HARM_MODES,
+                     help="the harm-vs-refusal stage (does each language recognise harm, and turn it into refusal?): "
+                          "full, no-heads (without the per-head attribution) or none (default: "
+                          f"{study['harm']})")
     _second_judge_args(run, study["second_judge"], study["second_judge_sample"])
     _refusal_filter_arg(run, study["refusal_filter"])
     run.add_argument("--batch-size", type=_positive, default=study["batch_size"],
@@ -309,7 +314,8 @@ def _add_harm(sub: _Sub) -> None:
                         f"{defaults.HARM_FIT_PROMPTS})")
     h.add_argument("--max-prompts", type=_positive, default=None, help="at most this many test prompts per language "
                    "and label")
-    h.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (default: 1000)")
+    h.add_argument("--n-boot", type=int, default=defaults.HARM_N_BOOT,
+                   help=f"bootstrap resamples for the intervals (default: {defaults.HARM_N_BOOT})")
     h.add_argument("--no-heads", action="store_true", help="skip the per-head attribution (one pass per test prompt "
                    "and direction)")
     h.add_argument("--batch-size", type=_positive, default=defaults.HARM_BATCH_SIZE)

@@ -34,7 +34,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         compliance_tokens=args.compliance_tokens,
         max_new_tokens=args.max_new_tokens, second_judge=args.second_judge,
         second_judge_sample=args.second_judge_sample, batch_size=args.batch_size, transfer=args.transfer,
-        transfer_check=args.transfer_check,
+        transfer_check=args.transfer_check, harm=args.harm,
         total_effects=args.total_effects, patch_top_k=args.patch_top_k, device=args.device, dtype=args.dtype,
         device_map=args.device_map)
     out = Path(args.out)
@@ -82,6 +82,8 @@ def _print_headline(results: dict[str, Any]) -> None:
         say(f"{lang}: refusal harmful {pct(h, 'refusal_rate')}  harmless {pct(s, 'refusal_rate')}"
             + (f"  | first token, harmful: {pct(b, 'rate')}, with r̂({d['lang']}) ablated {pct(a, 'rate')}"
                if a and b else ""))
+    for rec in (results.get("harm") or {}).get("langs", {}).values():
+        say(rec["sentence"])
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -61,7 +61,7 @@ from refusal_circuits.interventions import ablate
 from refusal_circuits.io import nullable
 from refusal_circuits.markup import esc, table
 from refusal_circuits.models import HookedModel, model_id
-from refusal_circuits.scores import RefusalTokens, first_token_logits, refusal_score
+from refusal_circuits.scores import RefusalTokens, first_token_logits, native_refusal_tokens, refusal_score
 from refusal_circuits.stats import auroc, percentile_interval, spearman
 from refusal_circuits.stats import fmt_stat as _fmt
 
@@ -166,6 +166,8 @@ class LanguageHarm:
     steer_harm: Estimate | None = None
     ablate_refusal: Estimate | None = None
     heads: dict[str, HeadContrasts] = field(default_factory=dict)
+    #: where the refusal score's tokens come from: its own discovered ones, its native phrases, or none
+    token_origin: str = "none"
 
     @property
     def harm_level(self) -> str:
@@ -205,7 +207,11 @@ class LanguageHarm:
                                                 "cos_harm_base", "cos_refusal_base", "score_harmful",
                                                 "score_harmless", "steer_harm", "ablate_refusal")}
         return {"lang": self.lang, "n": self.n, "harm_level": self.harm_level, "refusal_level": self.refusal_level,
-                "sentence": self.sentence(), **{k: v.to_json() for k, v in stats.items() if v is not None},
+                "sentence": self.sentence(), "refusal_tokens": self.token_origin,
+                **{k: v.to_json() for k, v in stats.items() if v is not None},
+                **{k: None for k, v in stats.items() if v is None},
+                **{f"{k}_why": f"{self.lang} has no refusal tokens of its own (none given or discovered, no native "
+                               "phrases)" for k, v in stats.items() if v is None},
                 "heads": {k: v.to_json() for k, v in self.heads.items()}}
 
 
@@ -400,7 +406,8 @@ def harm_and_refusal(
         prompts: harmful and harmless prompts of every language, with ``fit_split`` and ``test_split`` (prompts
             without a split are used for both, which a referee would not accept: give splits).
         langs: the languages (default: all in ``prompts``); ``base`` (default: r̂'s language) is measured first.
-        tokens: refusal tokens per language for the refusal score; without them the transfer rows are skipped.
+        tokens: refusal tokens per language for the refusal score; a language without its own gets the first tokens
+            of its native refusal phrases, and without those its score rows are skipped (never English's).
         harm_layer: the layer of ĥ (default: r̂'s).
         max_fit / max_test: at most this many fit / test prompts per language and label (a seeded sample
             stratified by category, the same ids in every language).
@@ -481,9 +488,10 @@ def harm_and_refusal(
         g_h, g_h_boot = gap(ph, ti)
         g_r, g_r_boot = gap(pr, ti)
         extra: dict[str, Any] = {}
-        if tokens is not None:
-            extra = _transfer(model, direction, parts[lang, test_split], tokens.for_lang(lang), ti, h_base.float(),
-                              alpha, h_layer, t_inst, batch_size)
+        own_tokens, origin = _own_tokens(tokens, model.tokenizer, lang)
+        if own_tokens:
+            extra = _transfer(model, direction, parts[lang, test_split], own_tokens, ti, h_base.float(), alpha,
+                              h_layer, t_inst, batch_size)
         contrasts: dict[str, HeadContrasts] = {}
         if heads:
             group = parts[lang, test_split]
@@ -508,9 +516,21 @@ def harm_and_refusal(
             cos_harm_refusal=Estimate.of(float(_cos(h_own, r_own)), _cos(hb, rb)),
             cos_harm_base=Estimate.of(float(_cos(h_own, gap_vec)), _cos(hb, h_base_boot)),
             cos_refusal_base=Estimate.of(float(_cos(r_own, r_hat)), _cos(rb, r_hat[None])),
-            heads=contrasts, **extra)
+            heads=contrasts, token_origin=origin, **extra)
     return HarmRefusal(model_id(model), base, h_layer, direction.layer, direction.position, t_inst, alpha,
                        h_base.float(), directions, out, n_boot, seed)
+
+
+def _own_tokens(tokens: RefusalTokens | None, tokenizer: Any, lang: str) -> tuple[tuple[int, ...], str]:
+    """``lang``'s own refusal tokens: those given or discovered for it, else the first tokens of its native refusal
+    phrases (known before any completion), else none; never another language's (English "I" would measure
+    "answers in English" as much as refusal)."""
+    own = tokens.by_lang.get(lang, ()) if tokens is not None else ()
+    if own:
+        assert tokens is not None
+        return own, tokens.origin.get(lang, tokens.source)
+    native = native_refusal_tokens(tokenizer, lang)
+    return (native, "native phrases") if native else ((), "none")
 
 
 def _transfer(model: HookedModel, direction: Direction, group: Mapping[str, PromptSet], token_ids: Sequence[int],

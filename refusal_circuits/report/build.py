@@ -17,6 +17,7 @@ from refusal_circuits.report.circuits import (
     views_section,
 )
 from refusal_circuits.report.figures import Figures
+from refusal_circuits.report.harm import harm_section
 from refusal_circuits.report.languages import (
     cosines_per_layer_section,
     cosines_section,
@@ -47,6 +48,7 @@ def build_report(out: Path, results: dict[str, Any]) -> str:
         cosines_per_layer_section(study, figs),
         pca_section(study, figs),
         transfer_section(study, figs),
+        harm_section(study.results.get("harm"), figs),
         attribution_section(study),
         effects_section(study),
         separation_section(study, figs),

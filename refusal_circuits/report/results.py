@@ -34,6 +34,7 @@ def collect_results(stage_dirs: dict[str, Path], config: dict[str, Any], seconds
     summary = read_json(stage_dirs["attribute"] / "attribution" / "summary.json")
     div = read_json(stage_dirs["compare"] / "divergence.json")
     effects_file = stage_dirs["attribute"] / "effects.json"
+    harm = read_json(stage_dirs["harm"] / "harm.json")
     return {
         "version": __version__, "config": config, "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1),
         "direction": {k: d.get(k) for k in ("model", "lang", "layer", "position", "norm", "n_harmful", "n_harmless",
@@ -46,6 +47,7 @@ def collect_results(stage_dirs: dict[str, Path], config: dict[str, Any], seconds
         "attribution": summary,
         "effects": read_json(effects_file) if effects_file.exists() else None,
         "divergence": div,
+        **harm,
         "files": {name: str(p) for name, p in stage_dirs.items()},
     }
 

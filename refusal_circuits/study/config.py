@@ -11,7 +11,7 @@ from typing import Any
 from refusal_circuits.workflows.defaults import ALPHA, BASE_LANG, BATCH_SIZE, DEVICE, DTYPE, PROMPTS
 
 #: Stage names in the order they run.
-STAGES = ("direction", "evaluate", "languages", "attribute", "compare")
+STAGES = ("direction", "evaluate", "languages", "attribute", "compare", "harm")
 STAGE_FILE = "stage.json"
 
 
@@ -61,6 +61,8 @@ class StudyConfig:
     #: harmful (ablated) and harmless (added) test prompts per language on which the transfer matrix's first-token
     #: judge is checked against generation + the phrase judge (0: no check; the baseline cells cost nothing)
     transfer_check: int = 8
+    #: the harm-vs-refusal stage: "full", "no-heads" (without the per-head attribution) or "none"
+    harm: str = "full"
     total_effects: int = 4
     patch_top_k: int = 3
     alpha: float = ALPHA
@@ -93,11 +95,13 @@ READS: dict[str, tuple[str, ...]] = {
                   "max_new_tokens", "batch_size"),
     "attribute": (*_COMMON, "langs", "max_prompts", "compliance_tokens", "total_effects", "batch_size"),
     "compare": (*_COMMON, "langs", "max_prompts", "patch_top_k", "alpha", "batch_size"),
+    "harm": (*_COMMON, "langs", "max_prompts", "train_prompts", "lang_train_prompts", "harm", "batch_size"),
 }
 #: The stages each stage reads (their keys are part of its key).
 NEEDS: dict[str, tuple[str, ...]] = {
     "direction": (), "evaluate": ("direction",), "languages": ("direction", "evaluate"),
-    "attribute": ("direction", "evaluate"), "compare": ("direction", "evaluate", "attribute")}
+    "attribute": ("direction", "evaluate"), "compare": ("direction", "evaluate", "attribute"),
+    "harm": ("direction",)}
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The study's five stages. Each reads its inputs (the settings, the prompts, the model, the stages before it),
+"""The study's six stages. Each reads its inputs (the settings, the prompts, the model, the stages before it),
 calls one workflow of :mod:`refusal_circuits.workflows` (the same ones the commands call) and writes what it returns
 into the stage's temporary directory, which the runner renames into place."""
 
@@ -26,6 +26,7 @@ from refusal_circuits.workflows.compare import (
 from refusal_circuits.workflows.direction import find_direction, plan_direction
 from refusal_circuits.workflows.effects import attribute_with_effects
 from refusal_circuits.workflows.evaluate import study_refusal
+from refusal_circuits.workflows.harm import study_harm
 from refusal_circuits.workflows.languages import study_languages, transfer_cells
 from refusal_circuits.workflows.splits import SplitPolicy
 from refusal_circuits.workflows.tokens import (
@@ -145,7 +146,25 @@ def stage_compare(study: StudyState, out: Path) -> None:
     write_json(out / "views.json", meta)
 
 
+def stage_harm(study: StudyState, out: Path) -> None:
+    """Does each language recognise harm, and turn it into refusal? Harm at the last instruction token and refusal at
+    r̂'s site per language (:func:`~refusal_circuits.workflows.harm.study_harm`); nothing but the reason with
+    ``harm = "none"``."""
+    cfg = study.config
+    if cfg.harm == "none":
+        write_json(out / "harm.json", nullable("harm", None, "not run (run --harm none)"))
+        return
+    direction = study.direction()
+    found = study_harm(study.model(), direction, study.prompts, study.langs,
+                       tokens=required_refusal_tokens(direction, "the direction stage"), max_fit=cfg.lang_cap,
+                       max_test=cfg.max_prompts, heads=cfg.harm == "full", batch_size=cfg.batch_size,
+                       progress=study.progress)
+    with atomic_path(out / "harm.safetensors") as tmp:
+        save_file(found.tensors(), str(tmp))
+    write_json(out / "harm.json", {"harm": found.to_json()})
+
+
 #: The stage functions by name, in order (the runner calls them; tests replace one to simulate Ctrl-C).
 RUNNERS: dict[str, Callable[[Any, Path], None]] = {
     "direction": stage_direction, "evaluate": stage_evaluate, "languages": stage_languages,
-    "attribute": stage_attribute, "compare": stage_compare}
+    "attribute": stage_attribute, "compare": stage_compare, "harm": stage_harm}

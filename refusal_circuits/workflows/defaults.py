@@ -42,3 +42,5 @@ COMPARE_BASELINE_NEW_TOKENS = 24
 HARM_FIT_PROMPTS = 64
 #: ``harm``: prompts per forward pass (the per-head attribution keeps every head's write per position).
 HARM_BATCH_SIZE = 16
+#: ``harm``: bootstrap resamples behind every interval.
+HARM_N_BOOT = 1000
