@@ -176,6 +176,35 @@ suffixed_prompts = rc.PromptSet(tuple(dataclasses.replace(p, instruction=p.instr
 suffixed = rc.evaluate_refusal(model, suffixed_prompts, max_new_tokens=16, intervention="suffix")
 display(plain, suffixed)'''),
     ],
+    "05_harm_vs_refusal.ipynb": [
+        md("""
+# 05 · Recognise harm, or refuse? Per language
+
+Zhao et al. (2025) read harmfulness at the instruction's last token and refusal at the post-instruction tokens, and
+find them encoded apart. Per language: does a translation separate harmful from harmless prompts along English's
+harm direction (is the harm *recognised*), and along r̂ (is it *turned into refusal*)? Directions from the train
+split, everything measured on held-out test prompts, with 95% bootstrap intervals; one sentence per language."""),
+        params('LANGS = ["en", "de", "ja"]  # the base language first\nN_FIT = 16   # train prompts per language and '
+               'label for the directions (the study: 64)\nN_TEST = 8   # test prompts per language and label (the '
+               'study: all 32)'),
+        code(SETUP),
+        code(QUICK_DIRECTION),
+        code('''prompts = rc.load_prompts("bundled", langs=LANGS)
+found = rc.harm_and_refusal(model, direction, prompts, LANGS, tokens=tokens, max_fit=N_FIT, max_test=N_TEST,
+                            n_boot=500)
+for sentence in found.summary():
+    print(sentence)
+found  # the table: retentions, AUROCs, cosines, refusal-score changes, each with its interval'''),
+        md("Each language as a point: harm retention (x) against refusal retention (y). English is (1, 1); a "
+           "language under the diagonal recognises harm more than it turns it into refusal."),
+        code('''display(SVG(viz.to_svg(viz.harm_vs_refusal(found.to_json()["langs"], base="en"))))'''),
+        md("The heads: per-head direct write onto each direction at its site, harmful minus harmless, and how well "
+           "each language's head contrasts agree with English's (Spearman, with its interval)."),
+        code('''for lang, rec in found.langs.items():
+    for target, heads in rec.heads.items():
+        top = ", ".join(f"{h['head']} {h['mean']:+.2f}" for h in heads.top(4))
+        print(f"{lang} {target:8s} agreement with en {heads.agreement.text()}  largest: {top}")'''),
+    ],
 }
 
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         top_k_heads,
     )
     from refusal_circuits.chat import chat_format, tokenize_chat
+    from refusal_circuits.crosslingual.harm import HarmRefusal, harm_and_refusal
     from refusal_circuits.data import PromptRecord, PromptSet, load_prompts
     from refusal_circuits.directions import Direction, extract_candidates, load_direction
     from refusal_circuits.errors import InputError, RefusalCircuitsError
@@ -71,6 +72,8 @@ _EXPORTS = {
     "load_attribution": "refusal_circuits.attribution",
     "source_matrix": "refusal_circuits.attribution",
     "top_k_heads": "refusal_circuits.attribution",
+    "harm_and_refusal": "refusal_circuits.crosslingual.harm",
+    "HarmRefusal": "refusal_circuits.crosslingual.harm",
     "ablate_heads": "refusal_circuits.patching",
     "total_effects": "refusal_circuits.patching",
     "InputError": "refusal_circuits.errors",

@@ -22,6 +22,10 @@ package measures that and goes down to heads, one idea per module (each imports 
   language and intervention (:func:`check_transfer`).
 * :mod:`~refusal_circuits.crosslingual.divergence`: the per-language summary, in words and numbers
   (:func:`divergence`).
+* :mod:`~refusal_circuits.crosslingual.harm`: does a language fail to recognise harm, or fail to refuse? A harm
+  direction at the instruction's last token and the refusal direction at r̂'s site per language, their separation,
+  retention relative to the base language, cosines, transfer and per-head contrasts, with bootstrap intervals and
+  one sentence per language (:func:`harm_and_refusal`, :class:`HarmRefusal`; Zhao et al. 2025).
 
 The statistics themselves (intervals, AUROC, rank correlation, false-discovery control, resampling tests, the
 :class:`~refusal_circuits.stats.Rate` record) live in :mod:`refusal_circuits.stats`; they are importable from
@@ -51,6 +55,7 @@ from refusal_circuits.crosslingual.directions import (
 )
 from refusal_circuits.crosslingual.directions import _cosine as _cosine
 from refusal_circuits.crosslingual.divergence import Divergence, LanguageDivergence, divergence
+from refusal_circuits.crosslingual.harm import HarmRefusal, LanguageHarm, harm_and_refusal
 from refusal_circuits.crosslingual.paired import (
     PairedHeads,
     losing_heads,
@@ -85,6 +90,9 @@ from refusal_circuits.stats import (
 __all__ = [
     "ONE_PAIR",
     "CrossFitPatch",
+    "HarmRefusal",
+    "LanguageHarm",
+    "harm_and_refusal",
     "PairedControls",
     "crossfit_patch_top_heads",
     "paired_controls",
