@@ -170,7 +170,8 @@ def test_json_is_finite_or_null_with_a_reason_and_the_record_renders(planted):
 
 @pytest.mark.unit
 def test_levels_follow_the_interval():
-    from refusal_circuits.crosslingual.harm import Estimate, level
+    from refusal_circuits.crosslingual.harm import level
+    from refusal_circuits.crosslingual.sites import Estimate
 
     assert level(Estimate(1.0, 0.8, 1.2)) == "as base"
     assert level(Estimate(0.6, 0.4, 0.8)) == "weaker"

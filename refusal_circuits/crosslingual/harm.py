@@ -40,7 +40,6 @@ refusal"), with the numbers.
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,52 +52,34 @@ from refusal_circuits import hooks
 from refusal_circuits.activations import last_instruction, site_rows
 from refusal_circuits.attribution import attribute
 from refusal_circuits.chat import chat_format
+from refusal_circuits.crosslingual.sites import (
+    LABELS,
+    Estimate,
+    Resampler,
+    cos,
+    mean_estimate,
+    own_refusal_tokens,
+    refusal_scores,
+    split_groups,
+    unit,
+)
 from refusal_circuits.data import PromptSet
 from refusal_circuits.directions import Direction, check_compatible
 from refusal_circuits.errors import InputError
 from refusal_circuits.forward import batches, last_logits
 from refusal_circuits.interventions import ablate
-from refusal_circuits.io import nullable
 from refusal_circuits.markup import esc, table
 from refusal_circuits.models import HookedModel, model_id
-from refusal_circuits.scores import RefusalTokens, first_token_logits, native_refusal_tokens, refusal_score
-from refusal_circuits.stats import auroc, percentile_interval, spearman
+from refusal_circuits.scores import RefusalTokens, refusal_score
+from refusal_circuits.stats import auroc, spearman
 from refusal_circuits.stats import fmt_stat as _fmt
 
 #: A retention interval whose lower end is at least this, and whose upper end reaches 1, is "as base".
 KEPT_FROM = 0.5
 #: The verdict levels of a retention, from its interval (module docstring).
 LEVELS = ("as base", "weaker", "absent", "unclear")
-LABELS = ("harmful", "harmless")
 #: Heads listed per direction and language in the record's JSON and the report.
 TOP_HEADS = 8
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A statistic with its percentile bootstrap interval; NaN with the reason in ``why`` where undefined."""
-
-    value: float
-    low: float
-    high: float
-    why: str | None = None
-
-    @classmethod
-    def of(cls, value: float, boots: Tensor, why: str | None = None, ci: float = 0.95) -> Estimate:
-        if why is not None or not math.isfinite(value):
-            return cls(math.nan, math.nan, math.nan, why or "not defined on these prompts")
-        lo, hi = percentile_interval(boots, ci)
-        return cls(value, lo, hi, None if math.isfinite(lo) else "not defined on any resample")
-
-    def text(self, spec: str = ".2f") -> str:
-        if self.why is not None:
-            return f"n/a ({self.why})"
-        return f"{self.value:{spec}} [{self.low:{spec}}, {self.high:{spec}}]"
-
-    def to_json(self) -> dict[str, Any]:
-        why = self.why or "not defined on these prompts"
-        return {**nullable("value", self.value, why), **nullable("ci_low", self.low, why),
-                **nullable("ci_high", self.high, why)}
 
 
 def level(est: Estimate) -> str:
@@ -292,59 +273,6 @@ def harm_table(obj: Mapping[str, Any]) -> str:
 # Computation.
 
 
-def _groups(prompts: PromptSet, lang: str, split: str, cap: int | None, seed: int) -> dict[str, PromptSet]:
-    own = prompts.filter(lang=lang)
-    if any(r.split is not None for r in own):
-        own = own.filter(split=split)
-    out = {label: own.filter(label=label) for label in LABELS}
-    if cap:
-        out = {label: part.sample(cap, seed=seed) for label, part in out.items()}
-    short = [label for label, part in out.items() if len(part) < 2]
-    if short:
-        raise InputError(f"harm vs refusal: language {lang!r} needs at least 2 harmful and 2 harmless {split} "
-                         f"prompts (has {len(out['harmful'])} harmful, {len(out['harmless'])} harmless)")
-    return out
-
-
-def _index_plan(base: Sequence[str], other: Sequence[str]) -> list[int] | None:
-    """Where each of the base group's ids sits in the other group, when both hold the same ids (paired), else None."""
-    if sorted(base) != sorted(other):
-        return None
-    where = {i: k for k, i in enumerate(other)}
-    return [where[i] for i in base]
-
-
-class _Resampler:
-    """Seeded bootstrap indices per (split, label), shared by every language whose ids match the base language's."""
-
-    def __init__(self, n_boot: int, seed: int) -> None:
-        self.n_boot, self.seed = n_boot, seed
-        self._base: dict[tuple[str, str], Tensor] = {}
-
-    def base(self, split: str, label: str, n: int) -> Tensor:
-        key = (split, label)
-        if key not in self._base:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(f"{split}/{label}".encode()))
-            self._base[key] = torch.randint(0, n, (self.n_boot, n), generator=g)
-        return self._base[key]
-
-    def for_group(self, split: str, label: str, base_ids: Sequence[str], ids: Sequence[str], salt: int) -> Tensor:
-        plan = _index_plan(base_ids, ids)
-        if plan is not None:
-            return torch.tensor(plan)[self.base(split, label, len(base_ids))]
-        g = torch.Generator().manual_seed(self.seed * 104729 + salt)
-        return torch.randint(0, len(ids), (self.n_boot, len(ids)), generator=g)
-
-
-def _unit(v: Tensor) -> Tensor:
-    return v / v.norm().clamp(min=1e-30)
-
-
-def _cos(a: Tensor, b: Tensor) -> Tensor:
-    """Cosine along the last axis (works on replicate stacks)."""
-    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-30)
-
-
 def _auroc_boot(pos: Tensor, neg: Tensor, ip: Tensor, ineg: Tensor) -> Tensor:
     """AUROC of every resample: ``pos[ip[k]]`` above ``neg[ineg[k]]``."""
     p, q = pos[ip], neg[ineg]  # [n_boot, n]
@@ -368,15 +296,6 @@ def _steer_scores(model: HookedModel, instructions: Sequence[str], unit: Tensor,
             logits = last_logits(model, batch, [(hooks.resid_pre(layer), steer)])
             out[idx] = refusal_score(logits, token_ids).float().cpu()
     return out
-
-
-@torch.inference_mode()
-def _scores(model: HookedModel, instructions: Sequence[str], token_ids: Sequence[int], batch_size: int) -> Tensor:
-    return refusal_score(first_token_logits(model, instructions, batch_size=batch_size), token_ids)
-
-
-def _mean_est(x: Tensor, idx: Tensor) -> Estimate:
-    return Estimate.of(float(x.double().mean()), x.double()[idx].mean(1))
 
 
 def harm_and_refusal(
@@ -426,7 +345,7 @@ def harm_and_refusal(
     t_inst = last_instruction(fmt)
     harm_site, ref_site = (h_layer, t_inst), (direction.layer, direction.position)
     caps = {fit_split: max_fit, test_split: max_test}
-    parts = {(lang, split): _groups(prompts, lang, split, caps[split], seed)
+    parts = {(lang, split): split_groups(prompts, lang, split, caps[split], seed, "harm vs refusal")
              for lang in order for split in (fit_split, test_split)}
     rows = site_rows(model, {(lang, split, label): g.instructions for (lang, split), gs in parts.items()
                              for label, g in gs.items()}, [harm_site, ref_site], batch_size=batch_size,
@@ -437,9 +356,9 @@ def harm_and_refusal(
         return site_rows_[lang, split, "harmful"].mean(0) - site_rows_[lang, split, "harmless"].mean(0)
 
     gap_vec = diff(H, base, fit_split)
-    h_base, r_hat = _unit(gap_vec), direction.vector.double()
+    h_base, r_hat = unit(gap_vec), direction.vector.double()
     alpha = float(gap_vec.norm())
-    res = _Resampler(n_boot, seed)
+    res = Resampler(n_boot, seed)
     ids = {key: {label: [r.id for r in g] for label, g in gs.items()} for key, gs in parts.items()}
 
     def boot_idx(lang: str, split: str, label: str) -> Tensor:
@@ -480,15 +399,15 @@ def harm_and_refusal(
     for lang in order:
         fi, ti = fit_idx[lang], test_idx[lang]
         h_own, r_own = diff(H, lang, fit_split), diff(R, lang, fit_split)
-        directions[lang] = {"harm": _unit(h_own).float(), "refusal": _unit(r_own).float()}
+        directions[lang] = {"harm": unit(h_own).float(), "refusal": unit(r_own).float()}
         hb, rb = boot_diff(H, lang, fi), boot_diff(R, lang, fi)
         ph, pr = on_base[lang]
-        own_h = {label: H[lang, test_split, label] @ _unit(h_own) for label in LABELS}
-        own_r = {label: R[lang, test_split, label] @ _unit(r_own) for label in LABELS}
+        own_h = {label: H[lang, test_split, label] @ unit(h_own) for label in LABELS}
+        own_r = {label: R[lang, test_split, label] @ unit(r_own) for label in LABELS}
         g_h, g_h_boot = gap(ph, ti)
         g_r, g_r_boot = gap(pr, ti)
         extra: dict[str, Any] = {}
-        own_tokens, origin = _own_tokens(tokens, model.tokenizer, lang)
+        own_tokens, origin = own_refusal_tokens(tokens, model.tokenizer, lang)
         if own_tokens:
             extra = _transfer(model, direction, parts[lang, test_split], own_tokens, ti, h_base.float(), alpha,
                               h_layer, t_inst, batch_size)
@@ -513,24 +432,12 @@ def harm_and_refusal(
             harm_auroc_own=auroc_est(own_h, ti), refusal_auroc_own=auroc_est(own_r, ti),
             harm_retention=retention(g_h, g_h_boot, g_bh, g_bh_boot, f"ĥ({base})"),
             refusal_retention=retention(g_r, g_r_boot, g_br, g_br_boot, "r̂"),
-            cos_harm_refusal=Estimate.of(float(_cos(h_own, r_own)), _cos(hb, rb)),
-            cos_harm_base=Estimate.of(float(_cos(h_own, gap_vec)), _cos(hb, h_base_boot)),
-            cos_refusal_base=Estimate.of(float(_cos(r_own, r_hat)), _cos(rb, r_hat[None])),
+            cos_harm_refusal=Estimate.of(float(cos(h_own, r_own)), cos(hb, rb)),
+            cos_harm_base=Estimate.of(float(cos(h_own, gap_vec)), cos(hb, h_base_boot)),
+            cos_refusal_base=Estimate.of(float(cos(r_own, r_hat)), cos(rb, r_hat[None])),
             heads=contrasts, token_origin=origin, **extra)
     return HarmRefusal(model_id(model), base, h_layer, direction.layer, direction.position, t_inst, alpha,
                        h_base.float(), directions, out, n_boot, seed)
-
-
-def _own_tokens(tokens: RefusalTokens | None, tokenizer: Any, lang: str) -> tuple[tuple[int, ...], str]:
-    """``lang``'s own refusal tokens: those given or discovered for it, else the first tokens of its native refusal
-    phrases (known before any completion), else none; never another language's (English "I" would measure
-    "answers in English" as much as refusal)."""
-    own = tokens.by_lang.get(lang, ()) if tokens is not None else ()
-    if own:
-        assert tokens is not None
-        return own, tokens.origin.get(lang, tokens.source)
-    native = native_refusal_tokens(tokenizer, lang)
-    return (native, "native phrases") if native else ((), "none")
 
 
 def _transfer(model: HookedModel, direction: Direction, group: Mapping[str, PromptSet], token_ids: Sequence[int],
@@ -538,13 +445,13 @@ def _transfer(model: HookedModel, direction: Direction, group: Mapping[str, Prom
               ) -> dict[str, Estimate]:
     """Baseline refusal scores, and their change under +α ĥ at t_inst (harmless) and under r̂ ablated (harmful)."""
     harmful, harmless = group["harmful"].instructions, group["harmless"].instructions
-    s_h, s_b = _scores(model, harmful, token_ids, batch_size), _scores(model, harmless, token_ids, batch_size)
+    s_h, s_b = refusal_scores(model, harmful, token_ids, batch_size), refusal_scores(model, harmless, token_ids, batch_size)
     steered = _steer_scores(model, harmless, h_unit, alpha, h_layer, t_inst, token_ids, batch_size)
     with ablate(model, direction):
-        ablated = _scores(model, harmful, token_ids, batch_size)
-    return {"score_harmful": _mean_est(s_h, ti["harmful"]), "score_harmless": _mean_est(s_b, ti["harmless"]),
-            "steer_harm": _mean_est(steered - s_b, ti["harmless"]),
-            "ablate_refusal": _mean_est(ablated - s_h, ti["harmful"])}
+        ablated = refusal_scores(model, harmful, token_ids, batch_size)
+    return {"score_harmful": mean_estimate(s_h, ti["harmful"]), "score_harmless": mean_estimate(s_b, ti["harmless"]),
+            "steer_harm": mean_estimate(steered - s_b, ti["harmless"]),
+            "ablate_refusal": mean_estimate(ablated - s_h, ti["harmful"])}
 
 
 def _head_contrasts(target: str, layer: int, harmful: Tensor, harmless: Tensor, ti: Mapping[str, Tensor],
