@@ -83,6 +83,42 @@ def ablate(model: HookedModel, direction: Direction | Tensor) -> hooks.HookHandl
     return hooks.add_hooks(model, [(name, fn) for name in residual_write_hooks(model)])
 
 
+def orthonormal_basis(vectors: Tensor, model: HookedModel, *, rtol: float = 1e-6) -> Tensor:
+    """An orthonormal basis ``[k, d_model]`` (float32) of the span of ``vectors`` ``[k, d_model]``, in their order
+    (Gram-Schmidt by QR: the first row is the first vector's direction). A one-line error if the vectors are not of
+    the model's width, not finite, or linearly dependent (a basis of fewer dimensions than asked would ablate less
+    than the caller thinks)."""
+    d_model = int(model.cfg.d_model)
+    if vectors.ndim != 2 or vectors.shape[1] != d_model or vectors.shape[0] == 0:
+        raise InputError(f"a subspace needs vectors of shape (k, {d_model}); got {tuple(vectors.shape)}")
+    v = vectors.detach().double()
+    if not torch.isfinite(v).all():
+        raise InputError("the subspace's vectors are not finite")
+    q, r = torch.linalg.qr(v.T)
+    diag = r.diagonal().abs()
+    if float(diag.min()) <= rtol * float(v.norm(dim=1).max()):
+        raise InputError(f"the subspace's {v.shape[0]} vectors are linearly dependent: they span fewer dimensions")
+    return (q * torch.sign(r.diagonal())).T.float()
+
+
+def project_out_subspace(x: Tensor, basis: Tensor) -> Tensor:
+    """``x - (x Q^T) Q`` along the last axis for an orthonormal basis ``Q`` ``[k, d]``, in ``x``'s dtype."""
+    q = basis.to(device=x.device, dtype=x.dtype)
+    return x - (x @ q.T) @ q
+
+
+def ablate_subspace(model: HookedModel, vectors: Tensor) -> hooks.HookHandle:
+    """:func:`ablate` of a k-dimensional subspace: its span (``vectors`` ``[k, d_model]``, orthonormalised here)
+    projected out of every residual-stream write, at every layer and position. For one vector it is
+    :func:`ablate`; for orthonormal vectors, nested :func:`ablate` of each (tested)."""
+    basis = orthonormal_basis(vectors, model)
+
+    def fn(x: Tensor, _name: str) -> Tensor:
+        return project_out_subspace(x, basis)
+
+    return hooks.add_hooks(model, [(name, fn) for name in residual_write_hooks(model)])
+
+
 def actadd(model: HookedModel, direction: Direction | Tensor, *, layer: int | None = None, alpha: float | None = None
         ) -> hooks.HookHandle:
     """Activation addition: ``resid_pre[layer] += alpha * r̂`` at every position.

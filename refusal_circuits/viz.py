@@ -248,6 +248,27 @@ def harm_vs_refusal(langs: Mapping[str, Mapping[str, Any]], *, base: str, title:
     return fig
 
 
+def subspace_carried(langs: Mapping[str, Mapping[str, Any]], *, base: str, title: str | None = None) -> Any:
+    """Per language, grouped bars with 95% intervals: the share of its refusal-score gap each ablation removes
+    (``langs``: the JSON of :class:`~refusal_circuits.crosslingual.subspace.RefusalSubspaces`)."""
+    names = {"r_hat": f"r̂({base})", "base_subspace": f"{base} subspace", "shared_subspace": "shared subspace",
+             "own": "own direction", "residual": "r̂ + own residual", "control": "r̂ + random (control)"}
+    series: dict[str, dict[str, tuple[float, float, float]]] = {name: {} for name in names.values()}
+    for lang, rec in langs.items():
+        for key, name in names.items():
+            got = _triple((rec.get("carried") or {}).get(key))
+            if got is not None:
+                series[name][lang] = got
+    return _bars({name: row for name, row in series.items() if row}, title=title or "Refusal removed by each ablation",
+                 ylabel="share of the refusal-score gap removed", ylim=None, langs=list(langs))
+
+
+def _triple(s: Mapping[str, Any] | None) -> tuple[float, float, float] | None:
+    if not s or s.get("value") is None or s.get("ci_low") is None:
+        return None
+    return float(s["value"]), float(s["ci_low"]), float(s["ci_high"])
+
+
 def token_projection_html(tokens: Sequence[str], values: Sequence[float], *, limit: float | None = None) -> str:
     """Tokens coloured by their projection on r̂ (red positive, blue negative); escaped, no script."""
     lim = limit or max((abs(float(v)) for v in values), default=1.0) or 1.0

@@ -12,7 +12,8 @@ from refusal_circuits.cli import main
 pytestmark = pytest.mark.tiny
 
 TINY_FLAGS = ["--refusal-tokens", "I,S", "--compliance-tokens", "T", "--filter", "polyrefuse", "--kl-max", "1e9",
-              "--max-layer-frac", "1.0", "--max-new-tokens", "3", "--total-effects", "2", "--patch-top-k", "2"]
+              "--max-layer-frac", "1.0", "--max-new-tokens", "3", "--total-effects", "2", "--patch-top-k", "2",
+              "--subspace-k", "2"]
 
 
 def _prompts(path):
@@ -42,7 +43,7 @@ def study(tiny_dir, tmp_path_factory):
 def test_run_writes_every_stage_the_report_and_results(study):
     out, _ = study
     results = json.loads((out / "results.json").read_text())
-    assert set(results["seconds"]) == {"direction", "evaluate", "languages", "attribute", "compare", "harm"}
+    assert set(results["seconds"]) == {"direction", "evaluate", "languages", "attribute", "compare", "harm", "subspace"}
     assert results["direction"]["lang"] == "en" and results["config"]["langs"] == ["en", "de"]
     assert set(results["refusal"]["baseline"]) == {"en", "de"}
     assert results["refusal"]["baseline"]["en"]["harmful"]["n"] == 4
@@ -62,6 +63,10 @@ def test_run_writes_every_stage_the_report_and_results(study):
     assert set(harm["langs"]["de"]["heads"]) == {"harm", "refusal"} and "steer_harm" in harm["langs"]["de"]
     page = (out / "report.html").read_text()
     assert "Recognise harm or refuse?" in page and "fig-harm_vs_refusal" in page
+    sub = results["subspace"]
+    assert sub["k"] == 2 and list(sub["langs"]) == ["en", "de"] and len(sub["langs"]["de"]["angles"]) == 2
+    assert set(sub["langs"]["de"]["carried"]) >= {"r_hat", "base_subspace", "control"}
+    assert "One refusal direction or a subspace?" in page and "fig-subspace_carried" in page
     # The effects table: like with like (the site gap beside the projection change) and every head's split or why not.
     table = page.split("Direct write versus total effect")[1].split("</table>")[0]
     for h in results["effects"]["heads"]:
@@ -84,7 +89,7 @@ def test_rerun_is_cached_and_a_changed_input_reruns_only_what_depends_on_it(stud
     stamp = {p.parent.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*/stage.json")}
     capsys.readouterr()
     assert main(argv) == 0
-    assert capsys.readouterr().out.count("cached") == 6
+    assert capsys.readouterr().out.count("cached") == 7
     assert stamp == {p.parent.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*/stage.json")}
     changed = [a if a != "3" else "4" for a in argv]  # --max-new-tokens 3 -> 4
     assert main(changed) == 0

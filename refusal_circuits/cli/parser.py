@@ -17,6 +17,7 @@ from refusal_circuits.cli.direction import cmd_directions, cmd_orthogonalize
 from refusal_circuits.cli.evaluate import cmd_evaluate
 from refusal_circuits.cli.harm import cmd_harm
 from refusal_circuits.cli.run import cmd_report, cmd_run
+from refusal_circuits.cli.subspace import cmd_subspace
 from refusal_circuits.models import DEFAULT_MODEL, DTYPES
 from refusal_circuits.study import StudyConfig
 from refusal_circuits.workflows import defaults
@@ -173,6 +174,9 @@ def _add_run(sub: _Sub) -> None:
                      help="the harm-vs-refusal stage (does each language recognise harm, and turn it into refusal?): "
                           "full, no-heads (without the per-head attribution) or none (default: "
                           f"{study['harm']})")
+    run.add_argument("--subspace-k", type=int, default=study["subspace_k"], metavar="K",
+                     help="the subspace stage (one refusal direction or a subspace per language?) with K-dimensional "
+                          f"subspaces; 0: skip it (default: {study['subspace_k']})")
     _second_judge_args(run, study["second_judge"], study["second_judge_sample"])
     _refusal_filter_arg(run, study["refusal_filter"])
     run.add_argument("--batch-size", type=_positive, default=study["batch_size"],
@@ -323,6 +327,35 @@ def _add_harm(sub: _Sub) -> None:
     h.set_defaults(func=cmd_harm)
 
 
+def _add_subspace(sub: _Sub) -> None:
+    s = sub.add_parser("subspace", help="per language: one refusal direction or a subspace? (Wollschläger et al.)",
+                       description=(
+                           "At r̂'s site, per language: a k-dimensional refusal subspace (top singular vectors of the "
+                           "category-wise differences in means, train split), its principal angles to the base "
+                           "language's (beside a disjoint-halves noise floor), and on held-out harmful prompts the "
+                           "refusal score (the language's own tokens) with r̂, the base subspace, the shared "
+                           "subspace, the own direction, and r̂ with the language's residual component or with a "
+                           "random second dimension ablated; whether that residual induces refusal with r̂ gone; "
+                           "one verdict per language, 95% bootstrap intervals. Writes OUT/subspace.json, "
+                           "OUT/subspace.safetensors and OUT/subspace.html."))
+    _model_arg(s)
+    _prompts_arg(s)
+    s.add_argument("--direction", required=True, help="a directory written by `directions` (its language is the base)")
+    s.add_argument("--out", required=True, help="output directory")
+    _langs_arg(s)
+    s.add_argument("--k", type=int, default=defaults.SUBSPACE_K,
+                   help=f"the subspaces' dimension (default: {defaults.SUBSPACE_K})")
+    s.add_argument("--fit-prompts", type=_positive, default=defaults.HARM_FIT_PROMPTS,
+                   help=f"at most this many train prompts per language and label (default: {defaults.HARM_FIT_PROMPTS})")
+    s.add_argument("--max-prompts", type=_positive, default=None, help="at most this many test prompts per language "
+                   "and label")
+    s.add_argument("--n-boot", type=int, default=defaults.HARM_N_BOOT,
+                   help=f"bootstrap resamples for the intervals (default: {defaults.HARM_N_BOOT})")
+    s.add_argument("--batch-size", type=_positive, default=defaults.HARM_BATCH_SIZE)
+    s.add_argument("--refusal-tokens", default=None, help="comma-separated refusal tokens (default: the direction's)")
+    s.set_defaults(func=cmd_subspace)
+
+
 def _add_compare(sub: _Sub) -> None:
     c = sub.add_parser("compare", help="English vs each language, paired by prompt id: where refusal diverges",
                        description=(
@@ -400,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_run, _add_directions, _add_evaluate, _add_attribute, _add_atp, _add_harm, _add_compare, _add_report,
+    for add in (_add_run, _add_directions, _add_evaluate, _add_attribute, _add_atp, _add_harm, _add_subspace, _add_compare, _add_report,
                 _add_orthogonalize, _add_check):
         add(sub)
     return parser

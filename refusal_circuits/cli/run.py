@@ -25,6 +25,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     for flag in ("total_effects", "patch_top_k", "transfer_check"):
         if getattr(args, flag) < 0:
             raise InputError(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
+    if args.subspace_k == 1 or args.subspace_k < 0:
+        raise InputError(f"--subspace-k must be 0 (no subspace stage) or at least 2, got {args.subspace_k}")
     config = StudyConfig(
         model=args.model, prompts=args.prompts, langs=tuple(args.langs) if args.langs else None, base=args.base,
         max_prompts=args.max_prompts, train_prompts=args.train_prompts, lang_train_prompts=args.lang_train_prompts,
@@ -34,7 +36,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         compliance_tokens=args.compliance_tokens,
         max_new_tokens=args.max_new_tokens, second_judge=args.second_judge,
         second_judge_sample=args.second_judge_sample, batch_size=args.batch_size, transfer=args.transfer,
-        transfer_check=args.transfer_check, harm=args.harm,
+        transfer_check=args.transfer_check, harm=args.harm, subspace_k=args.subspace_k,
         total_effects=args.total_effects, patch_top_k=args.patch_top_k, device=args.device, dtype=args.dtype,
         device_map=args.device_map)
     out = Path(args.out)
@@ -82,8 +84,9 @@ def _print_headline(results: dict[str, Any]) -> None:
         say(f"{lang}: refusal harmful {pct(h, 'refusal_rate')}  harmless {pct(s, 'refusal_rate')}"
             + (f"  | first token, harmful: {pct(b, 'rate')}, with r̂({d['lang']}) ablated {pct(a, 'rate')}"
                if a and b else ""))
-    for rec in (results.get("harm") or {}).get("langs", {}).values():
-        say(rec["sentence"])
+    for key in ("harm", "subspace"):
+        for rec in (results.get(key) or {}).get("langs", {}).values():
+            say(rec["sentence"])
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -27,6 +27,7 @@ from refusal_circuits.report.languages import (
 )
 from refusal_circuits.report.overview import direction_section, header_section, judging_section, rates_section
 from refusal_circuits.report.results import StudyView
+from refusal_circuits.report.subspace import subspace_section
 
 #: Counts the drawn figures once the page has loaded (what the headless-browser test reads).
 _COUNT_FIGURES = ("<script>document.body.dataset.figures=String(document.querySelectorAll('figure svg').length);"
@@ -49,6 +50,7 @@ def build_report(out: Path, results: dict[str, Any]) -> str:
         pca_section(study, figs),
         transfer_section(study, figs),
         harm_section(study.results.get("harm"), figs),
+        subspace_section(study.results.get("subspace"), figs),
         attribution_section(study),
         effects_section(study),
         separation_section(study, figs),

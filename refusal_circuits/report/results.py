@@ -35,6 +35,7 @@ def collect_results(stage_dirs: dict[str, Path], config: dict[str, Any], seconds
     div = read_json(stage_dirs["compare"] / "divergence.json")
     effects_file = stage_dirs["attribute"] / "effects.json"
     harm = read_json(stage_dirs["harm"] / "harm.json")
+    subspace = read_json(stage_dirs["subspace"] / "subspace.json")
     return {
         "version": __version__, "config": config, "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1),
         "direction": {k: d.get(k) for k in ("model", "lang", "layer", "position", "norm", "n_harmful", "n_harmless",
@@ -48,6 +49,7 @@ def collect_results(stage_dirs: dict[str, Path], config: dict[str, Any], seconds
         "effects": read_json(effects_file) if effects_file.exists() else None,
         "divergence": div,
         **harm,
+        **subspace,
         "files": {name: str(p) for name, p in stage_dirs.items()},
     }
 

@@ -11,7 +11,7 @@ from typing import Any
 from refusal_circuits.workflows.defaults import ALPHA, BASE_LANG, BATCH_SIZE, DEVICE, DTYPE, PROMPTS
 
 #: Stage names in the order they run.
-STAGES = ("direction", "evaluate", "languages", "attribute", "compare", "harm")
+STAGES = ("direction", "evaluate", "languages", "attribute", "compare", "harm", "subspace")
 STAGE_FILE = "stage.json"
 
 
@@ -63,6 +63,8 @@ class StudyConfig:
     transfer_check: int = 8
     #: the harm-vs-refusal stage: "full", "no-heads" (without the per-head attribution) or "none"
     harm: str = "full"
+    #: the subspace stage's dimension k (0: no subspace stage)
+    subspace_k: int = 3
     total_effects: int = 4
     patch_top_k: int = 3
     alpha: float = ALPHA
@@ -96,12 +98,13 @@ READS: dict[str, tuple[str, ...]] = {
     "attribute": (*_COMMON, "langs", "max_prompts", "compliance_tokens", "total_effects", "batch_size"),
     "compare": (*_COMMON, "langs", "max_prompts", "patch_top_k", "alpha", "batch_size"),
     "harm": (*_COMMON, "langs", "max_prompts", "train_prompts", "lang_train_prompts", "harm", "batch_size"),
+    "subspace": (*_COMMON, "langs", "max_prompts", "train_prompts", "lang_train_prompts", "subspace_k", "batch_size"),
 }
 #: The stages each stage reads (their keys are part of its key).
 NEEDS: dict[str, tuple[str, ...]] = {
     "direction": (), "evaluate": ("direction",), "languages": ("direction", "evaluate"),
     "attribute": ("direction", "evaluate"), "compare": ("direction", "evaluate", "attribute"),
-    "harm": ("direction",)}
+    "harm": ("direction",), "subspace": ("direction",)}
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The study's six stages. Each reads its inputs (the settings, the prompts, the model, the stages before it),
+"""The study's seven stages. Each reads its inputs (the settings, the prompts, the model, the stages before it),
 calls one workflow of :mod:`refusal_circuits.workflows` (the same ones the commands call) and writes what it returns
 into the stage's temporary directory, which the runner renames into place."""
 
@@ -29,6 +29,7 @@ from refusal_circuits.workflows.evaluate import study_refusal
 from refusal_circuits.workflows.harm import study_harm
 from refusal_circuits.workflows.languages import study_languages, transfer_cells
 from refusal_circuits.workflows.splits import SplitPolicy
+from refusal_circuits.workflows.subspace import study_subspaces
 from refusal_circuits.workflows.tokens import (
     compliance_from_completions,
     compliance_token_ids,
@@ -164,7 +165,25 @@ def stage_harm(study: StudyState, out: Path) -> None:
     write_json(out / "harm.json", {"harm": found.to_json()})
 
 
+def stage_subspace(study: StudyState, out: Path) -> None:
+    """One refusal direction or a subspace, per language (:func:`~refusal_circuits.workflows.subspace.study_subspaces`);
+    nothing but the reason with ``subspace_k = 0``."""
+    cfg = study.config
+    if cfg.subspace_k == 0:
+        write_json(out / "subspace.json", nullable("subspace", None, "not run (run --subspace-k 0)"))
+        return
+    direction = study.direction()
+    found = study_subspaces(study.model(), direction, study.prompts, study.langs,
+                            tokens=required_refusal_tokens(direction, "the direction stage"), k=cfg.subspace_k,
+                            max_fit=cfg.lang_cap, max_test=cfg.max_prompts, batch_size=cfg.batch_size,
+                            progress=study.progress)
+    with atomic_path(out / "subspace.safetensors") as tmp:
+        save_file(found.tensors(), str(tmp))
+    write_json(out / "subspace.json", {"subspace": found.to_json()})
+
+
 #: The stage functions by name, in order (the runner calls them; tests replace one to simulate Ctrl-C).
 RUNNERS: dict[str, Callable[[Any, Path], None]] = {
     "direction": stage_direction, "evaluate": stage_evaluate, "languages": stage_languages,
-    "attribute": stage_attribute, "compare": stage_compare, "harm": stage_harm}
+    "attribute": stage_attribute, "compare": stage_compare, "harm": stage_harm,
+    "subspace": stage_subspace}

@@ -44,3 +44,5 @@ HARM_FIT_PROMPTS = 64
 HARM_BATCH_SIZE = 16
 #: ``harm``: bootstrap resamples behind every interval.
 HARM_N_BOOT = 1000
+#: ``subspace``: the refusal subspaces' dimension (Wollschläger et al. find cones of a few dimensions).
+SUBSPACE_K = 3
