@@ -264,3 +264,48 @@ def test_harm_end_to_end_and_bad_input(tiny_dir, workdir, capsys):
                         str(workdir / "dir"), "--harm-layer", "9", "--out", str(workdir / "harm-bad"))
     assert code == 2 and "--harm-layer 9" in err and len(err.strip().splitlines()) == 1
     assert not (workdir / "harm-bad").exists()
+
+
+def test_directions_by_cosmic_and_both(tiny_dir, workdir, capsys):
+    prompts = _direction_made(tiny_dir, workdir)
+    common = ["directions", "--model", str(tiny_dir), "--prompts", str(prompts), "--lang", "en", "--refusal-tokens",
+              "I,S", "--filter", "polyrefuse", "--kl-max", "1e9", "--max-layer-frac", "1.0"]
+    code, out, err = _run(capsys, *common, "--strategy", "cosmic", "--out", str(workdir / "dir-cosmic"))
+    assert code == 0, err
+    meta = json.loads((workdir / "dir-cosmic" / "direction.json").read_text())
+    assert meta["selection"]["strategy"] == "cosmic" and meta["selection_strategy"] == "cosmic"
+    assert meta["selection_scores"]["readout_layers"] == [1] and "chosen by COSMIC" in out
+    assert "refusal_tokens" in meta and "actadd" in meta  # tokens given: recorded, and actadd calibrated by them
+    code, out, err = _run(capsys, *common, "--strategy", "both", "--out", str(workdir / "dir-both"))
+    assert code == 0, err
+    meta = json.loads((workdir / "dir-both" / "direction.json").read_text())
+    agree = meta["cosmic"]["agreement"]
+    assert meta["selection_strategy"] == "arditi" and {"same_site", "cosine", "rank_correlation"} <= set(agree)
+    assert "COSMIC chose layer" in out
+    code, _, err = _run(capsys, *common, "--strategy", "nope", "--out", str(workdir / "dir-nope"))
+    assert code == 2 and "--strategy" in err
+
+
+def test_subspace_end_to_end_and_bad_input(tiny_dir, workdir, capsys):
+    from safetensors.torch import load_file
+
+    prompts = _direction_made(tiny_dir, workdir)
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    both = workdir / "p-en-de-sub.jsonl"
+    both.write_text("".join(json.dumps(r) + "\n" for r in rows + [{**r, "lang": "de", "instruction": r["instruction"]
+                                                                   .upper()} for r in rows]))
+    out_dir = workdir / "subspace"
+    code, out, err = _run(capsys, "subspace", "--model", str(tiny_dir), "--prompts", str(both), "--direction",
+                          str(workdir / "dir"), "--k", "2", "--n-boot", "50", "--out", str(out_dir))
+    assert code == 0, err
+    obj = json.loads((out_dir / "subspace.json").read_text())
+    assert list(obj["langs"]) == ["en", "de"] and obj["k"] == 2 and len(obj["langs"]["de"]["angles"]) == 2
+    assert obj["langs"]["de"]["verdict"] in ("one direction", "a subspace", "no refusal to carry", "unmeasured")
+    t = load_file(str(out_dir / "subspace.safetensors"))
+    assert t["subspace.de"].shape == (2, 64) and "shared" in t and "RefusalSubspaces(" in out
+    assert "<svg" in (out_dir / "subspace.html").read_text() or obj["langs"]["de"]["verdict"] == "unmeasured"
+    for bad, msg in ((["--k", "1"], "--k must be at least 2"), (["--k", "3"], "at least 3 harmful train prompts")):
+        code, _, err = _run(capsys, "subspace", "--model", str(tiny_dir), "--prompts", str(both), "--direction",
+                            str(workdir / "dir"), *bad, "--out", str(workdir / "sub-bad"))
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1
+    assert not (workdir / "sub-bad").exists()

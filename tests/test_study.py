@@ -13,7 +13,7 @@ pytestmark = pytest.mark.tiny
 
 TINY_FLAGS = ["--refusal-tokens", "I,S", "--compliance-tokens", "T", "--filter", "polyrefuse", "--kl-max", "1e9",
               "--max-layer-frac", "1.0", "--max-new-tokens", "3", "--total-effects", "2", "--patch-top-k", "2",
-              "--subspace-k", "2"]
+]
 
 
 def _prompts(path):
@@ -63,10 +63,9 @@ def test_run_writes_every_stage_the_report_and_results(study):
     assert set(harm["langs"]["de"]["heads"]) == {"harm", "refusal"} and "steer_harm" in harm["langs"]["de"]
     page = (out / "report.html").read_text()
     assert "Recognise harm or refuse?" in page and "fig-harm_vs_refusal" in page
-    sub = results["subspace"]
-    assert sub["k"] == 2 and list(sub["langs"]) == ["en", "de"] and len(sub["langs"]["de"]["angles"]) == 2
-    assert set(sub["langs"]["de"]["carried"]) >= {"r_hat", "base_subspace", "control"}
-    assert "One refusal direction or a subspace?" in page and "fig-subspace_carried" in page
+    # two harmful train prompts per language: the 3-dimensional subspace stage says why it did not run
+    assert results["subspace"] is None and "need at least 3 harmful train prompts" in results["subspace_why"]
+    assert "One refusal direction or a subspace?" in page and "need at least 3 harmful train prompts" in page
     # The effects table: like with like (the site gap beside the projection change) and every head's split or why not.
     table = page.split("Direct write versus total effect")[1].split("</table>")[0]
     for h in results["effects"]["heads"]:

@@ -54,7 +54,9 @@ def test_subspace_ablation_is_nested_directional_ablation(tiny_model):
         one = first_token_logits(tiny_model, texts)
     with ablate_subspace(tiny_model, q[:1]):
         assert torch.allclose(one, first_token_logits(tiny_model, texts), atol=1e-5)
-    assert not any(m._forward_hooks for m in tiny_model.modules())
+    from refusal_circuits.hooks import count_hooks
+
+    assert count_hooks(tiny_model) == 0
     with pytest.raises(InputError, match="linearly dependent"):
         ablate_subspace(tiny_model, torch.stack([q[0], 2 * q[0]]))
     with pytest.raises(InputError, match="shape"):

@@ -207,6 +207,10 @@ def _add_directions(sub: _Sub) -> None:
                    help="only these post-instruction positions, e.g. -2,-1 (default: all; a smaller grid for big "
                         "models)")
     _refusal_filter_arg(d, "none")
+    d.add_argument("--strategy", default="arditi", choices=["arditi", "cosmic", "both"],
+                   help="selection by the refusal score (arditi; COSMIC where the language has no refusal tokens), "
+                        "by COSMIC's activation similarities without refusal tokens (cosmic), or arditi with "
+                        "COSMIC's choice and their agreement recorded in direction.json (both)")
     d.add_argument("--batch-size", type=_positive, default=defaults.BATCH_SIZE)
     d.set_defaults(func=cmd_directions)
 

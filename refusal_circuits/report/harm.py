@@ -30,10 +30,10 @@ def _heads_table(obj: Mapping[str, Any]) -> str:
                  ["lang", "direction", "agreement with base", "largest heads"], rows)
 
 
-def harm_section(obj: Mapping[str, Any] | None, figs: Figures) -> str:
+def harm_section(obj: Mapping[str, Any] | None, figs: Figures, why: str | None = None) -> str:
     """The section from a :meth:`~refusal_circuits.crosslingual.harm.HarmRefusal.to_json` (empty without one)."""
     if not obj:
-        return ""
+        return f"<h2>Recognise harm or refuse? (Zhao et al.)</h2><p class='muted'>{esc(why)}</p>" if why else ""
     base = obj["base"]
     sentences = "".join(f"<li>{esc(rec['sentence'])}</li>" for rec in obj["langs"].values())
     fig = figs.add("harm_vs_refusal", viz.harm_vs_refusal(obj["langs"], base=base),

@@ -12,10 +12,10 @@ from refusal_circuits.markup import esc
 from refusal_circuits.report.figures import Figures
 
 
-def subspace_section(obj: Mapping[str, Any] | None, figs: Figures) -> str:
+def subspace_section(obj: Mapping[str, Any] | None, figs: Figures, why: str | None = None) -> str:
     """The section from a :meth:`~refusal_circuits.crosslingual.subspace.RefusalSubspaces.to_json` (empty without)."""
     if not obj:
-        return ""
+        return f"<h2>One refusal direction or a subspace? (Wollschläger et al.)</h2><p class='muted'>{esc(why)}</p>" if why else ""
     base = obj["base"]
     sentences = "".join(f"<li>{esc(rec['sentence'])}</li>" for rec in obj["langs"].values())
     fig = figs.add("subspace_carried", viz.subspace_carried(obj["langs"], base=base),

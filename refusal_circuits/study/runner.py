@@ -65,12 +65,6 @@ class Study:
         # labels: a one-label file fails here, before any stage, rather than after the first ones.
         for split in ("train", "test"):
             check_language_groups(self.prompts, self.langs, split=split, what=str(self.config.prompts))
-        k = self.config.subspace_k
-        few = [x for x in self.langs if k and len(self.prompts.filter(lang=x, split="train", label="harmful")) < k]
-        if few:  # the subspace stage runs last: fail here, not after the others
-            raise InputError(f"{self.config.prompts}: the subspace stage's {k}-dimensional subspaces need at least {k} "
-                             f"harmful train prompts per language; {', '.join(few)} ha{'s' if len(few) == 1 else 've'} "
-                             "fewer (pass --subspace-k 2 or 0)")
         self._keys()
 
     # ---------------------------------------------------------------------------------------------- bookkeeping

@@ -169,8 +169,13 @@ def stage_subspace(study: StudyState, out: Path) -> None:
     """One refusal direction or a subspace, per language (:func:`~refusal_circuits.workflows.subspace.study_subspaces`);
     nothing but the reason with ``subspace_k = 0``."""
     cfg = study.config
-    if cfg.subspace_k == 0:
-        write_json(out / "subspace.json", nullable("subspace", None, "not run (run --subspace-k 0)"))
+    few = [lang for lang in study.langs
+           if len(study.prompts.filter(lang=lang, split="train", label="harmful")) < cfg.subspace_k]
+    if cfg.subspace_k == 0 or few:
+        why = ("not run (run --subspace-k 0)" if cfg.subspace_k == 0 else
+               f"not run: {cfg.subspace_k}-dimensional subspaces need at least {cfg.subspace_k} harmful train prompts "
+               f"per language, and {', '.join(few)} ha{'s' if len(few) == 1 else 've'} fewer (--subspace-k)")
+        write_json(out / "subspace.json", nullable("subspace", None, why))
         return
     direction = study.direction()
     found = study_subspaces(study.model(), direction, study.prompts, study.langs,
