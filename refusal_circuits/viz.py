@@ -233,8 +233,8 @@ def harm_vs_refusal(langs: Mapping[str, Mapping[str, Any]], *, base: str, title:
         colour = "#204a87" if lang == base else "#cc0000" if y < x else "#4e9a06"
         ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", ms=3, lw=0.7, capsize=1.5, color=colour)
         ax.annotate(lang, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        lows += [float(h["ci_low"]), float(r["ci_low"])]
-        highs += [float(h["ci_high"]), float(r["ci_high"])]
+        lows += [float(h["ci_low"]), float(r["ci_low"]), x, y]
+        highs += [float(h["ci_high"]), float(r["ci_high"]), x, y]
     lo, hi = min(lows) - 0.05, max(highs) + 0.05
     ax.plot([lo, hi], [lo, hi], ls=":", lw=0.7, color="#888888")
     for v in (0.0, 1.0):
