@@ -63,9 +63,9 @@ def test_run_writes_every_stage_the_report_and_results(study):
     assert set(harm["langs"]["de"]["heads"]) == {"harm", "refusal"} and "steer_harm" in harm["langs"]["de"]
     page = (out / "report.html").read_text()
     assert "Recognise harm or refuse?" in page and "fig-harm_vs_refusal" in page
-    # two harmful train prompts per language: the 3-dimensional subspace stage says why it did not run
-    assert results["subspace"] is None and "need at least 3 harmful train prompts" in results["subspace_why"]
-    assert "One refusal direction or a subspace?" in page and "need at least 3 harmful train prompts" in page
+    # the subspace stage is off by default: it says so
+    assert results["subspace"] is None and "--subspace-k 0" in results["subspace_why"]
+    assert "One refusal direction or a subspace?" in page
     # The effects table: like with like (the site gap beside the projection change) and every head's split or why not.
     table = page.split("Direct write versus total effect")[1].split("</table>")[0]
     for h in results["effects"]["heads"]:

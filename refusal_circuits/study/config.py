@@ -63,8 +63,8 @@ class StudyConfig:
     transfer_check: int = 8
     #: the harm-vs-refusal stage: "full", "no-heads" (without the per-head attribution) or "none"
     harm: str = "full"
-    #: the subspace stage's dimension k (0: no subspace stage)
-    subspace_k: int = 3
+    #: the subspace stage's dimension k (0, the default until it is measured on a packaged model: no subspace stage)
+    subspace_k: int = 0
     total_effects: int = 4
     patch_top_k: int = 3
     alpha: float = ALPHA
