@@ -209,3 +209,17 @@ def test_ctrl_c_mid_stage_keeps_finished_stages_and_the_rerun_resumes_there(tiny
     assert printed.count("cached") == 3 and "stage attribute: done" in printed and "stage compare: done" in printed
     assert all(p.stat().st_mtime_ns == stamp[p.parent.name] for p in (out / "stages").glob("*/stage.json")
                if p.parent.name in stamp)
+
+
+def test_the_subspace_stage_runs_alone_on_a_finished_study(study, capsys):
+    """Turning the subspace stage on reruns only that stage (the others do not read subspace_k)."""
+    out, argv = study
+    capsys.readouterr()
+    assert main([*argv, "--subspace-k", "2"]) == 0
+    assert capsys.readouterr().out.count("cached") == 6
+    results = json.loads((out / "results.json").read_text())
+    sub = results["subspace"]
+    assert sub["k"] == 2 and list(sub["langs"]) == ["en", "de"] and len(sub["langs"]["de"]["angles"]) == 2
+    assert set(sub["langs"]["de"]["carried"]) >= {"r_hat", "base_subspace", "control"}
+    page = (out / "report.html").read_text()
+    assert "One refusal direction or a subspace?" in page and "fig-subspace_carried" in page
