@@ -167,10 +167,11 @@ class LanguageHarm:
         harm = {"as base": f"recognises harm as {b} does", "weaker": f"recognises harm more weakly than {b}",
                 "absent": f"does not recognise harm along {b}'s harm direction",
                 "unclear": "recognises harm to an extent these prompts cannot pin down"}[self.harm_level]
-        joint = " but" if self.harm_level in ("as base", "weaker") and self.refusal_level in ("weaker", "absent") \
-            else " and"
+        rank = {"as base": 0, "weaker": 1, "absent": 2, "unclear": -1}
+        worse = rank[self.refusal_level] > rank[self.harm_level] >= 0  # refusal lost more than harm: the contrast
+        joint = " but" if worse else " and"
         refusal = {"as base": f"converts it into refusal as {b} does",
-                   "weaker": "converts less of it into refusal",
+                   "weaker": "carries less refusal along r̂" if not worse else "converts less of it into refusal",
                    "absent": f"does not convert it into refusal along r̂({b})",
                    "unclear": "converts an unclear share of it into refusal"}[self.refusal_level]
         if self.harm_level == "absent":
