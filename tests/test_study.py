@@ -214,9 +214,11 @@ def test_ctrl_c_mid_stage_keeps_finished_stages_and_the_rerun_resumes_there(tiny
 def test_the_subspace_stage_runs_alone_on_a_finished_study(study, capsys):
     """Turning the subspace stage on reruns only that stage (the others do not read subspace_k)."""
     out, argv = study
+    assert main(argv) == 0  # the study as the fixture made it (an earlier test changed a setting)
     capsys.readouterr()
     assert main([*argv, "--subspace-k", "2"]) == 0
-    assert capsys.readouterr().out.count("cached") == 6
+    printed = capsys.readouterr().out
+    assert printed.count("cached") == 6 and "stage subspace: done" in printed
     results = json.loads((out / "results.json").read_text())
     sub = results["subspace"]
     assert sub["k"] == 2 and list(sub["langs"]) == ["en", "de"] and len(sub["langs"]["de"]["angles"]) == 2
