@@ -152,8 +152,13 @@ def stage_harm(study: StudyState, out: Path) -> None:
     r̂'s site per language (:func:`~refusal_circuits.workflows.harm.study_harm`); nothing but the reason with
     ``harm = "none"``."""
     cfg = study.config
-    if cfg.harm == "none":
-        write_json(out / "harm.json", nullable("harm", None, "not run (run --harm none)"))
+    few = sorted({lang for lang in study.langs for split in ("train", "test") for label in ("harmful", "harmless")
+                  if len(study.prompts.filter(lang=lang, split=split, label=label)) < 2})
+    if cfg.harm == "none" or few:
+        why = ("not run (run --harm none)" if cfg.harm == "none" else
+               f"not run: harm vs refusal needs at least 2 harmful and 2 harmless train and test prompts per language, "
+               f"and {', '.join(few)} ha{'s' if len(few) == 1 else 've'} fewer")
+        write_json(out / "harm.json", nullable("harm", None, why))
         return
     direction = study.direction()
     found = study_harm(study.model(), direction, study.prompts, study.langs,
