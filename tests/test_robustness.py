@@ -143,7 +143,8 @@ def env(tiny_dir, tiny_model, tmp_path_factory):
     # `run` directories for `report`: finished stages whose files were lost, or a broken results.json
     from refusal_circuits.study import STAGE_FILE, STAGES
 
-    for name, results, stages in (("run-no-compare", b'{"config": {}, "seconds": {}}', STAGES[:-1]),
+    for name, results, stages in (("run-no-compare", b'{"config": {}, "seconds": {}}',
+                                   tuple(x for x in STAGES if x != "compare")),
                                   ("run-results-not-utf8", b"\xff", STAGES),
                                   ("run-results-keys", b"{}", STAGES),
                                   ("run-stage-files-lost", b'{"config": {}, "seconds": {}}', STAGES)):
@@ -175,6 +176,7 @@ _PROMPT_COMMANDS = {
     "attribute": ["attribute", "--model", "{model}", "--direction", "{dir}", "--out", "{out}", "--prompts"],
     "atp": ["atp", "--model", "{model}", "--direction", "{dir}", "--out", "{out}", "--prompts"],
     "harm": ["harm", "--model", "{model}", "--direction", "{dir}", "--out", "{out}", "--prompts"],
+    "subspace": ["subspace", "--model", "{model}", "--direction", "{dir}", "--out", "{out}", "--prompts"],
     "compare": ["compare", "--attributions", "{attr}", "--out", "{out}", "--prompts"],
 }
 for _cmd, _argv in _PROMPT_COMMANDS.items():
@@ -183,7 +185,7 @@ for _cmd, _argv in _PROMPT_COMMANDS.items():
     # a prompt longer than the model's context: named with its id, language and file, before any work
     CASES.append(_case(_cmd, [*_argv, "{long}", *(["--directions"] if _cmd == "compare" else [])],
                        # attribute holds a direction from another file out whole: its first long prompt
-                       "prompt 'harmful-0' (en) of {long} is 6" if _cmd in ("run", "directions", "compare", "attribute", "atp", "harm")
+                       "prompt 'harmful-0' (en) of {long} is 6" if _cmd in ("run", "directions", "compare", "attribute", "atp", "harm", "subspace")
                        else "prompt 'harmful-4' (en) of {long} is 6"))
     # prompts from the hub without the `hub` extra
     CASES.append(_case(_cmd, [*_argv, "hf:advbench"], "loading hub datasets needs the 'hub' extra: pip install",
@@ -197,6 +199,7 @@ _MODEL_COMMANDS = {
     "attribute": ["attribute", "--direction", "{dir}", "--out", "{out}", "--prompts", "{prompts}", "--model"],
     "atp": ["atp", "--direction", "{dir}", "--out", "{out}", "--prompts", "{prompts}", "--model"],
     "harm": ["harm", "--direction", "{dir}", "--out", "{out}", "--prompts", "{prompts}", "--model"],
+    "subspace": ["subspace", "--direction", "{dir}", "--out", "{out}", "--prompts", "{prompts}", "--model"],
     "orthogonalize": ["orthogonalize", "--direction", "{dir}", "--out", "{out}", "--model"],
     "compare": ["compare", "--attributions", "{attr}", "--out", "{out}", "--model"],
     "check": ["check", "--json", "{out_json}", "--model"],
@@ -225,6 +228,7 @@ _DIRECTION_COMMANDS = {
     "attribute": ["attribute", "--model", "{model}", "--prompts", "{prompts}", "--out", "{out}", "--direction"],
     "atp": ["atp", "--model", "{model}", "--prompts", "{prompts}", "--out", "{out}", "--direction"],
     "harm": ["harm", "--model", "{model}", "--prompts", "{prompts}", "--out", "{out}", "--direction"],
+    "subspace": ["subspace", "--model", "{model}", "--prompts", "{prompts}", "--out", "{out}", "--direction"],
     "orthogonalize": ["orthogonalize", "--model", "{model}", "--out", "{out}", "--direction"],
     "compare": ["compare", "--attributions", "{attr}", "--out", "{out}", "--direction"],
 }
