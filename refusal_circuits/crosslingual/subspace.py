@@ -372,18 +372,25 @@ def refusal_subspaces(
                         else torch.zeros_like(v)) for lang, v in residual_raw.items()}
     control = _random_orthogonal(r_hat, seed + 1)
     n_boot_angles = min(n_boot, 200)
-    base_fi = {label: boot_idx(base, fit_split, label)[:n_boot_angles] for label in LABELS}
-    out: dict[str, LanguageSubspace] = {}
-    for lang in order:
-        fi = {label: boot_idx(lang, fit_split, label)[:n_boot_angles] for label in LABELS}
-        ti = {label: boot_idx(lang, test_split, label) for label in LABELS}
-        boots = []
+    def fit_idx(lang: str) -> dict[str, Tensor]:
+        return {label: boot_idx(lang, fit_split, label)[:n_boot_angles] for label in LABELS}
+
+    def boot_subspaces(lang: str, fi: Mapping[str, Tensor]) -> list[Tensor | None]:
+        """The subspace of each fit resample ``fi`` (None where it has fewer than k rows)."""
+        got: list[Tensor | None] = []
         for j in range(n_boot_angles):
             try:
-                boots.append(principal_angles(subspace(lang, fi["harmful"][j], fi["harmless"][j]),
-                                              subspace(base, base_fi["harmful"][j], base_fi["harmless"][j])))
-            except InputError:  # a resample with fewer than k rows
-                continue
+                got.append(subspace(lang, fi["harmful"][j], fi["harmless"][j]))
+            except InputError:
+                got.append(None)
+        return got
+
+    base_boots = boot_subspaces(base, fit_idx(base))  # shared by every language's angles (the resamples are paired by id)
+    out: dict[str, LanguageSubspace] = {}
+    for lang in order:
+        fi, ti = fit_idx(lang), {label: boot_idx(lang, test_split, label) for label in LABELS}
+        boots = [principal_angles(a, b) for a, b in zip(boot_subspaces(lang, fi), base_boots, strict=True)
+                 if a is not None and b is not None]
         angle_point = principal_angles(subs[lang], subs[base])
         stack = torch.stack(boots) if boots else torch.full((1, k), math.nan)
         angles = [Estimate.of(float(angle_point[i]), stack[:, i]) for i in range(k)]
