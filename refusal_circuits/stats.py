@@ -10,6 +10,7 @@ given data is NaN, and a ``*_why`` function beside it says why (the JSON writes 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -357,3 +358,25 @@ def percentile_interval(boots: Tensor, ci: float = 0.95) -> tuple[float, float]:
         return math.nan, math.nan
     lo_q, hi_q = (1 - ci) / 2, 1 - (1 - ci) / 2
     return float(torch.quantile(ok, lo_q)), float(torch.quantile(ok, hi_q))
+
+
+def jackknife_interval(point: float, left_out: Sequence[Tensor], z: float = 1.959964,
+                       bounds: tuple[float, float] | None = None) -> tuple[float, float]:
+    """``point ± z·se`` from delete-one replicates, one block per independent sample (a label's prompts):
+    ``se² = Σ_blocks (n − 1)/n · Σ_k (θ_(k) − mean θ_(k))²``, clipped to ``bounds`` (a cosine's [−1, 1]).
+
+    For a statistic of means near a bound (a cosine near 1) this is the interval to use: a percentile bootstrap
+    measures every replicate at twice the data's noise, which pulls a cosine's replicates, and so its interval,
+    below the estimate. NaN where a replicate is undefined (the interval is then unbounded)."""
+    var = 0.0
+    for block in left_out:
+        block = block.double().flatten()
+        if not bool(torch.isfinite(block).all()):
+            return math.nan, math.nan
+        k = block.numel()
+        var += (k - 1) / k * float(((block - block.mean()) ** 2).sum()) if k > 1 else 0.0
+    half = z * math.sqrt(var)
+    lo, hi = point - half, point + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return lo, hi

@@ -26,9 +26,12 @@ test split; never the fit prompts), per language:
   site's layer (the others do not write into it), and the rank correlation of those contrasts with the base
   language's.
 
-**Intervals**: percentile bootstrap over prompts (``n_boot`` replicates, seeded), resampled per label and paired by
-id across a language and the base language where both have the same ids (translations), so a retention's
-interval carries the sampling noise of both. Cosines resample the fit prompts, everything else the test prompts.
+**Intervals**: percentile bootstrap over the test prompts (``n_boot`` replicates, seeded), resampled per label and
+paired by id across a language and the base language where both have the same ids (translations), so a retention's
+interval carries the sampling noise of both. Cosines (of fit-prompt differences in means) get a delete-one
+jackknife over the fit prompts, paired the same way (:func:`~refusal_circuits.crosslingual.sites.jackknife_cos`):
+a bootstrap replicate carries twice the data's noise, which put the 1.5B's English cos(ĥ, r) of 0.99 above its own
+interval, [0.94, 0.98].
 
 **Verdict** (:data:`LEVELS`): a retention interval at or above 1 with its lower end at least :data:`KEPT_FROM`
 is ``as base``; one wholly between 0 and 1 ``weaker``; one that reaches 0 and stays below :data:`KEPT_FROM`
@@ -56,7 +59,8 @@ from refusal_circuits.crosslingual.sites import (
     LABELS,
     Estimate,
     Resampler,
-    cos,
+    index_plan,
+    jackknife_cos,
     mean_estimate,
     own_refusal_tokens,
     refusal_scores,
@@ -265,8 +269,9 @@ def harm_table(obj: Mapping[str, Any]) -> str:
             for lang, rec in obj["langs"].items()]
     head = ["lang", "harm", "refusal", *(name for _, name in cols)]
     caption = (f"Harm read at layer {obj['harm_layer']}, the last instruction token; refusal at layer "
-               f"{obj['refusal_layer']}, post-instruction position {obj['refusal_position']}. 95% bootstrap "
-               f"intervals over prompts ({obj['n_boot']} resamples).")
+               f"{obj['refusal_layer']}, post-instruction position {obj['refusal_position']}. 95% intervals: "
+               f"bootstrap over prompts ({obj['n_boot']} resamples); cosines, a delete-one jackknife over the fit "
+               "prompts.")
     return "<b>Harm vs refusal per language</b>" + table(caption, head, rows)
 
 
@@ -366,19 +371,15 @@ def harm_and_refusal(
         return res.for_group(split, label, ids[base, split][label], ids[lang, split][label],
                              salt=order.index(lang) * 10 + LABELS.index(label) + (5 if split == test_split else 0))
 
-    def boot_diff(site: Mapping[Any, Tensor], lang: str, idx: Mapping[str, Tensor]) -> Tensor:
-        """The fit-split difference in means of every resample, ``[n_boot, d_model]``."""
-        return (site[lang, fit_split, "harmful"][idx["harmful"]].mean(1)
-                - site[lang, fit_split, "harmless"][idx["harmless"]].mean(1))
+    def fit(site: Mapping[Any, Tensor], lang: str) -> dict[str, Tensor]:
+        return {label: site[lang, fit_split, label] for label in LABELS}
 
     def gap(p: Mapping[str, Tensor], idx: Mapping[str, Tensor]) -> tuple[float, Tensor]:
         """Mean harmful minus mean harmless projection, and the same on every resample."""
         return (float(p["harmful"].mean() - p["harmless"].mean()),
                 p["harmful"][idx["harmful"]].mean(1) - p["harmless"][idx["harmless"]].mean(1))
 
-    fit_idx = {lang: {label: boot_idx(lang, fit_split, label) for label in LABELS} for lang in order}
     test_idx = {lang: {label: boot_idx(lang, test_split, label) for label in LABELS} for lang in order}
-    h_base_boot = boot_diff(H, base, fit_idx[base])
     on_base = {lang: ({label: H[lang, test_split, label] @ h_base for label in LABELS},
                       {label: R[lang, test_split, label] @ r_hat for label in LABELS}) for lang in order}
     g_bh, g_bh_boot = gap(on_base[base][0], test_idx[base])
@@ -398,10 +399,10 @@ def harm_and_refusal(
     head_base: dict[str, tuple[Tensor, Tensor]] = {}
     out: dict[str, LanguageHarm] = {}
     for lang in order:
-        fi, ti = fit_idx[lang], test_idx[lang]
+        ti = test_idx[lang]
         h_own, r_own = diff(H, lang, fit_split), diff(R, lang, fit_split)
         directions[lang] = {"harm": unit(h_own).float(), "refusal": unit(r_own).float()}
-        hb, rb = boot_diff(H, lang, fi), boot_diff(R, lang, fi)
+        same = {label: range(len(parts[lang, fit_split][label])) for label in LABELS}
         ph, pr = on_base[lang]
         own_h = {label: H[lang, test_split, label] @ unit(h_own) for label in LABELS}
         own_r = {label: R[lang, test_split, label] @ unit(r_own) for label in LABELS}
@@ -433,9 +434,10 @@ def harm_and_refusal(
             harm_auroc_own=auroc_est(own_h, ti), refusal_auroc_own=auroc_est(own_r, ti),
             harm_retention=retention(g_h, g_h_boot, g_bh, g_bh_boot, f"ĥ({base})"),
             refusal_retention=retention(g_r, g_r_boot, g_br, g_br_boot, "r̂"),
-            cos_harm_refusal=Estimate.of(float(cos(h_own, r_own)), cos(hb, rb)),
-            cos_harm_base=Estimate.of(float(cos(h_own, gap_vec)), cos(hb, h_base_boot)),
-            cos_refusal_base=Estimate.of(float(cos(r_own, r_hat)), cos(rb, r_hat[None])),
+            cos_harm_refusal=jackknife_cos(fit(H, lang), fit(R, lang), same),
+            cos_harm_base=jackknife_cos(fit(H, lang), fit(H, base), {
+                label: index_plan(ids[base, fit_split][label], ids[lang, fit_split][label]) for label in LABELS}),
+            cos_refusal_base=jackknife_cos(fit(R, lang), r_hat),
             heads=contrasts, token_origin=origin, **extra)
     return HarmRefusal(model_id(model), base, h_layer, direction.layer, direction.position, t_inst, alpha,
                        h_base.float(), directions, out, n_boot, seed)

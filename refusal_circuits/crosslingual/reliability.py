@@ -80,6 +80,7 @@ from refusal_circuits.io import nullable
 from refusal_circuits.markup import esc, table
 from refusal_circuits.sampling import stratified_halves
 from refusal_circuits.stats import fmt_stat as _fmt
+from refusal_circuits.stats import jackknife_interval
 
 #: Prompts a label needs in each half (so a half with one prompt left out still has one, and a spread).
 MIN_PER_HALF = 2
@@ -375,12 +376,6 @@ def _interval(rows: Tensor, sizes: Sequence[int], z: float, q: str) -> tuple[tup
         cause = "a within-language cosine is not positive" if q == "corrected" else "a direction is zero"
         return (math.nan, math.nan), (f"undefined with one prompt left out ({bad} of {left_out.numel()} prompts: "
                                       f"{cause}): the interval is unbounded")
-    var = 0.0
-    for block in torch.split(left_out, list(sizes)):
-        k = block.numel()
-        var += (k - 1) / k * float(((block - block.mean()) ** 2).sum()) if k > 1 else 0.0
-    point, half = float(rows[0]), z * math.sqrt(var)
-    lo, hi = point - half, point + half
-    if q != "corrected":  # a cosine stays in [-1, 1]
-        lo, hi = max(lo, -1.0), min(hi, 1.0)
+    bounds = None if q == "corrected" else (-1.0, 1.0)  # a cosine stays in [-1, 1]
+    lo, hi = jackknife_interval(float(rows[0]), torch.split(left_out, list(sizes)), z, bounds)
     return (lo, hi), None

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 import torch
@@ -18,14 +19,15 @@ from refusal_circuits.errors import InputError
 from refusal_circuits.io import nullable
 from refusal_circuits.models import HookedModel
 from refusal_circuits.scores import RefusalTokens, first_token_logits, native_refusal_tokens, refusal_score
-from refusal_circuits.stats import percentile_interval
+from refusal_circuits.stats import jackknife_interval, percentile_interval
 
 LABELS = ("harmful", "harmless")
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """A statistic with its percentile bootstrap interval; NaN with the reason in ``why`` where undefined."""
+    """A statistic with its interval (percentile bootstrap; a cosine's is a delete-one jackknife,
+    :func:`jackknife_cos`); NaN with the reason in ``why`` where undefined."""
 
     value: float
     low: float
@@ -105,6 +107,49 @@ def unit(v: Tensor) -> Tensor:
 def cos(a: Tensor, b: Tensor) -> Tensor:
     """Cosine along the last axis (works on replicate stacks)."""
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-30)
+
+
+def _left_out(pos: Tensor, neg: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """The difference in means ``mean(pos) − mean(neg)``, and the same with each harmful, then each harmless, row
+    left out (a leave-one-out mean is the rank-one update ``(n·m − x_k)/(n − 1)``)."""
+    pos, neg = pos.double(), neg.double()
+    mp, mn = pos.mean(0), neg.mean(0)
+    n, m = len(pos), len(neg)
+    return mp - mn, {"harmful": (n * mp - pos) / (n - 1) - mn, "harmless": mp - (m * mn - neg) / (m - 1)}
+
+
+def jackknife_cos(a: Mapping[str, Tensor], b: Mapping[str, Tensor] | Tensor,
+                  pairing: Mapping[str, Sequence[int] | None] | None = None, ci: float = 0.95) -> Estimate:
+    """The cosine of two differences in means (harmful rows' mean − harmless rows'), or of one and a fixed vector
+    ``b``, with its delete-one jackknife interval (:func:`~refusal_circuits.stats.jackknife_interval`).
+
+    ``a`` and ``b`` map each label to its rows ``[n, d_model]`` (each label needs at least 2). ``pairing[label]``
+    says where each of ``b``'s rows sits among ``a``'s when they are the same prompts (the same instructions at
+    two sites, or translations sharing ids): leaving a prompt out then removes it from both. Without a pairing the
+    two are independent samples and each is left out in turn. Why not the bootstrap: a resampled difference in
+    means carries twice the data's noise, so a cosine near 1 gets an interval below its estimate (the 1.5B's
+    English harm-vs-refusal cosine, 0.99, had [0.94, 0.98]). The interval is about the estimate at this many
+    prompts; noise attenuates a cosine of differences in means below its population value, which is what
+    :mod:`~refusal_circuits.crosslingual.reliability`'s noise-corrected cosine corrects."""
+    da, la = _left_out(a["harmful"], a["harmless"])
+    blocks: list[Tensor] = []
+    if isinstance(b, Tensor):
+        db = b.double()
+        blocks = [cos(la[label], db[None]) for label in LABELS]
+    else:
+        db, lb = _left_out(b["harmful"], b["harmless"])
+        for label in LABELS:
+            plan = (pairing or {}).get(label)
+            if plan is not None:
+                blocks.append(cos(la[label][list(plan)], lb[label]))
+            else:
+                blocks += [cos(la[label], db[None]), cos(da[None], lb[label])]
+    if float(da.norm()) == 0.0 or float(db.norm()) == 0.0:
+        return Estimate(math.nan, math.nan, math.nan, "a direction is zero (equal harmful and harmless means)")
+    value = float(cos(da, db))
+    z = NormalDist().inv_cdf(0.5 + ci / 2)
+    lo, hi = jackknife_interval(value, blocks, z, bounds=(-1.0, 1.0))
+    return Estimate(value, lo, hi, None if math.isfinite(lo) else "undefined with one prompt left out")
 
 
 @torch.inference_mode()

@@ -37,7 +37,7 @@ def harm_section(obj: Mapping[str, Any] | None, figs: Figures, why: str | None =
     base = obj["base"]
     sentences = "".join(f"<li>{esc(rec['sentence'])}</li>" for rec in obj["langs"].values())
     fig = figs.add("harm_vs_refusal", viz.harm_vs_refusal(obj["langs"], base=base),
-                   f"Harm retention against refusal retention per language, 95% bootstrap intervals. 1 on both axes "
+                   f"Harm retention against refusal retention per language, 95% bootstrap intervals over the test prompts. 1 on both axes "
                    f"is {base}; a language under the diagonal recognises harm (separates harmful from harmless prompts "
                    f"along {base}'s harm direction at the last instruction token) more than it turns it into refusal "
                    f"(separation along r̂ at the post-instruction site).")
