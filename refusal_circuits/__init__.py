@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     )
     from refusal_circuits.chat import chat_format, tokenize_chat
     from refusal_circuits.crosslingual.harm import HarmRefusal, harm_and_refusal
+    from refusal_circuits.crosslingual.totals import PairedTotals, paired_totals
     from refusal_circuits.data import PromptRecord, PromptSet, load_prompts
     from refusal_circuits.directions import Direction, extract_candidates, load_direction
     from refusal_circuits.errors import InputError, RefusalCircuitsError
@@ -74,6 +75,8 @@ _EXPORTS = {
     "top_k_heads": "refusal_circuits.attribution",
     "harm_and_refusal": "refusal_circuits.crosslingual.harm",
     "HarmRefusal": "refusal_circuits.crosslingual.harm",
+    "paired_totals": "refusal_circuits.crosslingual.totals",
+    "PairedTotals": "refusal_circuits.crosslingual.totals",
     "ablate_heads": "refusal_circuits.patching",
     "total_effects": "refusal_circuits.patching",
     "InputError": "refusal_circuits.errors",

@@ -263,6 +263,24 @@ def subspace_carried(langs: Mapping[str, Mapping[str, Any]], *, base: str, title
                  ylabel="share of the refusal-score gap removed", ylim=None, langs=list(langs))
 
 
+def paired_totals(obj: Mapping[str, Any], *, title: str | None = None) -> Any:
+    """Per language, grouped bars with 95% intervals: the estimated change of r̂'s projection when each of the
+    figure's nodes (every language's three largest) is patched from the base language into the translation,
+    beside the language's whole gap (``obj``: the JSON of
+    :class:`~refusal_circuits.crosslingual.totals.PairedTotals`)."""
+    series: dict[str, dict[str, tuple[float, float, float]]] = {"whole gap": {}}
+    for lang, rec in obj["langs"].items():
+        got = _triple(rec.get("gap_projection"))
+        if got is not None:
+            series["whole gap"][lang] = got
+        for name in obj.get("figure_nodes", []):
+            node = _triple((rec.get("nodes") or {}).get(name))
+            if node is not None:
+                series.setdefault(name, {})[lang] = node
+    return _bars(series, title=title or f"What {obj['base']}'s values would recover, per node",
+                 ylabel=f"Δ r̂ projection ({obj['base']} → translation)", ylim=None, langs=list(obj["langs"]))
+
+
 def _triple(s: Mapping[str, Any] | None) -> tuple[float, float, float] | None:
     if not s or s.get("value") is None or s.get("ci_low") is None:
         return None

@@ -214,6 +214,19 @@ def test_compare_end_to_end(tiny_dir, workdir, capsys):
     code, _, err = _run(capsys, "compare", "--attributions", str(workdir / "attr2"), "--base", "fr",
                         "--out", str(workdir / "cmp-bad"))
     assert code == 2 and "--base fr" in err and not (workdir / "cmp-bad" / "divergence.json").exists()
+    # Paired total effects by attribution patching, on the attributed pairs, validated on 2 + 2 nodes.
+    code, out, err = _run(capsys, "compare", "--attributions", str(workdir / "attr2"), "--base", "en",
+                          "--patch-top-k", "0", "--totals", "2", "--out", str(workdir / "cmp-totals"))
+    assert code == 0, err
+    tot = json.loads((workdir / "cmp-totals" / "divergence.json").read_text())["totals"]
+    de = tot["langs"]["de"]
+    assert de["n_pairs"] == {"harmful": 6, "harmless": 6} and len(de["validation"]["nodes"]) == 4
+    assert set(de["nodes"]) == set(tot["figure_nodes"]) and de["projection"]["top"]
+    assert "r̂'s projection is" in out
+    for bad, message in ((["--totals", "-1"], "--totals"), (["--totals", "2", "--no-model"], "--no-model")):
+        code, _, err = _run(capsys, "compare", "--attributions", str(workdir / "attr2"), *bad,
+                            "--out", str(workdir / "cmp-bad2"))
+        assert code == 2 and message in err and not (workdir / "cmp-bad2" / "divergence.json").exists()
 
 
 def test_atp_end_to_end_and_bad_input(tiny_dir, workdir, capsys):

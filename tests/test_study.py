@@ -225,3 +225,20 @@ def test_the_subspace_stage_runs_alone_on_a_finished_study(study, capsys):
     assert set(sub["langs"]["de"]["carried"]) >= {"r_hat", "base_subspace", "control"}
     page = (out / "report.html").read_text()
     assert "One refusal direction or a subspace?" in page and "fig-subspace_carried" in page
+
+
+def test_paired_total_effects_rerun_only_the_compare_stage(study, capsys):
+    """--compare-totals reruns only the compare stage (the harm and subspace stages read the direction alone), and
+    the report shows the paired total effects with their figure."""
+    out, argv = study
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--compare-totals", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("cached") == 6 and "stage compare: done" in printed
+    results = json.loads((out / "results.json").read_text())
+    tot = results["divergence"]["totals"]
+    assert list(tot["langs"]) == ["de"] and len(tot["langs"]["de"]["validation"]["nodes"]) == 2
+    assert (out / "stages" / "compare" / "totals.safetensors").exists()
+    page = (out / "report.html").read_text()
+    assert "Total effects, paired" in page and "fig-paired_totals" in page

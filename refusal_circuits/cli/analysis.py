@@ -102,6 +102,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
         raise InputError("--alpha must be between 0 and 1")
     if args.patch_top_k < 0:
         raise InputError("--patch-top-k must be 0 or more")
+    if args.totals < 0:
+        raise InputError("--totals must be 0 or more")
+    if args.totals and args.no_model:
+        raise InputError("--totals needs the model (drop --no-model)")
     if args.directions and args.no_model:
         raise InputError("--directions needs the model (drop --no-model)")
     out = out_dir(args.out)
@@ -132,7 +136,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
             baseline = measured_baseline(model, chosen, batch_size=args.batch_size, progress=progress())
     comparison = compare_languages(attribution, args.base, langs, baseline=baseline, model=model, direction=direction,
                                    prompts=prompts, patch_top_k=args.patch_top_k, alpha=args.alpha,
-                                   batch_size=args.batch_size, progress=progress())
+                                   totals=args.totals, batch_size=args.batch_size, progress=progress())
     obj = comparison.to_json()
     if args.directions and model is not None and direction is not None and prompts is not None:
         test = split_and_cap(prompts, "test", args.max_prompts, what=str(prompts.source))
@@ -143,6 +147,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
         say(d.summary())
     for lang, why in comparison.divergence.skipped.items():
         say(f"{lang}: not compared ({why})")
+    if comparison.totals is not None:
+        for line in comparison.totals.summary():
+            say(line)
     say(f"wrote {out / 'divergence.json'}")
 
 

@@ -95,6 +95,10 @@ def _add_run(sub: _Sub) -> None:
                      help="the harm-vs-refusal stage (does each language recognise harm, and turn it into refusal?): "
                           "full, no-heads (without the per-head attribution) or none (default: "
                           f"{study['harm']})")
+    run.add_argument("--compare-totals", type=int, default=study["compare_totals"], metavar="N",
+                     help="the compare stage also estimates every head's and MLP's paired total effect by attribution "
+                          "patching, validated on N largest and N random nodes per language (0: skip; default: "
+                          f"{study['compare_totals']})")
     run.add_argument("--subspace-k", type=int, default=study["subspace_k"], metavar="K",
                      help="the subspace stage (one refusal direction or a subspace per language?) with K-dimensional "
                           f"subspaces; 0: skip it (default: {study['subspace_k']})")
@@ -303,6 +307,10 @@ def _add_compare(sub: _Sub) -> None:
                    f"generate {defaults.COMPARE_BASELINE_NEW_TOKENS} tokens on the attributed prompts)")
     c.add_argument("--patch-top-k", type=int, default=defaults.COMPARE_PATCH_TOP_K, metavar="K",
                    help="patch the K heads with the largest paired difference from the base run (0: skip)")
+    c.add_argument("--totals", type=int, default=0, metavar="N",
+                   help="also the total effect of every head and MLP, patched from the base run into each paired "
+                        "translation, by attribution patching, validated against exact patching of the N largest and "
+                        "N random nodes per language (0: skip; costs about 10 + 2N forward passes per pair)")
     c.add_argument("--no-model", action="store_true", help="only what the attribution file gives (no baseline "
                    "refusal, no patching)")
     c.add_argument("--alpha", type=float, default=defaults.ALPHA,

@@ -25,6 +25,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     for flag in ("total_effects", "patch_top_k", "transfer_check"):
         if getattr(args, flag) < 0:
             raise InputError(f"--{flag.replace('_', '-')} must be 0 or more, got {getattr(args, flag)}")
+    if args.compare_totals < 0:
+        raise InputError(f"--compare-totals must be 0 (not run) or more, got {args.compare_totals}")
     if args.subspace_k == 1 or args.subspace_k < 0:
         raise InputError(f"--subspace-k must be 0 (no subspace stage) or at least 2, got {args.subspace_k}")
     config = StudyConfig(
@@ -37,6 +39,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens, second_judge=args.second_judge,
         second_judge_sample=args.second_judge_sample, batch_size=args.batch_size, transfer=args.transfer,
         transfer_check=args.transfer_check, harm=args.harm, subspace_k=args.subspace_k,
+        compare_totals=args.compare_totals,
         total_effects=args.total_effects, patch_top_k=args.patch_top_k, device=args.device, dtype=args.dtype,
         device_map=args.device_map)
     out = Path(args.out)

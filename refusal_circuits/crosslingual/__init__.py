@@ -27,6 +27,10 @@ package measures that and goes down to heads, one idea per module (each imports 
   retention relative to the base language, cosines, transfer and per-head contrasts, with bootstrap intervals and
   one sentence per language (:func:`harm_and_refusal`, :class:`HarmRefusal`; Zhao et al. 2025).
 
+* :mod:`~refusal_circuits.crosslingual.totals`: the total effect of every head and MLP of the base run on each
+  translation, by paired attribution patching, with the paired statistics, the harmless control and a validation
+  against exact patching (:func:`paired_totals`, :class:`PairedTotals`).
+
 The statistics themselves (intervals, AUROC, rank correlation, false-discovery control, resampling tests, the
 :class:`~refusal_circuits.stats.Rate` record) live in :mod:`refusal_circuits.stats`; they are importable from
 here too, as before the split.
@@ -67,6 +71,7 @@ from refusal_circuits.crosslingual.paired import (
     unpaired_why,
 )
 from refusal_circuits.crosslingual.reliability import SiteGroup, SplitHalfReliability, split_half_reliability
+from refusal_circuits.crosslingual.totals import PairedTotals, paired_totals
 from refusal_circuits.crosslingual.transfer import (
     TransferCheck,
     TransferMatrix,
@@ -93,6 +98,8 @@ __all__ = [
     "HarmRefusal",
     "LanguageHarm",
     "harm_and_refusal",
+    "PairedTotals",
+    "paired_totals",
     "PairedControls",
     "crossfit_patch_top_heads",
     "paired_controls",

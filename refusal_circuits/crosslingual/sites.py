@@ -52,12 +52,13 @@ class Estimate:
                 **nullable("ci_high", self.high, why)}
 
 
-def split_groups(prompts: PromptSet, lang: str, split: str, cap: int | None, seed: int, what: str = "the analysis"
-                 ) -> dict[str, PromptSet]:
-    """``lang``'s harmful and harmless prompts of ``split`` (all of them where no prompt has a split), at most ``cap``
-    per label (stratified, seeded); at least 2 of each, else an :class:`InputError` naming ``what``."""
+def split_groups(prompts: PromptSet, lang: str, split: str | None, cap: int | None, seed: int,
+                 what: str = "the analysis") -> dict[str, PromptSet]:
+    """``lang``'s harmful and harmless prompts of ``split`` (all of them where no prompt has a split, or ``split`` is
+    None), at most ``cap`` per label (stratified, seeded); at least 2 of each, else an :class:`InputError` naming
+    ``what``."""
     own = prompts.filter(lang=lang)
-    if any(r.split is not None for r in own):
+    if split is not None and any(r.split is not None for r in own):
         own = own.filter(split=split)
     out = {label: own.filter(label=label) for label in LABELS}
     if cap:

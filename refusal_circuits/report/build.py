@@ -28,6 +28,7 @@ from refusal_circuits.report.languages import (
 from refusal_circuits.report.overview import direction_section, header_section, judging_section, rates_section
 from refusal_circuits.report.results import StudyView
 from refusal_circuits.report.subspace import subspace_section
+from refusal_circuits.report.totals import totals_section
 
 #: Counts the drawn figures once the page has loaded (what the headless-browser test reads).
 _COUNT_FIGURES = ("<script>document.body.dataset.figures=String(document.querySelectorAll('figure svg').length);"
@@ -57,6 +58,7 @@ def build_report(out: Path, results: dict[str, Any]) -> str:
         trajectories_section(study, figs),
         projections_section(study, figs),
         heads_section(study, figs),
+        totals_section(study.divergence.get("totals"), figs),
         views_section(study),
         completions_section(study),
         gaps_section(results),

@@ -67,6 +67,9 @@ class StudyConfig:
     subspace_k: int = 0
     total_effects: int = 4
     patch_top_k: int = 3
+    #: the compare stage's paired total effects by attribution patching, validated on this many largest and as
+    #: many random nodes per language (0, the default until measured on a whole study: not run)
+    compare_totals: int = 0
     alpha: float = ALPHA
     device: str = DEVICE
     dtype: str = DTYPE
@@ -96,7 +99,7 @@ READS: dict[str, tuple[str, ...]] = {
     "languages": (*_COMMON, "langs", "max_prompts", "train_prompts", "lang_train_prompts", "transfer", "transfer_check",
                   "max_new_tokens", "batch_size"),
     "attribute": (*_COMMON, "langs", "max_prompts", "compliance_tokens", "total_effects", "batch_size"),
-    "compare": (*_COMMON, "langs", "max_prompts", "patch_top_k", "alpha", "batch_size"),
+    "compare": (*_COMMON, "langs", "max_prompts", "patch_top_k", "alpha", "compare_totals", "batch_size"),
     "harm": (*_COMMON, "langs", "max_prompts", "train_prompts", "lang_train_prompts", "harm", "batch_size"),
     "subspace": (*_COMMON, "langs", "max_prompts", "train_prompts", "lang_train_prompts", "subspace_k", "batch_size"),
 }

@@ -135,10 +135,13 @@ def stage_compare(study: StudyState, out: Path) -> None:
     model = study.model() if paired else None
     comparison = compare_languages(attribution, cfg.base, others, baseline=baseline, model=model, direction=direction,
                                    prompts=study.prompts, patch_top_k=cfg.patch_top_k, alpha=cfg.alpha,
-                                   batch_size=cfg.batch_size, progress=study.progress)
+                                   totals=cfg.compare_totals, batch_size=cfg.batch_size, progress=study.progress)
     write_json(out / "divergence.json", comparison.to_json())
     if model is None:
         return
+    if comparison.totals is not None:
+        with atomic_path(out / "totals.safetensors") as tmp:
+            save_file(comparison.totals.tensors(), str(tmp))
     with atomic_path(out / "paired.safetensors") as tmp:
         save_file(paired_tensors(comparison.divergence), str(tmp))
     views, meta = attention_views(model, direction, attribution, study.prompts, cfg.base, paired, baseline)

@@ -28,13 +28,14 @@ from refusal_circuits.crosslingual import (
 )
 from refusal_circuits.crosslingual.controls import value_bias_writes
 from refusal_circuits.crosslingual.crossfit import CrossFitPatch, crossfit_patch_top_heads
+from refusal_circuits.crosslingual.totals import PairedTotals, paired_totals
 from refusal_circuits.data import PromptSet
 from refusal_circuits.directions import Direction
 from refusal_circuits.evaluation import RefusalEvaluation, evaluate_refusal
 from refusal_circuits.models import HookedModel
 from refusal_circuits.stats import Rate
 from refusal_circuits.workflows.defaults import ALPHA, COMPARE_BASELINE_NEW_TOKENS
-from refusal_circuits.workflows.tokens import direction_token_ids
+from refusal_circuits.workflows.tokens import direction_token_ids, saved_refusal_tokens
 
 #: (harmful, harmless) baseline refusal per language; a label the evaluation lacks is None.
 Baseline = dict[str, tuple[Rate | None, Rate | None]]
@@ -90,20 +91,24 @@ class Comparison:
     separation: Separation
     patches: dict[str, Any] = field(default_factory=dict)
     crossfit: dict[str, CrossFitPatch] = field(default_factory=dict)
+    totals: PairedTotals | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """``divergence.json``: the divergence record, with ``separation`` and each language's ``patch``."""
+        """``divergence.json``: the divergence record, with ``separation``, each language's ``patch`` and, where
+        measured, the paired total effects (``totals``)."""
         obj = self.divergence.to_json()
         obj["separation"] = self.separation.to_json()
         for lang, pp in self.patches.items():
             obj["languages"][lang]["patch"] = patch_json(pp)
+        if self.totals is not None:
+            obj["totals"] = self.totals.to_json()
         return obj
 
 
 def compare_languages(attribution: Attribution, base: str, langs: Sequence[str], *, baseline: Baseline | None,
                       model: HookedModel | None = None, direction: Direction | None = None,
                       prompts: PromptSet | None = None, patch_top_k: int = 0, alpha: float = ALPHA,
-                      batch_size: int = 32, progress: bool = True) -> Comparison:
+                      totals: int = 0, batch_size: int = 32, progress: bool = True) -> Comparison:
     """Compare every language of ``langs`` with ``base`` on ``attribution`` (languages without a pair are kept,
     as skipped, with the reason). With a model, the direction and the attributed ``prompts`` (every attributed
     (id, language, label)), also patch the ``patch_top_k`` heads where each paired language loses most of r̂, when
@@ -112,7 +117,11 @@ def compare_languages(attribution: Attribution, base: str, langs: Sequence[str],
 
     The controls of the paired comparison (:mod:`~refusal_circuits.crosslingual.controls`) stratify their halves
     by the ``prompts``' harm categories where given, and take the value-bias terms from the model's weights where
-    one is given."""
+    one is given.
+
+    ``totals > 0`` also estimates the total effect of every head and MLP of the base run on each paired
+    translation by attribution patching, on the attributed pairs, validated against exact patching of ``totals``
+    largest and ``totals`` random nodes per language (:func:`~refusal_circuits.crosslingual.totals.paired_totals`)."""
     patches: dict[str, Any] = {}
     crossfit: dict[str, CrossFitPatch] = {}
     crossfit_why: dict[str, str] = {}
@@ -130,7 +139,14 @@ def compare_languages(attribution: Attribution, base: str, langs: Sequence[str],
     result = divergence(attribution, base, list(langs), baseline=baseline, patch=patches, alpha=alpha,
                         categories=categories, value_bias=value_bias, value_bias_why=value_bias_why,
                         crossfit=crossfit, crossfit_why=crossfit_why)
-    return Comparison(result, separation(attribution), patches, crossfit)
+    found = None
+    if totals and model is not None and direction is not None and prompts is not None and paired:
+        keys = set(zip(attribution.ids, attribution.langs, attribution.labels, strict=True))
+        attributed = PromptSet(tuple(r for r in prompts if (r.id, r.lang, r.label) in keys), prompts.source)
+        found = paired_totals(model, direction, attributed, paired, base=base,
+                              tokens=saved_refusal_tokens(direction, "the direction"), split=None, validate=totals,
+                              alpha=alpha, batch_size=batch_size, progress=progress)
+    return Comparison(result, separation(attribution), patches, crossfit, found)
 
 
 def paired_tensors(result: Divergence) -> dict[str, Tensor]:

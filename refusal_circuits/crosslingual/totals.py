@@ -1,0 +1,336 @@
+"""Total effects in the paired comparison: which heads and MLPs, patched from English into the translation, would
+give the translation English's refusal? By attribution patching (:mod:`refusal_circuits.atp`), every one at once.
+
+The paired comparison (:mod:`~refusal_circuits.crosslingual.paired`) compares each head's *direct* write onto r̂
+in English and in the translation. A head can also lose refusal indirectly, through the heads and MLPs it feeds.
+Here, per language ``L`` and pair ``i`` (an English prompt and its translation, the same id), the translation is
+the clean run and English the reference: for every head and MLP the first-order estimate of
+
+    Δ_i(node) = metric(translation_i with node's output at every post-instruction token set to English_i's)
+                − metric(translation_i),
+
+summed over the post-instruction tokens (patching them all, to first order; only those: they are the same template
+tokens in both languages, where the instructions' own tokens differ in number and meaning), for two metrics: r̂'s projection at
+its site and the refusal score with ``L``'s own refusal tokens (never English's: a language without its own or
+native ones gets the projection only, and the reason). One forward and two backward passes per batch give every
+node (:func:`~refusal_circuits.atp.attribution_patching` with ``paired=True``).
+
+**Statistics**, the paired comparison's own: over the harmful pairs, the mean ``Δ`` per node with a percentile
+bootstrap interval and a sign-flip permutation p-value (:func:`~refusal_circuits.stats.paired_stats`), and, the
+control, the same on the harmless pairs and their difference in differences
+(:func:`~refusal_circuits.stats.did_stats`): a node whose English value raises r̂ in harmful and harmless
+translations alike carries a language-wide offset, not refusal. Benjamini-Hochberg across nodes, per metric;
+a node counts where ``q < alpha``. The projection's *gap* (English − translation, harmful pairs, with its
+interval) says how much there is to recover.
+
+**Exact or refused**: every call runs :func:`~refusal_circuits.atp.attribution_patching`'s run-time checks on the
+user's model (a linear node exactly, a head by central differences) and, per language, exact patching of the
+``validate`` nodes with the largest estimates and as many random others (:func:`~refusal_circuits.atp.validate_atp`),
+whose correlation and worst error are part of the record: read the estimates within that error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from refusal_circuits.atp import AtPEstimates, AtPValidation, attribution_patching, validate_atp
+from refusal_circuits.crosslingual.sites import Estimate, own_refusal_tokens, split_groups
+from refusal_circuits.data import PromptSet
+from refusal_circuits.directions import Direction, check_compatible
+from refusal_circuits.errors import InputError
+from refusal_circuits.io import nullable
+from refusal_circuits.markup import esc, table
+from refusal_circuits.models import HookedModel, model_id
+from refusal_circuits.patching import prompt_run
+from refusal_circuits.scores import RefusalTokens
+from refusal_circuits.stats import benjamini_hochberg, did_stats, paired_stats
+
+#: The nodes listed per language and metric in the record and its table.
+TOP_NODES = 10
+
+
+@dataclass(frozen=True)
+class NodeStats:
+    """One metric's per-node statistics for one language: ``harmful`` (paired stats over the harmful pairs) and
+    ``did`` (harmful − harmless), each ``{"mean", "ci_low", "ci_high", "p", "q"}`` over ``[layer, head]`` for
+    heads and ``[layer]`` for MLPs; None where the harmless pairs are too few for the control."""
+
+    heads: dict[str, Tensor]
+    mlps: dict[str, Tensor]
+    heads_did: dict[str, Tensor] | None
+    mlps_did: dict[str, Tensor] | None
+
+    def top(self, k: int = TOP_NODES, alpha: float = 0.05) -> list[dict[str, Any]]:
+        """The ``k`` nodes with the largest mean harmful ``Δ`` (English's value recovers most), with intervals."""
+        rows: list[tuple[float, str, dict[str, Tensor] | None, dict[str, Tensor], tuple[int, ...]]] = []
+        h, m = self.heads["mean"], self.mlps["mean"]
+        rows += [(float(h[a, b]), f"L{a}.H{b}", self.heads_did, self.heads, (a, b))
+                 for a in range(h.shape[0]) for b in range(h.shape[1])]
+        rows += [(float(m[a]), f"MLP{a}", self.mlps_did, self.mlps, (a,)) for a in range(m.shape[0])]
+        out = []
+        for _, name, did, st, at in sorted(rows, key=lambda t: -t[0])[:k]:
+            rec: dict[str, Any] = {"node": name, **{key: float(st[key][at]) for key in ("mean", "ci_low", "ci_high",
+                                                                                        "p", "q")},
+                                   "significant": bool(st["q"][at] < alpha)}
+            if did is not None:
+                rec["did"] = {key: float(did[key][at]) for key in ("mean", "ci_low", "ci_high", "p", "q")}
+                rec["did_significant"] = bool(did["q"][at] < alpha)
+            out.append(rec)
+        return out
+
+    def node(self, name: str, alpha: float = 0.05) -> dict[str, Any]:
+        """One node's harmful statistics by name (``L3.H5`` or ``MLP7``)."""
+        at: tuple[int, ...]
+        if name.startswith("MLP"):
+            st, at = self.mlps, (int(name[3:]),)
+        else:
+            layer, head = name[1:].split(".H")
+            st, at = self.heads, (int(layer), int(head))
+        return {**{key: float(st[key][at]) for key in ("mean", "ci_low", "ci_high", "p", "q")},
+                "significant": bool(st["q"][at] < alpha)}
+
+    def n_significant(self, alpha: float = 0.05, control: bool = False) -> int | None:
+        h, m = (self.heads_did, self.mlps_did) if control else (self.heads, self.mlps)
+        if h is None or m is None:
+            return None
+        return int((h["q"] < alpha).sum() + (m["q"] < alpha).sum())
+
+
+@dataclass(frozen=True)
+class LanguageTotals:
+    """One language's paired total effects (module docstring)."""
+
+    lang: str
+    base: str
+    n_pairs: dict[str, int]
+    gap: Estimate
+    stats: dict[str, NodeStats]
+    validation: AtPValidation
+    linear_check: float | None
+    token_origin: str
+    score_why: str | None = None
+
+    def sentence(self, alpha: float = 0.05) -> str:
+        st = self.stats["projection"]
+        top = st.top(3, alpha)
+        names = ", ".join(f"{t['node']} {t['mean']:+.2f} [{t['ci_low']:+.2f}, {t['ci_high']:+.2f}]" for t in top)
+        ctrl = st.n_significant(alpha, control=True)
+        ctrl_text = ("" if ctrl is None else f"; {ctrl} of them also beyond the harmless control")
+        return (f"{self.lang}: r̂'s projection is {self.gap.text()} lower than in {self.base} (harmful pairs); patching "
+                f"{self.base}'s value into the translation, the largest recoveries are {names}; "
+                f"{st.n_significant(alpha)} nodes significant (q < {alpha}){ctrl_text}. AtP vs exact on "
+                f"{len(self.validation.nodes)} nodes: Pearson {self.validation.pearson('projection'):.2f}, worst "
+                f"error {self.validation.worst_error('projection'):.3g} (projection).")
+
+    def to_json(self, alpha: float = 0.05) -> dict[str, Any]:
+        out: dict[str, Any] = {"base": self.base, "n_pairs": self.n_pairs, "gap_projection": self.gap.to_json(),
+                               "token_origin": self.token_origin, "linear_check": self.linear_check,
+                               "validation": self.validation.to_json(), "sentence": self.sentence(alpha)}
+        if self.score_why is not None:
+            out["score_why"] = self.score_why
+        for metric, st in self.stats.items():
+            ctrl = st.n_significant(alpha, control=True)
+            out[metric] = {"top": st.top(TOP_NODES, alpha), "n_significant": st.n_significant(alpha),
+                           **nullable("n_did_significant", ctrl, "too few harmless pairs for the control")}
+        return out
+
+
+@dataclass(frozen=True)
+class PairedTotals:
+    """Paired total effects per language, by attribution patching (module docstring)."""
+
+    model: str
+    base: str
+    direction: dict[str, Any]
+    langs: dict[str, LanguageTotals]
+    skipped: dict[str, str]
+    alpha: float = 0.05
+
+    def summary(self) -> list[str]:
+        return [rec.sentence(self.alpha) for rec in self.langs.values()] + [
+            f"{lang}: skipped ({why})" for lang, why in self.skipped.items()]
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Per language and metric, the harmful mean ``Δ`` and its q-values per head and per MLP (and the
+        control's), for ``totals.safetensors``."""
+        out: dict[str, Tensor] = {}
+        for lang, rec in self.langs.items():
+            for metric, st in rec.stats.items():
+                for kind, d in (("heads", st.heads), ("mlps", st.mlps), ("heads_did", st.heads_did),
+                                ("mlps_did", st.mlps_did)):
+                    if d is not None:
+                        for key in ("mean", "ci_low", "ci_high", "q"):
+                            out[f"{lang}.{metric}.{kind}.{key}"] = d[key].float().contiguous()
+        return out
+
+    def figure_nodes(self, k: int = 3) -> list[str]:
+        """The union of every language's ``k`` largest projection recoveries, in order of first appearance."""
+        names = [t["node"] for rec in self.langs.values() for t in rec.stats["projection"].top(k, self.alpha)]
+        return list(dict.fromkeys(names))
+
+    def to_json(self) -> dict[str, Any]:
+        shown = self.figure_nodes()
+        langs = {}
+        for lang, rec in self.langs.items():
+            langs[lang] = rec.to_json(self.alpha)
+            langs[lang]["nodes"] = {name: rec.stats["projection"].node(name, self.alpha) for name in shown}
+        return {"model": self.model, "base": self.base, "direction": self.direction, "alpha": self.alpha,
+                "reference": "paired: each translation patched with its own English original's values",
+                "figure_nodes": shown, "langs": langs, "skipped": self.skipped}
+
+    def _repr_html_(self) -> str:
+        return totals_table(self.to_json())
+
+    def __repr__(self) -> str:
+        return f"PairedTotals({self.model}, base {self.base}: " + "; ".join(self.summary()) + ")"
+
+
+def totals_table(obj: Mapping[str, Any]) -> str:
+    """The record's table (``totals.json``'s object): per language the projection gap, the three largest
+    recoveries and the validation against exact patching."""
+    rows = []
+    for lang, rec in obj["langs"].items():
+        gap = rec["gap_projection"]
+        top = rec["projection"]["top"][:3]
+        val = rec["validation"]["summary"]["projection"]
+        rows.append(f"<tr><td>{esc(lang)}</td><td>{rec['n_pairs']['harmful']}</td>"
+                    f"<td>{_num(gap.get('value'))} [{_num(gap.get('ci_low'))}, {_num(gap.get('ci_high'))}]</td>"
+                    f"<td>{esc(_nodes(top))}</td>"
+                    f"<td>{rec['projection']['n_significant']}</td>"
+                    f"<td>{_num(rec['projection'].get('n_did_significant'), 'd')}</td>"
+                    f"<td>{_num(val.get('pearson'))}</td><td>{_num(val.get('worst_error'), '.3g')}</td></tr>")
+    rows += [f"<tr><td>{esc(lang)}</td><td colspan=7>skipped: {esc(why)}</td></tr>"
+             for lang, why in obj.get("skipped", {}).items()]
+    caption = (f"Total effects of patching {esc(obj['base'])}'s head and MLP outputs into each translation (attribution "
+               f"patching, paired by id; r̂ at layer {obj['direction']['layer']}, position "
+               f"{obj['direction']['position']}). Significant: Benjamini-Hochberg q < {obj['alpha']}; control: "
+               "harmful − harmless pairs. Validation: AtP against exact patching of the largest and random nodes.")
+    head = ["lang", "pairs", f"r̂ gap ({obj['base']} − lang)", "largest recoveries (Δ projection)", "significant",
+            "beyond control", "AtP vs exact: Pearson", "worst |error|"]
+    return "<b>Paired total effects</b>" + table(caption, head, rows)
+
+
+def _nodes(top: Sequence[Mapping[str, Any]]) -> str:
+    return ", ".join(f"{t['node']} {t['mean']:+.2f}" for t in top)
+
+
+def _num(x: Any, spec: str = ".2f") -> str:
+    return "n/a" if x is None else (f"{x:{spec}}" if spec != "d" else str(int(x)))
+
+
+def _stats(x: Tensor, seed: int, n_boot: int) -> dict[str, Tensor]:
+    st = paired_stats(x, n_boot=n_boot, n_perm=n_boot, seed=seed)
+    st["q"] = benjamini_hochberg(st["p"])
+    return st
+
+
+def _did(h: Tensor, b: Tensor, seed: int, n_boot: int) -> dict[str, Tensor]:
+    st = did_stats(h, b, n_boot=n_boot, n_perm=n_boot, seed=seed)
+    st["q"] = benjamini_hochberg(st["p"])
+    return st
+
+
+def _node_stats(est_h: AtPEstimates, est_b: AtPEstimates | None, metric: str, seed: int, n_boot: int) -> NodeStats:
+    """Per node, summed over the post-instruction tokens: paired stats on harmful pairs, and the control. BH runs
+    over heads and MLPs together (one family per metric)."""
+    def flat(est: AtPEstimates) -> Tensor:
+        return torch.cat([est.heads[metric].sum(-1).flatten(1), est.mlps[metric].sum(-1)], 1)
+
+    n_layers, n_heads = est_h.heads[metric].shape[1:3]
+    n_h = n_layers * n_heads
+
+    def split(st: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        return ({k: v[:n_h].view(n_layers, n_heads) for k, v in st.items() if k in ("mean", "ci_low", "ci_high", "p", "q")},
+                {k: v[n_h:] for k, v in st.items() if k in ("mean", "ci_low", "ci_high", "p", "q")})
+
+    heads, mlps = split(_stats(flat(est_h), seed, n_boot))
+    if est_b is None:
+        return NodeStats(heads, mlps, None, None)
+    hd, md = split(_did(flat(est_h), flat(est_b), seed, n_boot))
+    return NodeStats(heads, mlps, hd, md)
+
+
+def paired_totals(
+    model: HookedModel,
+    direction: Direction,
+    prompts: PromptSet,
+    langs: Sequence[str],
+    *,
+    base: str | None = None,
+    tokens: RefusalTokens | None = None,
+    split: str | None = "test",
+    max_pairs: int | None = None,
+    validate: int = 4,
+    alpha: float = 0.05,
+    n_boot: int = 2000,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> PairedTotals:
+    """Per language of ``langs`` (not ``base``), the total effect of every head and MLP of the base language on
+    its translation, by paired attribution patching, with the paired comparison's statistics and a validation
+    against exact patching (module docstring).
+
+    Args:
+        prompts: harmful and harmless prompts of ``base`` and ``langs`` with shared ids (translations); the
+            ``split`` is used (all prompts where none has a split, or ``split`` is None).
+        tokens: refusal tokens per language for the score (a language without its own gets its native phrases'
+            first tokens, and without those the projection only).
+        max_pairs: at most this many pairs per label and language (a seeded sample stratified by category).
+        validate: exact patching of this many largest and this many random nodes per language (projection and
+            score): ``4`` costs 8 patched passes over a language's harmful pairs.
+    """
+    check_compatible(direction, model, "the refusal direction")
+    base = base or direction.lang
+    if validate < 1:
+        raise InputError(f"validate must be at least 1 (the estimates are read within the measured error), got "
+                         f"{validate}")
+    base_groups = split_groups(prompts, base, split, None, seed, "paired total effects")
+    base_tokens, _ = own_refusal_tokens(tokens, model.tokenizer, base)
+    out: dict[str, LanguageTotals] = {}
+    skipped: dict[str, str] = {}
+    for lang in [x for x in dict.fromkeys(langs) if x != base]:
+        groups = split_groups(prompts, lang, split, max_pairs, seed, "paired total effects")
+        pairs: dict[str, tuple[list[str], list[str]]] = {}
+        for label, group in groups.items():
+            english = {r.id: r.instruction for r in base_groups[label]}
+            kept = [r for r in group if r.id in english]
+            pairs[label] = ([r.instruction for r in kept], [english[r.id] for r in kept])
+        if len(pairs["harmful"][0]) < 2:
+            skipped[lang] = (f"{len(pairs['harmful'][0])} harmful {split} prompts share an id with {base}'s (needs 2 "
+                             "pairs)")
+            continue
+        own, origin = own_refusal_tokens(tokens, model.tokenizer, lang)
+        score_why = None if own else (f"{lang} has no refusal tokens of its own and no native refusal phrases: the "
+                                      f"score (and its validation) is not {lang}'s, only the projection is reported")
+        used = own or base_tokens
+        if not used:
+            skipped[lang] = f"neither {lang} nor {base} has refusal tokens (attribution patching needs a score)"
+            continue
+        clean_h, ref_h = pairs["harmful"]
+        est_h = attribution_patching(model, direction, clean_h, ref_h, used, paired=True, batch_size=batch_size,
+                                     progress=progress)
+        est_b = None
+        if len(pairs["harmless"][0]) >= 2:
+            est_b = attribution_patching(model, direction, *pairs["harmless"], used, paired=True,
+                                         batch_size=batch_size, progress=progress)
+        with torch.inference_mode():
+            base_proj = prompt_run(model, direction, ref_h, used, batch_size=batch_size).projections
+        gap = paired_stats(base_proj - est_h.baseline["projection"], n_boot=n_boot, n_perm=n_boot, seed=seed)
+        val = validate_atp(model, direction, clean_h, ref_h, used, est_h, n_top=validate, n_random=validate,
+                           metric="projection", seed=seed, batch_size=batch_size, progress=progress)
+        stats = {"projection": _node_stats(est_h, est_b, "projection", seed, n_boot)}
+        if score_why is None:
+            stats["score"] = _node_stats(est_h, est_b, "score", seed, n_boot)
+        checks = [c for c in (est_h.linear_check, est_b.linear_check if est_b else None) if c is not None]
+        out[lang] = LanguageTotals(
+            lang, base, {label: len(p[0]) for label, p in pairs.items()},
+            Estimate(float(gap["mean"]), float(gap["ci_low"]), float(gap["ci_high"])), stats, val,
+            max(checks) if checks else None, origin if own else "none", score_why)
+    return PairedTotals(model_id(model), base, {"lang": direction.lang, "layer": direction.layer,
+                                                "position": direction.position}, out, skipped, alpha)
