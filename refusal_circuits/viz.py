@@ -252,7 +252,8 @@ def subspace_carried(langs: Mapping[str, Mapping[str, Any]], *, base: str, title
     """Per language, grouped bars with 95% intervals: the share of its refusal-score gap each ablation removes
     (``langs``: the JSON of :class:`~refusal_circuits.crosslingual.subspace.RefusalSubspaces`)."""
     names = {"r_hat": f"r̂({base})", "base_subspace": f"{base} subspace", "shared_subspace": "shared subspace",
-             "own": "own direction", "residual": "r̂ + own residual", "control": "r̂ + random (control)"}
+             "own": "own direction", "residual": "r̂ + own residual", "control": "r̂ + 1 random (control)",
+             "control_k": "r̂ + k−1 random (control)"}
     series: dict[str, dict[str, tuple[float, float, float]]] = {name: {} for name in names.values()}
     for lang, rec in langs.items():
         for key, name in names.items():

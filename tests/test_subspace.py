@@ -118,7 +118,10 @@ def test_record_json_is_finite_or_null_and_renders(planted):
     obj = json.loads(json_text(got.to_json()))
     assert set(obj["langs"]) == {"en", "cp"} and obj["k"] == 2
     assert set(obj["langs"]["cp"]["carried"]) == {"r_hat", "base_subspace", "shared_subspace", "own", "residual",
-                                                  "control"}
+                                                  "control", "control_k"}
+    # k = 2: r̂ plus k − 1 random dimensions is the one-dimension control
+    cp = got.langs["cp"]
+    assert cp.deltas["control_k"].value == pytest.approx(cp.deltas["control"].value, abs=1e-9)
     assert "<table" in got._repr_html_() and "RefusalSubspaces(" in repr(got)
     assert all(torch.isfinite(t).all() for t in got.tensors().values())
 
@@ -133,3 +136,25 @@ def test_bad_k_is_refused(tiny_model, planted):
         refusal_subspaces(tiny_model, direction, _prompts(), k=1, progress=False)
     with pytest.raises(InputError, match="needs at least 5 harmful train prompts per language; en, cp have fewer"):
         refusal_subspaces(tiny_model, direction, _prompts(), k=5, progress=False)
+
+
+@pytest.mark.unit
+def test_the_compared_subspace_contains_r_hat_and_keeps_a_span_that_already_does():
+    """Ablating S_b itself (first vector only near r̂) leaves part of r̂; the subspace compared is r̂ plus the top
+    k − 1 directions of S_b orthogonal to it: orthonormal, r̂ first, and the same span where S_b contains r̂."""
+    from refusal_circuits.crosslingual.subspace import top_subspace, with_r_hat
+
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(32, generator=g, dtype=torch.float64)
+    r = r / r.norm()
+    near = top_subspace(torch.stack([r + 0.3 * torch.randn(32, generator=g, dtype=torch.float64) for _ in range(6)]), 3)
+    got = with_r_hat(near, r, 3)
+    assert got.shape == (3, 32)
+    assert torch.allclose(got @ got.T, torch.eye(3, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(got[0], r)
+    assert float((near @ r).norm()) < 1 - 1e-3  # S_b alone does not contain r̂
+    extra = torch.randn(2, 32, generator=g, dtype=torch.float64)
+    holds = torch.linalg.qr(torch.cat([r[None], extra]).T).Q.T  # a span with r̂ in it
+    again = with_r_hat(holds, r, 3)
+    proj = lambda q: q.T @ q  # noqa: E731
+    assert torch.allclose(proj(again), proj(holds), atol=1e-10)

@@ -160,9 +160,10 @@ def refusal_scores(model: HookedModel, instructions: Sequence[str], token_ids: S
     return refusal_score(first_token_logits(model, instructions, batch_size=batch_size), token_ids)
 
 
-def mean_estimate(x: Tensor, idx: Tensor) -> Estimate:
-    """The mean of ``x`` with the percentile interval of its means over the resamples ``idx`` ``[n_boot, n]``."""
-    return Estimate.of(float(x.double().mean()), x.double()[idx].mean(1))
+def mean_estimate(x: Tensor, idx: Tensor, ci: float = 0.95) -> Estimate:
+    """The mean of ``x`` with the ``ci`` percentile interval of its means over the resamples ``idx``
+    ``[n_boot, n]``."""
+    return Estimate.of(float(x.double().mean()), x.double()[idx].mean(1), ci=ci)
 
 
 def own_refusal_tokens(tokens: RefusalTokens | None, tokenizer: Any, lang: str) -> tuple[tuple[int, ...], str]:

@@ -21,18 +21,25 @@ against itself (the noise floor at half size) and ``L`` against the base languag
 
 **Interventions** on held-out harmful test prompts, each as the mean per-prompt change of the refusal score (the
 language's own tokens, :func:`~refusal_circuits.crosslingual.sites.own_refusal_tokens`) and as the share of the
-language's harmful-minus-harmless score gap it removes: ablating r̂ (one base direction), ``S_b`` (the base
-subspace), ``S_all``, ``r_L`` (its own direction), ``span(r̂, ρ_L)`` and, as the control, ``span(r̂, u)`` with ``u``
-a seeded random unit vector orthogonal to r̂ (what one more ablated dimension does by itself). Two paired contrasts
-decide: ``subspace_extra = Δ(S_b) − Δ(r̂)`` and ``residual_extra = Δ(span(r̂, ρ_L)) − Δ(span(r̂, u))`` (negative:
-removes more refusal). And whether the residual still *induces* refusal once r̂ is gone: on harmless test prompts
+language's harmful-minus-harmless score gap it removes: ablating r̂ (one base direction), the base subspace and
+the shared one *with r̂* (r̂ and the top ``k − 1`` directions of the subspace's part orthogonal to r̂,
+:func:`with_r_hat`: a ``k``-dimensional subspace that removes at least what r̂ removes; ablating ``S_b`` itself,
+whose first vector is only close to r̂, left part of r̂ in place and read as "less refusal removed"), ``r_L`` (its
+own direction), ``span(r̂, ρ_L)`` and, as the controls, r̂ with as many seeded random dimensions orthogonal to it
+(``control``: one, ``control_k``: ``k − 1``; what more ablated dimensions do by themselves). Two paired contrasts
+decide: ``subspace_extra = Δ(span(r̂, S_b)) − Δ(span(r̂, U_{k−1}))`` and
+``residual_extra = Δ(span(r̂, ρ_L)) − Δ(span(r̂, u))`` (negative: removes more refusal than random dimensions). And whether the residual still *induces* refusal once r̂ is gone: on harmless test prompts
 with r̂ ablated, ``α ρ̂_L`` added to ``resid_pre[ℓ]`` at every position (α the norm of ``r_L``'s residual part),
 against r̂ ablated alone.
 
 **Verdict** (no learned threshold): "no refusal to carry" where the language's score gap interval includes 0;
 "a subspace" where either contrast's interval lies below 0 or the residual's induction interval lies above 0;
 otherwise "one direction". Intervals: percentile bootstrap over prompts, paired by id with the base language
-(:class:`~refusal_circuits.crosslingual.sites.Resampler`). A gradient-trained direction (RDO) is not implemented.
+(:class:`~refusal_circuits.crosslingual.sites.Resampler`), 95%, except the three contrasts the verdict reads:
+simultaneous 95% (Bonferroni, :data:`VERDICT_CI`), so a language is not called "a subspace" by three chances at
+5%. ``cos(r_L, r̂)`` gets a delete-one jackknife
+(:func:`~refusal_circuits.crosslingual.sites.jackknife_cos`): a bootstrap put the 1.5B's English 0.99 above its own
+interval [0.94, 0.98]. A gradient-trained direction (RDO) is not implemented.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from refusal_circuits.crosslingual.sites import (
     LABELS,
     Estimate,
     Resampler,
+    jackknife_cos,
     mean_estimate,
     own_refusal_tokens,
     refusal_scores,
@@ -73,10 +81,12 @@ MIN_PER_CATEGORY = 2
 #: Seeded stratified splits behind the principal-angle noise floor.
 N_SPLITS = 20
 #: The ablations, in the order of the record and the table.
-ABLATIONS = ("r_hat", "base_subspace", "shared_subspace", "own", "residual", "control")
+ABLATIONS = ("r_hat", "base_subspace", "shared_subspace", "own", "residual", "control", "control_k")
 #: A residual component shorter than this fraction of its direction is none, and a singular value below this
 #: fraction of the largest spans nothing (activations and r̂ are float32: below it is rounding).
 RESIDUAL_FLOOR = 1e-5
+#: The contrasts' intervals: simultaneous 95% over the three the verdict reads (Bonferroni, 1 − 0.05/3).
+VERDICT_CI = 1 - 0.05 / 3
 VERDICTS = ("one direction", "a subspace", "no refusal to carry", "unmeasured")
 
 
@@ -153,9 +163,10 @@ class LanguageSubspace:
             return f"{self.lang}: no refusal tokens of its own, so its ablations are not measured."
         c = self.carried
         text = (f"{self.lang}: ablating r̂({self.base}) removes {c['r_hat'].text('.0%')} of its harmful-harmless refusal-score "
-                f"gap ({self.gap.text() if self.gap else 'n/a'}); the {self.k}-dim {self.base} subspace changes the score "
-                f"{_signed(self.subspace_extra)} more, its own residual component (cos(r_{self.lang}, r̂) "
-                f"{self.cos_own_r_hat.text()}) {_signed(self.residual_extra)} more than a random second dimension")
+                f"gap ({self.gap.text() if self.gap else 'n/a'}); the {self.k}-dim {self.base} subspace with r̂ changes "
+                f"the score {_signed(self.subspace_extra)} more than r̂ with {self.k - 1} random dimensions, its own "
+                f"residual component (cos(r_{self.lang}, r̂) {self.cos_own_r_hat.text()}) {_signed(self.residual_extra)} "
+                f"more than a random second dimension")
         if self.residual_induces is not None:
             text += f", and added with r̂ gone it moves the harmless score {_signed(self.residual_induces)}"
         return text + f": {self.verdict}."
@@ -243,11 +254,13 @@ def subspace_table(obj: Mapping[str, Any]) -> str:
                     + f"<td>{cell(rec['subspace_extra'])}</td><td>{cell(rec['residual_extra'])}</td>"
                       f"<td>{cell(rec['residual_induces'])}</td></tr>")
     head = ["lang", "verdict", f"angles to {obj['base']}'s subspace", "disjoint halves", "r̂ removes",
-            f"{obj['base']} subspace", "shared subspace", "own r", "r̂ + own residual", "r̂ + random",
-            "subspace − r̂ (Δscore)", "residual − random (Δscore)", "residual induces (Δscore)"]
+            f"{obj['base']} subspace with r̂", "shared subspace with r̂", "own r", "r̂ + own residual",
+            "r̂ + 1 random", "r̂ + k−1 random", "subspace − random (Δscore)", "residual − random (Δscore)",
+            "residual induces (Δscore)"]
     caption = (f"k = {obj['k']} at layer {obj['layer']}, position {obj['position']}. Share of each language's "
                f"harmful-minus-harmless refusal-score gap removed by each ablation (harmful test prompts), and the "
-               f"paired contrasts; 95% bootstrap intervals ({obj['n_boot']} resamples). Disjoint halves: mean "
+               f"paired contrasts; 95% bootstrap intervals ({obj['n_boot']} resamples), simultaneous over the three "
+               f"contrasts (Bonferroni). Disjoint halves: mean "
                f"principal angles between this language's and {obj['base']}'s subspaces from disjoint stratified "
                f"halves, beside {obj['base']} against itself (the floor), over {obj['n_splits']} splits.")
     return "<b>One direction or a subspace?</b>" + table(caption, head, rows)
@@ -288,11 +301,20 @@ def _half_angles(rows_h: Tensor, cats: Sequence[str | None], rows_b: Tensor, ids
     return (torch.stack(floor).mean(0).tolist(), torch.stack(cross).mean(0).tolist())
 
 
-def _random_orthogonal(r_hat: Tensor, seed: int) -> Tensor:
+def _random_orthogonal(r_hat: Tensor, seed: int, n: int = 1) -> Tensor:
+    """``n`` seeded random orthonormal vectors orthogonal to r̂, ``[n, d]``."""
     g = torch.Generator().manual_seed(seed)
-    u = torch.randn(r_hat.shape[0], generator=g, dtype=torch.float64)
-    u = u - (u @ r_hat) * r_hat
-    return unit(u)
+    u = torch.randn(n, r_hat.shape[0], generator=g, dtype=torch.float64)
+    u = u - (u @ r_hat)[:, None] * r_hat[None]
+    return torch.linalg.qr(u.T).Q.T
+
+
+def with_r_hat(subspace: Tensor, r_hat: Tensor, k: int) -> Tensor:
+    """A ``k``-dimensional subspace containing r̂: r̂ and the top ``k − 1`` directions of ``subspace``'s part
+    orthogonal to r̂ (fewer where that part spans fewer), ``[≤ k, d]``. Ablating it removes at least what ablating
+    r̂ removes, so comparing the two (against r̂ plus random dimensions) asks what the subspace adds."""
+    rest = subspace - (subspace @ r_hat)[:, None] * r_hat[None]
+    return torch.cat([r_hat[None], top_subspace(rest, k - 1, allow_fewer=True)]) if float(rest.norm()) > 0 else r_hat[None]
 
 
 def _add_everywhere(model: HookedModel, vector: Tensor, layer: int) -> hooks.HookHandle:
@@ -370,7 +392,9 @@ def refusal_subspaces(
     # r̂ is float32: a residual below float32's resolution of r_L is none (its unit vector would be noise)
     residuals = {lang: (unit(v) if lang != base and float(v.norm()) > RESIDUAL_FLOOR * float(own[lang].norm())
                         else torch.zeros_like(v)) for lang, v in residual_raw.items()}
-    control = _random_orthogonal(r_hat, seed + 1)
+    # the controls: r̂ plus random dimensions orthogonal to it, as many as the residual (1) or a subspace adds
+    control_k = _random_orthogonal(r_hat, seed + 1, k - 1)
+    control = control_k[0]
     n_boot_angles = min(n_boot, 200)
     def fit_idx(lang: str) -> dict[str, Tensor]:
         return {label: boot_idx(lang, fit_split, label)[:n_boot_angles] for label in LABELS}
@@ -399,16 +423,14 @@ def refusal_subspaces(
             ids[lang, fit_split]["harmful"], ids[lang, fit_split]["harmless"], X[base, fit_split, "harmful"],
             cats[base, fit_split], X[base, fit_split, "harmless"], ids[base, fit_split]["harmful"],
             ids[base, fit_split]["harmless"], k)
-        fit_h, fit_b = X[lang, fit_split, "harmful"], X[lang, fit_split, "harmless"]
-        own_boot = fit_h[fi["harmful"]].mean(1) - fit_b[fi["harmless"]].mean(1)
-        cos_own = Estimate.of(float(own[lang] @ r_hat / own[lang].norm()), own_boot @ r_hat / own_boot.norm(dim=1))
+        cos_own = jackknife_cos({label: X[lang, fit_split, label] for label in LABELS}, r_hat)
         n = {split: {label: len(parts[lang, split][label]) for label in LABELS} for split in (fit_split, test_split)}
         token_ids, origin = own_refusal_tokens(tokens, model.tokenizer, lang)
         rec = LanguageSubspace(lang, base, k, n, angles, floor, cross, cos_own, token_origin=origin)
         if token_ids:
-            rec = _ablations(model, direction, parts[lang, test_split], token_ids, ti, rec, r_hat, subs[base],
-                             shared, own[lang], residuals[lang], float(residual_raw[lang].norm()), control,
-                             batch_size)
+            rec = _ablations(model, direction, parts[lang, test_split], token_ids, ti, rec, r_hat,
+                             with_r_hat(subs[base], r_hat, k), with_r_hat(shared, r_hat, k), own[lang],
+                             residuals[lang], float(residual_raw[lang].norm()), control, control_k, batch_size)
         out[lang] = rec
     return RefusalSubspaces(model_id(model), base, direction.layer, direction.position, k, out,
                             {lang: s.float() for lang, s in subs.items()}, shared.float(),
@@ -417,16 +439,18 @@ def refusal_subspaces(
 
 def _ablations(model: HookedModel, direction: Direction, group: Mapping[str, PromptSet], token_ids: Sequence[int],
                ti: Mapping[str, Tensor], rec: LanguageSubspace, r_hat: Tensor, base_sub: Tensor, shared: Tensor,
-               own: Tensor, residual: Tensor, residual_norm: float, control: Tensor, batch_size: int
-               ) -> LanguageSubspace:
-    """The ablations and contrasts of one language on its harmful (and, for the induction, harmless) test prompts."""
+               own: Tensor, residual: Tensor, residual_norm: float, control: Tensor, control_k: Tensor,
+               batch_size: int) -> LanguageSubspace:
+    """The ablations and contrasts of one language on its harmful (and, for the induction, harmless) test prompts.
+    ``base_sub`` and ``shared`` contain r̂ (:func:`with_r_hat`); ``control_k`` spans as many random dimensions
+    orthogonal to r̂ as ``base_sub`` adds to it."""
     harmful, harmless = group["harmful"].instructions, group["harmless"].instructions
     s_h = refusal_scores(model, harmful, token_ids, batch_size).double()
     s_b = refusal_scores(model, harmless, token_ids, batch_size).double()
     is_base = float(residual.norm()) == 0.0
     spans = {"r_hat": r_hat[None], "base_subspace": base_sub, "shared_subspace": shared, "own": own[None],
              "residual": torch.stack([r_hat, residual if not is_base else control]), "control":
-             torch.stack([r_hat, control])}
+             torch.stack([r_hat, control]), "control_k": torch.cat([r_hat[None], control_k[:len(base_sub) - 1]])}
     ablated = {}
     for name, vectors in spans.items():
         with ablate_subspace(model, vectors.float()):
@@ -437,14 +461,14 @@ def _ablations(model: HookedModel, direction: Direction, group: Mapping[str, Pro
     deltas = {name: mean_estimate(a - s_h, ih) for name, a in ablated.items()}
     carried = {name: Estimate.of(float(-(a - s_h).mean() / (s_h.mean() - s_b.mean())),
                                  -(a - s_h)[ih].mean(1) / gap_boot) for name, a in ablated.items()}
-    sub_extra = mean_estimate(ablated["base_subspace"] - ablated["r_hat"], ih)
-    res_extra = mean_estimate(ablated["residual"] - ablated["control"], ih)
+    sub_extra = mean_estimate(ablated["base_subspace"] - ablated["control_k"], ih, VERDICT_CI)
+    res_extra = mean_estimate(ablated["residual"] - ablated["control"], ih, VERDICT_CI)
     induces = None
     if not is_base:
         with ablate(model, direction):
             gone = refusal_scores(model, harmless, token_ids, batch_size).double()
             with _add_everywhere(model, (residual_norm * residual).float(), direction.layer):
                 added = refusal_scores(model, harmless, token_ids, batch_size).double()
-        induces = mean_estimate(added - gone, ib)
+        induces = mean_estimate(added - gone, ib, VERDICT_CI)
     return LanguageSubspace(rec.lang, rec.base, rec.k, rec.n, rec.angles, rec.angles_floor, rec.angles_disjoint,
                             rec.cos_own_r_hat, gap, deltas, carried, sub_extra, res_extra, induces, rec.token_origin)

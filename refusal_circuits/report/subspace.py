@@ -20,9 +20,10 @@ def subspace_section(obj: Mapping[str, Any] | None, figs: Figures, why: str | No
     sentences = "".join(f"<li>{esc(rec['sentence'])}</li>" for rec in obj["langs"].values())
     fig = figs.add("subspace_carried", viz.subspace_carried(obj["langs"], base=base),
                    f"Share of each language's harmful-minus-harmless refusal-score gap removed by ablating r̂({base}), "
-                   f"{base}'s {obj['k']}-dimensional subspace, the languages' shared subspace, the language's own "
-                   f"direction, and r̂ with the language's residual component or with a random second dimension "
-                   f"(control); harmful test prompts, the language's own refusal tokens, 95% bootstrap intervals.")
+                   f"{base}'s {obj['k']}-dimensional subspace with r̂, the languages' shared subspace with r̂, the "
+                   f"language's own direction, r̂ with the language's residual component, and r̂ with one or k − 1 "
+                   f"random orthogonal dimensions (the controls); harmful test prompts, the language's own refusal "
+                   f"tokens, 95% bootstrap intervals.")
     return ("<h2>One refusal direction or a subspace? (Wollschläger et al.)</h2>"
             f"<p>At r̂'s site (layer {obj['layer']}, position {obj['position']}), each language's "
             f"{obj['k']}-dimensional refusal subspace is the top singular vectors of its category-wise differences "
