@@ -112,6 +112,10 @@ def test_a_copy_of_the_base_language_keeps_everything_and_a_language_without_har
     assert cp.cos_harm_base.value == pytest.approx(1.0, abs=1e-6)
     assert cp.heads["harm"].agreement.value == pytest.approx(1.0)
     assert "recognises harm as en does and converts it into refusal as en does" in cp.sentence()
+    # the paired difference of the two retentions: exactly 0 on every resample for the copy; none for the base
+    assert cp.retention_gap is not None
+    assert (cp.retention_gap.value, cp.retention_gap.low, cp.retention_gap.high) == pytest.approx((0, 0, 0), abs=1e-5)
+    assert en.retention_gap is None and "base language" in en.to_json()["retention_gap_why"]
     # nx: its harmful prompts are its harmless prompts, so both gaps are exactly 0.
     assert nx.harm_retention.value == pytest.approx(0.0, abs=1e-9)
     assert nx.refusal_retention.value == pytest.approx(0.0, abs=1e-9)

@@ -37,7 +37,9 @@ interval, [0.94, 0.98].
 is ``as base``; one wholly between 0 and 1 ``weaker``; one that reaches 0 and stays below :data:`KEPT_FROM`
 ``absent``; anything else ``unclear``. No threshold is learned from the data. :meth:`LanguageHarm.sentence` turns
 the two levels into one sentence ("German recognises harm as English does but converts less of it into
-refusal"), with the numbers.
+refusal"), with the numbers; its "but" (refusal lost more than harm) needs the paired difference
+``retention_gap = harm retention − refusal retention`` (the same test resamples for both) to have its interval
+above 0, not merely two different levels.
 """
 
 from __future__ import annotations
@@ -146,6 +148,8 @@ class LanguageHarm:
     cos_harm_refusal: Estimate
     cos_harm_base: Estimate
     cos_refusal_base: Estimate
+    #: harm retention − refusal retention on the same resamples: above 0, the language loses more refusal than harm
+    retention_gap: Estimate | None = None
     score_harmful: Estimate | None = None
     score_harmless: Estimate | None = None
     steer_harm: Estimate | None = None
@@ -172,7 +176,11 @@ class LanguageHarm:
                 "absent": f"does not recognise harm along {b}'s harm direction",
                 "unclear": "recognises harm to an extent these prompts cannot pin down"}[self.harm_level]
         rank = {"as base": 0, "weaker": 1, "absent": 2, "unclear": -1}
-        worse = rank[self.refusal_level] > rank[self.harm_level] >= 0  # refusal lost more than harm: the contrast
+        d = self.retention_gap
+        if d is not None and d.why is None:  # the paired difference decides, where there is one
+            worse = d.low > 0 and self.harm_level != "absent"
+        else:
+            worse = rank[self.refusal_level] > rank[self.harm_level] >= 0  # refusal lost more than harm
         joint = " but" if worse else " and"
         refusal = {"as base": f"converts it into refusal as {b} does",
                    "weaker": "carries less refusal along r̂" if not worse else "converts less of it into refusal",
@@ -184,20 +192,24 @@ class LanguageHarm:
         own = ""
         if self.harm_level in ("absent", "unclear") and self.harm_auroc_own.why is None and self.harm_auroc_own.low > 0.5:
             own = f"; its own harm direction separates its prompts (AUROC {self.harm_auroc_own.text()})"
+        diff = f", difference {d.text()}" if d is not None and d.why is None else ""
         return (f"{lang} {harm}{joint} {refusal} (harm retention {self.harm_retention.text()}, refusal retention "
-                f"{self.refusal_retention.text()}{own}).")
+                f"{self.refusal_retention.text()}{diff}{own}).")
 
     def to_json(self) -> dict[str, Any]:
         stats = {k: getattr(self, k) for k in ("harm_auroc", "refusal_auroc", "harm_auroc_own", "refusal_auroc_own",
-                                                "harm_retention", "refusal_retention", "cos_harm_refusal",
+                                                "harm_retention", "refusal_retention", "retention_gap",
+                                                "cos_harm_refusal",
                                                 "cos_harm_base", "cos_refusal_base", "score_harmful",
                                                 "score_harmless", "steer_harm", "ablate_refusal")}
         return {"lang": self.lang, "n": self.n, "harm_level": self.harm_level, "refusal_level": self.refusal_level,
                 "sentence": self.sentence(), "refusal_tokens": self.token_origin,
                 **{k: v.to_json() for k, v in stats.items() if v is not None},
                 **{k: None for k, v in stats.items() if v is None},
-                **{f"{k}_why": f"{self.lang} has no refusal tokens of its own (none given or discovered, no native "
-                               "phrases)" for k, v in stats.items() if v is None},
+                **{f"{k}_why": (f"{self.lang} is the base language: both its retentions are 1 by definition"
+                                if k == "retention_gap" else
+                                f"{self.lang} has no refusal tokens of its own (none given or discovered, no native "
+                                "phrases)") for k, v in stats.items() if v is None},
                 "heads": {k: v.to_json() for k, v in self.heads.items()}}
 
 
@@ -260,6 +272,7 @@ def harm_table(obj: Mapping[str, Any]) -> str:
         return f"{_fmt(s['value'])} [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}]"
 
     cols = [("harm_retention", "harm retention"), ("refusal_retention", "refusal retention"),
+            ("retention_gap", "harm − refusal retention"),
             ("harm_auroc", "harm AUROC (base ĥ)"), ("refusal_auroc", "refusal AUROC (r̂)"),
             ("harm_auroc_own", "harm AUROC (own)"), ("cos_harm_refusal", "cos(ĥ, r) own"),
             ("cos_harm_base", "cos(ĥ, ĥ_base)"), ("score_harmful", "refusal score, harmful"),
@@ -391,6 +404,13 @@ def harm_and_refusal(
                                                   f"harmless ones on {what}")
         return Estimate.of(g / g_b, boots / b_boots)
 
+    def retention_gap(h: Estimate, r: Estimate, boots: tuple[Tensor, Tensor, Tensor, Tensor]) -> Estimate:
+        """harm − refusal retention, on the same test resamples (paired)."""
+        if h.why is not None or r.why is not None:
+            return Estimate(math.nan, math.nan, math.nan, h.why or r.why)
+        gh, gbh, gr, gbr = boots
+        return Estimate.of(h.value - r.value, gh / gbh - gr / gbr)
+
     def auroc_est(p: Mapping[str, Tensor], idx: Mapping[str, Tensor]) -> Estimate:
         return Estimate.of(auroc(p["harmful"], p["harmless"]),
                            _auroc_boot(p["harmful"], p["harmless"], idx["harmful"], idx["harmless"]))
@@ -432,8 +452,10 @@ def harm_and_refusal(
                          for split in (fit_split, test_split)},
             harm_auroc=auroc_est(ph, ti), refusal_auroc=auroc_est(pr, ti),
             harm_auroc_own=auroc_est(own_h, ti), refusal_auroc_own=auroc_est(own_r, ti),
-            harm_retention=retention(g_h, g_h_boot, g_bh, g_bh_boot, f"ĥ({base})"),
-            refusal_retention=retention(g_r, g_r_boot, g_br, g_br_boot, "r̂"),
+            harm_retention=(h_ret := retention(g_h, g_h_boot, g_bh, g_bh_boot, f"ĥ({base})")),
+            refusal_retention=(r_ret := retention(g_r, g_r_boot, g_br, g_br_boot, "r̂")),
+            retention_gap=(retention_gap(h_ret, r_ret, (g_h_boot, g_bh_boot, g_r_boot, g_br_boot))
+                           if lang != base else None),
             cos_harm_refusal=jackknife_cos(fit(H, lang), fit(R, lang), same),
             cos_harm_base=jackknife_cos(fit(H, lang), fit(H, base), {
                 label: index_plan(ids[base, fit_split][label], ids[lang, fit_split][label]) for label in LABELS}),
