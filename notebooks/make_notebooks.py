@@ -205,6 +205,50 @@ found  # the table: retentions, AUROCs, cosines, refusal-score changes, each wit
         top = ", ".join(f"{h['head']} {h['mean']:+.2f}" for h in heads.top(4))
         print(f"{lang} {target:8s} agreement with en {heads.agreement.text()}  largest: {top}")'''),
     ],
+    "06_totals_subspaces_cosmic.ipynb": [
+        md("""
+# 06 · Beyond the seeds: total effects, subspaces, selection without refusal tokens
+
+Three questions on the packaged 0.5B, each with its interval and its control:
+
+1. **Selection without refusal tokens** (COSMIC, Siu et al. 2025): choose r̂ from the cosine similarity of harmful
+   and harmless activations alone, and compare with the Arditi-style choice.
+2. **Total effects, paired** (attribution patching): which heads and MLPs, patched from English into each
+   translation, would give it English's r̂? Every node at once, checked against exact patching.
+3. **One direction or a subspace?** (Wollschläger et al. 2025): per language, does a k-dimensional subspace or the
+   language's own residual carry refusal beyond r̂, against random dimensions?"""),
+        params('LANGS = ["en", "de", "ja"]  # the base language first\nN_PAIRS = 8   # paired test prompts per '
+               'language and label (the study: all 32)\nVALIDATE = 2  # exact patching of the 2 largest and 2 random '
+               'nodes per language\nK = 2         # the subspaces\' dimension (the command: 3)\nN_FIT = 16    # train '
+               'prompts per language and label for the subspaces (the command: 64)'),
+        code(SETUP),
+        code(QUICK_DIRECTION),
+        md("**1 · COSMIC.** The same candidates, scored without reading a refusal token; the agreement with the "
+           "selection above: the two sites, the cosine of the two directions, and the rank correlation of the scores."),
+        code('''from refusal_circuits.cosmic import cosmic_select, selection_agreement
+
+cosmic = cosmic_select(model, cands, val.filter(label="harmful").instructions, val.filter(label="harmless").instructions,
+                       positions=POSITIONS, layers=LAYERS)
+display(cosmic, selection_agreement(cosmic, selection))'''),
+        md("**2 · Paired total effects.** Each translation is the clean run, its English original the reference; per "
+           "node the mean change of r̂'s projection over harmful pairs (bootstrap interval, sign-flip test, BH), the "
+           "harmless pairs as the control, and the estimates against exact patching (last columns)."),
+        code('''prompts = rc.load_prompts("bundled", langs=LANGS)
+totals = rc.paired_totals(model, direction, prompts, LANGS, tokens=tokens, max_pairs=N_PAIRS, validate=VALIDATE,
+                          n_boot=500)
+for sentence in totals.summary():
+    print(sentence)
+display(totals, SVG(viz.to_svg(viz.paired_totals(totals.to_json()))))'''),
+        md("**3 · Subspaces.** The share of each language's refusal-score gap removed by ablating r̂, the English "
+           "subspace with r̂, the language's own direction and residual, and r̂ with random dimensions (the controls)."),
+        code('''from refusal_circuits.crosslingual.subspace import refusal_subspaces
+
+subspaces = refusal_subspaces(model, direction, prompts, LANGS, tokens=tokens, k=K, max_fit=N_FIT,
+                              max_test=N_PAIRS, n_boot=300)
+for sentence in subspaces.summary():
+    print(sentence)
+display(subspaces, SVG(viz.to_svg(viz.subspace_carried(subspaces.to_json()["langs"], base="en"))))'''),
+    ],
 }
 
 
