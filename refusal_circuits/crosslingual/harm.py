@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from refusal_circuits import hooks
 from refusal_circuits.activations import last_instruction, site_rows
@@ -418,7 +419,7 @@ def harm_and_refusal(
     directions: dict[str, dict[str, Tensor]] = {}
     head_base: dict[str, tuple[Tensor, Tensor]] = {}
     out: dict[str, LanguageHarm] = {}
-    for lang in order:
+    for lang in tqdm(order, desc="harm vs refusal: per language", disable=not progress, leave=False):
         ti = test_idx[lang]
         h_own, r_own = diff(H, lang, fit_split), diff(R, lang, fit_split)
         directions[lang] = {"harm": unit(h_own).float(), "refusal": unit(r_own).float()}

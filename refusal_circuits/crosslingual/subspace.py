@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from refusal_circuits import hooks
 from refusal_circuits.activations import site_rows
@@ -411,7 +412,7 @@ def refusal_subspaces(
 
     base_boots = boot_subspaces(base, fit_idx(base))  # shared by every language's angles (the resamples are paired by id)
     out: dict[str, LanguageSubspace] = {}
-    for lang in order:
+    for lang in tqdm(order, desc="refusal subspaces: per language", disable=not progress, leave=False):
         fi, ti = fit_idx(lang), {label: boot_idx(lang, test_split, label) for label in LABELS}
         boots = [principal_angles(a, b) for a, b in zip(boot_subspaces(lang, fi), base_boots, strict=True)
                  if a is not None and b is not None]
