@@ -220,9 +220,9 @@ def test_compare_end_to_end(tiny_dir, workdir, capsys):
     assert code == 0, err
     tot = json.loads((workdir / "cmp-totals" / "divergence.json").read_text())["totals"]
     de = tot["langs"]["de"]
-    assert de["n_pairs"] == {"harmful": 6, "harmless": 6} and len(de["validation"]["nodes"]) == 4
+    assert de["n_pairs"] == {"harmful": 6, "harmless": 6} and len(de["validation"]["projection"]["nodes"]) == 4
     assert set(de["nodes"]) == set(tot["figure_nodes"]) and de["projection"]["top"]
-    assert "r̂'s projection is" in out
+    assert "r̂'s projection, en minus de" in out
     for bad, message in ((["--totals", "-1"], "--totals"), (["--totals", "2", "--no-model"], "--no-model")):
         code, _, err = _run(capsys, "compare", "--attributions", str(workdir / "attr2"), *bad,
                             "--out", str(workdir / "cmp-bad2"))

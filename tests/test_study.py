@@ -238,7 +238,7 @@ def test_paired_total_effects_rerun_only_the_compare_stage(study, capsys):
     assert printed.count("cached") == 6 and "stage compare: done" in printed
     results = json.loads((out / "results.json").read_text())
     tot = results["divergence"]["totals"]
-    assert list(tot["langs"]) == ["de"] and len(tot["langs"]["de"]["validation"]["nodes"]) == 2
+    assert list(tot["langs"]) == ["de"] and len(tot["langs"]["de"]["validation"]["projection"]["nodes"]) == 2
     assert (out / "stages" / "compare" / "totals.safetensors").exists()
     page = (out / "report.html").read_text()
     assert "Total effects, paired" in page and "fig-paired_totals" in page

@@ -108,7 +108,7 @@ def test_a_translation_identical_to_english_has_nothing_to_recover(found):
         assert bool((st.heads["mean"] == 0).all()) and bool((st.mlps["mean"] == 0).all())
         assert st.n_significant() == 0
     assert rec.gap.value == 0.0
-    assert max(abs(x) for x in rec.validation.exact["projection"]) < 1e-9
+    assert max(abs(x) for x in rec.validation["projection"].exact["projection"]) < 1e-9
 
 
 def test_a_language_without_pairs_is_skipped_with_the_reason_and_the_record_renders(found):
@@ -122,7 +122,8 @@ def test_a_language_without_pairs_is_skipped_with_the_reason_and_the_record_rend
     assert "Paired total effects" in res._repr_html_() and "xx" in repr(res)
     for key, t in res.tensors().items():
         assert torch.isfinite(t).all() or key.endswith(".q"), key
-    assert math.isfinite(obj["langs"]["xx"]["validation"]["summary"]["projection"]["worst_error"])
+    assert math.isfinite(obj["langs"]["xx"]["validation"]["projection"]["summary"]["projection"]["worst_error"])
+    assert set(obj["langs"]["xx"]["validation"]) == {"projection", "score"}
 
 
 def test_bad_input_names_what_is_wrong(deep):

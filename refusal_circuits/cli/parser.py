@@ -310,7 +310,7 @@ def _add_compare(sub: _Sub) -> None:
     c.add_argument("--totals", type=int, default=0, metavar="N",
                    help="also the total effect of every head and MLP, patched from the base run into each paired "
                         "translation, by attribution patching, validated against exact patching of the N largest and "
-                        "N random nodes per language (0: skip; costs about 10 + 2N forward passes per pair)")
+                        "N random nodes per language and metric (0: skip; costs about 10 + 4N forward passes per pair)")
     c.add_argument("--no-model", action="store_true", help="only what the attribution file gives (no baseline "
                    "refusal, no patching)")
     c.add_argument("--alpha", type=float, default=defaults.ALPHA,

@@ -25,8 +25,9 @@ interval) says how much there is to recover.
 
 **Exact or refused**: every call runs :func:`~refusal_circuits.atp.attribution_patching`'s run-time checks on the
 user's model (a linear node exactly, a head by central differences) and, per language, exact patching of the
-``validate`` nodes with the largest estimates and as many random others (:func:`~refusal_circuits.atp.validate_atp`),
-whose correlation and worst error are part of the record: read the estimates within that error.
+``validate`` nodes with the largest estimates of each metric and as many random others
+(:func:`~refusal_circuits.atp.validate_atp`), whose correlation and worst error are part of the record: read the
+estimates within that error.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ class LanguageTotals:
     n_pairs: dict[str, int]
     gap: Estimate
     stats: dict[str, NodeStats]
-    validation: AtPValidation
+    #: per metric, AtP against exact patching of that metric's largest estimates and random nodes
+    validation: dict[str, AtPValidation]
     linear_check: float | None
     token_origin: str
     score_why: str | None = None
@@ -120,17 +122,19 @@ class LanguageTotals:
         top = st.top(3, alpha)
         names = ", ".join(f"{t['node']} {t['mean']:+.2f} [{t['ci_low']:+.2f}, {t['ci_high']:+.2f}]" for t in top)
         ctrl = st.n_significant(alpha, control=True)
-        ctrl_text = ("" if ctrl is None else f"; {ctrl} of them also beyond the harmless control")
-        return (f"{self.lang}: r̂'s projection is {self.gap.text()} lower than in {self.base} (harmful pairs); patching "
-                f"{self.base}'s value into the translation, the largest recoveries are {names}; "
-                f"{st.n_significant(alpha)} nodes significant (q < {alpha}){ctrl_text}. AtP vs exact on "
-                f"{len(self.validation.nodes)} nodes: Pearson {self.validation.pearson('projection'):.2f}, worst "
-                f"error {self.validation.worst_error('projection'):.3g} (projection).")
+        ctrl_text = ("" if ctrl is None else f", {ctrl} beyond the harmless control")
+        checks = "; ".join(f"{m}: Pearson {v.pearson(m):.2f}, worst error {v.worst_error(m):.3g} (largest exact "
+                           f"{v.scale(m):.3g})" for m, v in self.validation.items())
+        return (f"{self.lang}: r̂'s projection, {self.base} minus {self.lang} (harmful pairs), {self.gap.text()}; "
+                f"patching {self.base}'s value into the translation, the largest recoveries are {names}; "
+                f"{st.n_significant(alpha)} nodes significant (q < {alpha}){ctrl_text}. AtP vs exact on each "
+                f"metric's largest and random nodes, {checks}.")
 
     def to_json(self, alpha: float = 0.05) -> dict[str, Any]:
         out: dict[str, Any] = {"base": self.base, "n_pairs": self.n_pairs, "gap_projection": self.gap.to_json(),
                                "token_origin": self.token_origin, "linear_check": self.linear_check,
-                               "validation": self.validation.to_json(), "sentence": self.sentence(alpha)}
+                               "validation": {m: v.to_json() for m, v in self.validation.items()},
+                               "sentence": self.sentence(alpha)}
         if self.score_why is not None:
             out["score_why"] = self.score_why
         for metric, st in self.stats.items():
@@ -197,7 +201,7 @@ def totals_table(obj: Mapping[str, Any]) -> str:
     for lang, rec in obj["langs"].items():
         gap = rec["gap_projection"]
         top = rec["projection"]["top"][:3]
-        val = rec["validation"]["summary"]["projection"]
+        val = rec["validation"]["projection"]["summary"]["projection"]
         rows.append(f"<tr><td>{esc(lang)}</td><td>{rec['n_pairs']['harmful']}</td>"
                     f"<td>{_num(gap.get('value'))} [{_num(gap.get('ci_low'))}, {_num(gap.get('ci_high'))}]</td>"
                     f"<td>{esc(_nodes(top))}</td>"
@@ -282,8 +286,8 @@ def paired_totals(
         tokens: refusal tokens per language for the score (a language without its own gets its native phrases'
             first tokens, and without those the projection only).
         max_pairs: at most this many pairs per label and language (a seeded sample stratified by category).
-        validate: exact patching of this many largest and this many random nodes per language (projection and
-            score): ``4`` costs 8 patched passes over a language's harmful pairs.
+        validate: exact patching of this many largest and this many random nodes per language and metric
+            (each metric's own largest): ``4`` costs 16 patched passes over a language's harmful pairs.
     """
     check_compatible(direction, model, "the refusal direction")
     base = base or direction.lang
@@ -322,11 +326,12 @@ def paired_totals(
         with torch.inference_mode():
             base_proj = prompt_run(model, direction, ref_h, used, batch_size=batch_size).projections
         gap = paired_stats(base_proj - est_h.baseline["projection"], n_boot=n_boot, n_perm=n_boot, seed=seed)
-        val = validate_atp(model, direction, clean_h, ref_h, used, est_h, n_top=validate, n_random=validate,
-                           metric="projection", seed=seed, batch_size=batch_size, progress=progress)
         stats = {"projection": _node_stats(est_h, est_b, "projection", seed, n_boot)}
         if score_why is None:
             stats["score"] = _node_stats(est_h, est_b, "score", seed, n_boot)
+        # each metric checked on its own largest estimates (the score's are late MLPs, where AtP is weakest)
+        val = {m: validate_atp(model, direction, clean_h, ref_h, used, est_h, n_top=validate, n_random=validate,
+                               metric=m, seed=seed, batch_size=batch_size, progress=progress) for m in stats}
         checks = [c for c in (est_h.linear_check, est_b.linear_check if est_b else None) if c is not None]
         out[lang] = LanguageTotals(
             lang, base, {label: len(p[0]) for label, p in pairs.items()},
