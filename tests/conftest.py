@@ -60,6 +60,15 @@ def tiny_model(tiny_dir):
 
 
 @pytest.fixture(scope="session")
+def deep_tiny_model(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random Qwen2 of 4 layers: room for nodes below, at and above a direction's layer (attribution
+    patching, paired total effects)."""
+    from refusal_circuits.models import load_model
+
+    return load_model(str(tiny_qwen_dir(tmp_path_factory.mktemp("tiny-qwen-deep"), n_layers=4)))
+
+
+@pytest.fixture(scope="session")
 def packaged_model():
     from refusal_circuits.models import DEFAULT_MODEL, load_model
 

@@ -12,10 +12,9 @@ from refusal_circuits.atp import AtPEstimates, attribution_patching, validate_at
 from refusal_circuits.chat import chat_format
 from refusal_circuits.directions import Direction
 from refusal_circuits.errors import InputError
-from refusal_circuits.models import load_model
 from refusal_circuits.patching import prompt_run
 from refusal_circuits.scores import refusal_tokens_from_strings
-from tests.helpers import SHORT_PROMPTS, random_direction, tiny_qwen_dir
+from tests.helpers import SHORT_PROMPTS, random_direction
 
 pytestmark = pytest.mark.tiny
 
@@ -24,8 +23,8 @@ _direction = random_direction
 
 
 @pytest.fixture(scope="module")
-def deep(tmp_path_factory):
-    return load_model(str(tiny_qwen_dir(tmp_path_factory.mktemp("tiny-qwen-atp"), n_layers=4)))
+def deep(deep_tiny_model):
+    return deep_tiny_model
 
 
 @pytest.fixture(scope="module")

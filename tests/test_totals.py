@@ -13,9 +13,8 @@ import torch
 from refusal_circuits.chat import tokenize_chat
 from refusal_circuits.data import PromptRecord, PromptSet
 from refusal_circuits.errors import InputError
-from refusal_circuits.models import load_model
 from refusal_circuits.scores import refusal_tokens_from_strings
-from tests.helpers import random_direction, tiny_qwen_dir
+from tests.helpers import random_direction
 
 pytestmark = pytest.mark.tiny
 
@@ -39,8 +38,8 @@ def _prompts() -> PromptSet:
 
 
 @pytest.fixture(scope="module")
-def deep(tmp_path_factory):
-    return load_model(str(tiny_qwen_dir(tmp_path_factory.mktemp("tiny-qwen-totals"), n_layers=4)))
+def deep(deep_tiny_model):
+    return deep_tiny_model
 
 
 @pytest.fixture(scope="module")
