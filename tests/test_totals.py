@@ -133,3 +133,21 @@ def test_bad_input_names_what_is_wrong(deep):
         paired_totals(deep, d, _prompts(), ["xx"], validate=0, progress=False)
     with pytest.raises(InputError, match="needs at least 2"):
         paired_totals(deep, d, _prompts(), ["nope"], progress=False)
+
+
+def test_a_metric_that_fails_its_validation_is_withheld_with_the_numbers(deep, monkeypatch):
+    """Exact or refused: where AtP's worst error against exact patching exceeds the bound, the metric's estimates
+    are not reported (null with the reason, and a warning); here the bound is set below any float error."""
+    from refusal_circuits.crosslingual import totals as mod
+
+    monkeypatch.setattr(mod, "FAITHFUL_ERROR", 1e-12)
+    d = random_direction(deep, layer=2)
+    tokens = refusal_tokens_from_strings(deep.tokenizer, ["I"], langs=("en", "xx"))
+    with pytest.warns(mod.AtPWarning, match="withheld"):
+        res = mod.paired_totals(deep, d, _prompts(), ["en", "xx"], tokens=tokens, validate=1, n_boot=50,
+                                batch_size=4, progress=False)
+    rec = res.langs["xx"]
+    assert set(rec.withheld) == {"projection", "score"} and rec.stats == {}
+    obj = res.to_json()["langs"]["xx"]
+    assert obj["projection"] is None and "not faithful" in obj["projection_why"] and "worst error" in obj["score_why"]
+    assert "withheld" in rec.sentence() and "withheld" in res._repr_html_()

@@ -26,20 +26,24 @@ interval) says how much there is to recover.
 **Exact or refused**: every call runs :func:`~refusal_circuits.atp.attribution_patching`'s run-time checks on the
 user's model (a linear node exactly, a head by central differences) and, per language, exact patching of the
 ``validate`` nodes with the largest estimates of each metric and as many random others
-(:func:`~refusal_circuits.atp.validate_atp`), whose correlation and worst error are part of the record: read the
-estimates within that error.
+(:func:`~refusal_circuits.atp.validate_atp`), whose correlation and worst error are part of the record, and a
+metric whose worst error exceeds :data:`FAITHFUL_ERROR` of its largest exact change is withheld (null with the
+numbers, and an :class:`AtPWarning`): on the packaged 0.5B the refusal score failed this for every language (paired
+patching moves late MLPs far from where their gradient was taken; Chinese's validated nodes correlated at −0.41),
+while r̂'s projection passed (worst error 8–23% of the largest change).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from refusal_circuits.atp import AtPEstimates, AtPValidation, attribution_patching, validate_atp
+from refusal_circuits.atp import METRICS, AtPEstimates, AtPValidation, attribution_patching, validate_atp
 from refusal_circuits.crosslingual.sites import Estimate, own_refusal_tokens, split_groups
 from refusal_circuits.data import PromptSet
 from refusal_circuits.directions import Direction, check_compatible
@@ -53,6 +57,24 @@ from refusal_circuits.stats import benjamini_hochberg, did_stats, paired_stats
 
 #: The nodes listed per language and metric in the record and its table.
 TOP_NODES = 10
+#: A metric's estimates are reported only where the validation's worst |AtP − exact| is at most this share of the
+#: largest exact change among the validated nodes (else withheld, with the numbers).
+FAITHFUL_ERROR = 0.25
+
+
+class AtPWarning(UserWarning):
+    """A metric's attribution-patching estimates failed their validation and are withheld."""
+
+
+def unfaithful_why(val: AtPValidation, metric: str) -> str | None:
+    """Why ``metric``'s estimates cannot be read (validated on its own largest nodes), or None:
+    the worst error must be at most :data:`FAITHFUL_ERROR` of the largest exact change."""
+    worst, scale = val.worst_error(metric), val.scale(metric)
+    if scale == 0.0 or worst <= FAITHFUL_ERROR * scale:
+        return None
+    return (f"attribution patching is not faithful here: against exact patching of its {len(val.nodes)} validated "
+            f"nodes the worst error is {worst:.3g}, {worst / scale:.0%} of the largest exact change {scale:.3g} (the "
+            f"bound is {FAITHFUL_ERROR:.0%}; Pearson {val.pearson(metric):.2f}); patch these nodes exactly instead")
 
 
 @dataclass(frozen=True)
@@ -115,28 +137,33 @@ class LanguageTotals:
     validation: dict[str, AtPValidation]
     linear_check: float | None
     token_origin: str
-    score_why: str | None = None
+    #: metrics whose estimates are not reported, with the reason (no own refusal tokens; not faithful here)
+    withheld: dict[str, str] = field(default_factory=dict)
 
     def sentence(self, alpha: float = 0.05) -> str:
+        checks = "; ".join(f"{m}: Pearson {v.pearson(m):.2f}, worst error {v.worst_error(m):.3g} (largest exact "
+                           f"{v.scale(m):.3g})" for m, v in self.validation.items())
+        held = "".join(f" The {m} estimates are withheld: {why}." for m, why in self.withheld.items())
+        head = f"{self.lang}: r̂'s projection, {self.base} minus {self.lang} (harmful pairs), {self.gap.text()}"
+        if "projection" not in self.stats:
+            return f"{head}. AtP vs exact on each metric's largest and random nodes, {checks}.{held}"
         st = self.stats["projection"]
         top = st.top(3, alpha)
         names = ", ".join(f"{t['node']} {t['mean']:+.2f} [{t['ci_low']:+.2f}, {t['ci_high']:+.2f}]" for t in top)
         ctrl = st.n_significant(alpha, control=True)
         ctrl_text = ("" if ctrl is None else f", {ctrl} beyond the harmless control")
-        checks = "; ".join(f"{m}: Pearson {v.pearson(m):.2f}, worst error {v.worst_error(m):.3g} (largest exact "
-                           f"{v.scale(m):.3g})" for m, v in self.validation.items())
-        return (f"{self.lang}: r̂'s projection, {self.base} minus {self.lang} (harmful pairs), {self.gap.text()}; "
-                f"patching {self.base}'s value into the translation, the largest recoveries are {names}; "
+        return (f"{head}; patching {self.base}'s value into the translation, the largest recoveries are {names}; "
                 f"{st.n_significant(alpha)} nodes significant (q < {alpha}){ctrl_text}. AtP vs exact on each "
-                f"metric's largest and random nodes, {checks}.")
+                f"metric's largest and random nodes, {checks}.{held}")
 
     def to_json(self, alpha: float = 0.05) -> dict[str, Any]:
         out: dict[str, Any] = {"base": self.base, "n_pairs": self.n_pairs, "gap_projection": self.gap.to_json(),
                                "token_origin": self.token_origin, "linear_check": self.linear_check,
                                "validation": {m: v.to_json() for m, v in self.validation.items()},
                                "sentence": self.sentence(alpha)}
-        if self.score_why is not None:
-            out["score_why"] = self.score_why
+        for metric, why in self.withheld.items():
+            out[metric] = None
+            out[f"{metric}_why"] = why
         for metric, st in self.stats.items():
             ctrl = st.n_significant(alpha, control=True)
             out[metric] = {"top": st.top(TOP_NODES, alpha), "n_significant": st.n_significant(alpha),
@@ -174,7 +201,8 @@ class PairedTotals:
 
     def figure_nodes(self, k: int = 3) -> list[str]:
         """The union of every language's ``k`` largest projection recoveries, in order of first appearance."""
-        names = [t["node"] for rec in self.langs.values() for t in rec.stats["projection"].top(k, self.alpha)]
+        names = [t["node"] for rec in self.langs.values() if "projection" in rec.stats
+                 for t in rec.stats["projection"].top(k, self.alpha)]
         return list(dict.fromkeys(names))
 
     def to_json(self) -> dict[str, Any]:
@@ -182,7 +210,8 @@ class PairedTotals:
         langs = {}
         for lang, rec in self.langs.items():
             langs[lang] = rec.to_json(self.alpha)
-            langs[lang]["nodes"] = {name: rec.stats["projection"].node(name, self.alpha) for name in shown}
+            if "projection" in rec.stats:
+                langs[lang]["nodes"] = {name: rec.stats["projection"].node(name, self.alpha) for name in shown}
         return {"model": self.model, "base": self.base, "direction": self.direction, "alpha": self.alpha,
                 "reference": "paired: each translation patched with its own English original's values",
                 "figure_nodes": shown, "langs": langs, "skipped": self.skipped}
@@ -200,14 +229,14 @@ def totals_table(obj: Mapping[str, Any]) -> str:
     rows = []
     for lang, rec in obj["langs"].items():
         gap = rec["gap_projection"]
-        top = rec["projection"]["top"][:3]
         val = rec["validation"]["projection"]["summary"]["projection"]
+        proj = rec.get("projection")
+        cells = (f"<td>{esc(_nodes(proj['top'][:3]))}</td><td>{proj['n_significant']}</td>"
+                 f"<td>{_num(proj.get('n_did_significant'), 'd')}</td>" if proj else
+                 f"<td colspan=3>withheld: {esc(rec.get('projection_why', ''))}</td>")
         rows.append(f"<tr><td>{esc(lang)}</td><td>{rec['n_pairs']['harmful']}</td>"
                     f"<td>{_num(gap.get('value'))} [{_num(gap.get('ci_low'))}, {_num(gap.get('ci_high'))}]</td>"
-                    f"<td>{esc(_nodes(top))}</td>"
-                    f"<td>{rec['projection']['n_significant']}</td>"
-                    f"<td>{_num(rec['projection'].get('n_did_significant'), 'd')}</td>"
-                    f"<td>{_num(val.get('pearson'))}</td><td>{_num(val.get('worst_error'), '.3g')}</td></tr>")
+                    f"{cells}<td>{_num(val.get('pearson'))}</td><td>{_num(val.get('worst_error'), '.3g')}</td></tr>")
     rows += [f"<tr><td>{esc(lang)}</td><td colspan=7>skipped: {esc(why)}</td></tr>"
              for lang, why in obj.get("skipped", {}).items()]
     caption = (f"Total effects of patching {esc(obj['base'])}'s head and MLP outputs into each translation (attribution "
@@ -310,8 +339,8 @@ def paired_totals(
                              "pairs)")
             continue
         own, origin = own_refusal_tokens(tokens, model.tokenizer, lang)
-        score_why = None if own else (f"{lang} has no refusal tokens of its own and no native refusal phrases: the "
-                                      f"score (and its validation) is not {lang}'s, only the projection is reported")
+        withheld = {} if own else {"score": f"{lang} has no refusal tokens of its own and no native refusal "
+                                            f"phrases (never {base}'s)"}
         used = own or base_tokens
         if not used:
             skipped[lang] = f"neither {lang} nor {base} has refusal tokens (attribution patching needs a score)"
@@ -326,16 +355,22 @@ def paired_totals(
         with torch.inference_mode():
             base_proj = prompt_run(model, direction, ref_h, used, batch_size=batch_size).projections
         gap = paired_stats(base_proj - est_h.baseline["projection"], n_boot=n_boot, n_perm=n_boot, seed=seed)
-        stats = {"projection": _node_stats(est_h, est_b, "projection", seed, n_boot)}
-        if score_why is None:
-            stats["score"] = _node_stats(est_h, est_b, "score", seed, n_boot)
+        metrics = [m for m in METRICS if m not in withheld]
         # each metric checked on its own largest estimates (the score's are late MLPs, where AtP is weakest)
         val = {m: validate_atp(model, direction, clean_h, ref_h, used, est_h, n_top=validate, n_random=validate,
-                               metric=m, seed=seed, batch_size=batch_size, progress=progress) for m in stats}
+                               metric=m, seed=seed, batch_size=batch_size, progress=progress) for m in metrics}
+        stats = {}
+        for m in metrics:
+            why = unfaithful_why(val[m], m)
+            if why is None:
+                stats[m] = _node_stats(est_h, est_b, m, seed, n_boot)
+            else:
+                withheld[m] = why
+                warnings.warn(f"paired totals, {lang}: the {m} estimates are withheld: {why}", AtPWarning, stacklevel=2)
         checks = [c for c in (est_h.linear_check, est_b.linear_check if est_b else None) if c is not None]
         out[lang] = LanguageTotals(
             lang, base, {label: len(p[0]) for label, p in pairs.items()},
             Estimate(float(gap["mean"]), float(gap["ci_low"]), float(gap["ci_high"])), stats, val,
-            max(checks) if checks else None, origin if own else "none", score_why)
+            max(checks) if checks else None, origin if own else "none", withheld)
     return PairedTotals(model_id(model), base, {"lang": direction.lang, "layer": direction.layer,
                                                 "position": direction.position}, out, skipped, alpha)
