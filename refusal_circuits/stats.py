@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 import torch
@@ -360,10 +361,11 @@ def percentile_interval(boots: Tensor, ci: float = 0.95) -> tuple[float, float]:
     return float(torch.quantile(ok, lo_q)), float(torch.quantile(ok, hi_q))
 
 
-def jackknife_interval(point: float, left_out: Sequence[Tensor], z: float = 1.959964,
+def jackknife_interval(point: float, left_out: Sequence[Tensor], ci: float = 0.95,
                        bounds: tuple[float, float] | None = None) -> tuple[float, float]:
     """``point ± z·se`` from delete-one replicates, one block per independent sample (a label's prompts):
-    ``se² = Σ_blocks (n − 1)/n · Σ_k (θ_(k) − mean θ_(k))²``, clipped to ``bounds`` (a cosine's [−1, 1]).
+    ``se² = Σ_blocks (n − 1)/n · Σ_k (θ_(k) − mean θ_(k))²``, ``z`` the normal quantile of ``ci``, clipped to
+    ``bounds`` (a cosine's [−1, 1]).
 
     For a statistic of means near a bound (a cosine near 1) this is the interval to use: a percentile bootstrap
     measures every replicate at twice the data's noise, which pulls a cosine's replicates, and so its interval,
@@ -375,7 +377,7 @@ def jackknife_interval(point: float, left_out: Sequence[Tensor], z: float = 1.95
             return math.nan, math.nan
         k = block.numel()
         var += (k - 1) / k * float(((block - block.mean()) ** 2).sum()) if k > 1 else 0.0
-    half = z * math.sqrt(var)
+    half = NormalDist().inv_cdf(0.5 + ci / 2) * math.sqrt(var)
     lo, hi = point - half, point + half
     if bounds is not None:
         lo, hi = max(lo, bounds[0]), min(hi, bounds[1])

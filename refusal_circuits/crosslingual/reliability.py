@@ -67,7 +67,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from statistics import NormalDist
 from typing import Any
 
 import torch
@@ -346,7 +345,6 @@ def split_half_reliability(site: Mapping[tuple[str, str], SiteGroup], base: str,
         ref = base if base in usable else usable[0]
         rows = _jackknife(labels, ref, usable, n_splits)
         sizes = [len(labels[label].ids) for label in LABELS]
-        z = NormalDist().inv_cdf(0.5 + confidence / 2)
         for x in usable:
             for q in QUANTITIES:
                 if base not in usable and q != "within":
@@ -355,7 +353,7 @@ def split_half_reliability(site: Mapping[tuple[str, str], SiteGroup], base: str,
                 if math.isnan(values[q][x]):
                     missing(q, x, _undefined(q, x, ref, values))
                     continue
-                intervals[q][x], gap = _interval(rows[q][x], sizes, z, q)
+                intervals[q][x], gap = _interval(rows[q][x], sizes, confidence, q)
                 if gap:
                     why.setdefault(q + "_ci", {})[x] = gap
     return SplitHalfReliability(base, layer, position, order, values, intervals, why, n, n_splits, confidence)
@@ -368,7 +366,8 @@ def _undefined(q: str, x: str, base: str, values: Mapping[str, Mapping[str, floa
     return "zero direction (the harmful and harmless means are equal) in every split"
 
 
-def _interval(rows: Tensor, sizes: Sequence[int], z: float, q: str) -> tuple[tuple[float, float], str | None]:
+def _interval(rows: Tensor, sizes: Sequence[int], confidence: float, q: str
+              ) -> tuple[tuple[float, float], str | None]:
     """``θ ± z·se`` from the point (row 0) and the leave-one-out rows (one block per label, of ``sizes``)."""
     left_out = rows[1:]
     if not torch.isfinite(left_out).all():
@@ -377,5 +376,5 @@ def _interval(rows: Tensor, sizes: Sequence[int], z: float, q: str) -> tuple[tup
         return (math.nan, math.nan), (f"undefined with one prompt left out ({bad} of {left_out.numel()} prompts: "
                                       f"{cause}): the interval is unbounded")
     bounds = None if q == "corrected" else (-1.0, 1.0)  # a cosine stays in [-1, 1]
-    lo, hi = jackknife_interval(float(rows[0]), torch.split(left_out, list(sizes)), z, bounds)
+    lo, hi = jackknife_interval(float(rows[0]), torch.split(left_out, list(sizes)), confidence, bounds)
     return (lo, hi), None

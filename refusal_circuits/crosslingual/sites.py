@@ -8,7 +8,6 @@ import math
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from statistics import NormalDist
 from typing import Any
 
 import torch
@@ -148,8 +147,7 @@ def jackknife_cos(a: Mapping[str, Tensor], b: Mapping[str, Tensor] | Tensor,
     if float(da.norm()) == 0.0 or float(db.norm()) == 0.0:
         return Estimate(math.nan, math.nan, math.nan, "a direction is zero (equal harmful and harmless means)")
     value = float(cos(da, db))
-    z = NormalDist().inv_cdf(0.5 + ci / 2)
-    lo, hi = jackknife_interval(value, blocks, z, bounds=(-1.0, 1.0))
+    lo, hi = jackknife_interval(value, blocks, ci, bounds=(-1.0, 1.0))
     return Estimate(value, lo, hi, None if math.isfinite(lo) else "undefined with one prompt left out")
 
 

@@ -48,7 +48,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from statistics import NormalDist
 from typing import Any
 
 import torch
@@ -418,21 +417,21 @@ def refusal_subspaces(
         both have the same fit ids (leaving a prompt out of both), else each left out in turn."""
         blocks: list[list[Tensor]] = []
         for label in LABELS:
+            mine = (base_out[label] if lang == base else
+                    [left_out(lang, label, i) for i in range(len(ids[lang, fit_split][label]))])
             plan = index_plan(ids[base, fit_split][label], ids[lang, fit_split][label])
             if plan is not None:
-                pairs = [(left_out(lang, label, plan[i]), base_out[label][i]) for i in range(len(plan))]
+                pairs = [(mine[plan[i]], base_out[label][i]) for i in range(len(plan))]
                 blocks.append([principal_angles(a, b) if a is not None and b is not None
                                else torch.full((k,), math.nan) for a, b in pairs])
             else:
-                mine = [left_out(lang, label, i) for i in range(len(ids[lang, fit_split][label]))]
                 blocks.append([principal_angles(a, subs[base]) if a is not None else torch.full((k,), math.nan)
                                for a in mine])
                 blocks.append([principal_angles(subs[lang], b) if b is not None else torch.full((k,), math.nan)
                                for b in base_out[label]])
-        z = NormalDist().inv_cdf(0.975)
         out = []
         for j in range(k):
-            lo, hi = jackknife_interval(float(point[j]), [torch.stack(b)[:, j] for b in blocks], z, (0.0, 90.0))
+            lo, hi = jackknife_interval(float(point[j]), [torch.stack(b)[:, j] for b in blocks], 0.95, (0.0, 90.0))
             why = None if math.isfinite(lo) else "undefined with one fit prompt left out (fewer than k rows)"
             out.append(Estimate(float(point[j]), lo, hi, why))
         return out
