@@ -60,6 +60,8 @@ TOP_NODES = 10
 #: A metric's estimates are reported only where the validation's worst |AtP − exact| is at most this share of the
 #: largest exact change among the validated nodes (else withheld, with the numbers).
 FAITHFUL_ERROR = 0.25
+#: The statistics kept per node.
+_KEYS = ("mean", "ci_low", "ci_high", "p", "q")
 
 
 class AtPWarning(UserWarning):
@@ -88,34 +90,30 @@ class NodeStats:
     heads_did: dict[str, Tensor] | None
     mlps_did: dict[str, Tensor] | None
 
-    def top(self, k: int = TOP_NODES, alpha: float = 0.05) -> list[dict[str, Any]]:
-        """The ``k`` nodes with the largest mean harmful ``Δ`` (English's value recovers most), with intervals."""
-        rows: list[tuple[float, str, dict[str, Tensor] | None, dict[str, Tensor], tuple[int, ...]]] = []
-        h, m = self.heads["mean"], self.mlps["mean"]
-        rows += [(float(h[a, b]), f"L{a}.H{b}", self.heads_did, self.heads, (a, b))
-                 for a in range(h.shape[0]) for b in range(h.shape[1])]
-        rows += [(float(m[a]), f"MLP{a}", self.mlps_did, self.mlps, (a,)) for a in range(m.shape[0])]
-        out = []
-        for _, name, did, st, at in sorted(rows, key=lambda t: -t[0])[:k]:
-            rec: dict[str, Any] = {"node": name, **{key: float(st[key][at]) for key in ("mean", "ci_low", "ci_high",
-                                                                                        "p", "q")},
-                                   "significant": bool(st["q"][at] < alpha)}
-            if did is not None:
-                rec["did"] = {key: float(did[key][at]) for key in ("mean", "ci_low", "ci_high", "p", "q")}
-                rec["did_significant"] = bool(did["q"][at] < alpha)
-            out.append(rec)
-        return out
-
-    def node(self, name: str, alpha: float = 0.05) -> dict[str, Any]:
-        """One node's harmful statistics by name (``L3.H5`` or ``MLP7``)."""
-        at: tuple[int, ...]
+    def _at(self, name: str) -> tuple[dict[str, Tensor], dict[str, Tensor] | None, tuple[int, ...]]:
+        """A node's statistics, its control's and its index, by name (``L3.H5`` or ``MLP7``)."""
         if name.startswith("MLP"):
-            st, at = self.mlps, (int(name[3:]),)
-        else:
-            layer, head = name[1:].split(".H")
-            st, at = self.heads, (int(layer), int(head))
-        return {**{key: float(st[key][at]) for key in ("mean", "ci_low", "ci_high", "p", "q")},
-                "significant": bool(st["q"][at] < alpha)}
+            return self.mlps, self.mlps_did, (int(name[3:]),)
+        layer, head = name[1:].split(".H")
+        return self.heads, self.heads_did, (int(layer), int(head))
+
+    def node(self, name: str, alpha: float = 0.05, control: bool = False) -> dict[str, Any]:
+        """One node's harmful statistics by name (``L3.H5`` or ``MLP7``), with the control's where ``control``."""
+        st, did, at = self._at(name)
+        rec: dict[str, Any] = {**{key: float(st[key][at]) for key in _KEYS}, "significant": bool(st["q"][at] < alpha)}
+        if control and did is not None:
+            rec["did"] = {key: float(did[key][at]) for key in _KEYS}
+            rec["did_significant"] = bool(did["q"][at] < alpha)
+        return rec
+
+    def top(self, k: int = TOP_NODES, alpha: float = 0.05) -> list[dict[str, Any]]:
+        """The ``k`` nodes with the largest mean harmful ``Δ`` (English's value recovers most), with intervals and
+        the control."""
+        h, m = self.heads["mean"], self.mlps["mean"]
+        means = [(float(h[a, b]), f"L{a}.H{b}") for a in range(h.shape[0]) for b in range(h.shape[1])]
+        means += [(float(m[a]), f"MLP{a}") for a in range(m.shape[0])]
+        return [{"node": name, **self.node(name, alpha, control=True)}
+                for _, name in sorted(means, key=lambda t: -t[0])[:k]]
 
     def n_significant(self, alpha: float = 0.05, control: bool = False) -> int | None:
         h, m = (self.heads_did, self.mlps_did) if control else (self.heads, self.mlps)
@@ -278,8 +276,8 @@ def _node_stats(est_h: AtPEstimates, est_b: AtPEstimates | None, metric: str, se
     n_h = n_layers * n_heads
 
     def split(st: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        return ({k: v[:n_h].view(n_layers, n_heads) for k, v in st.items() if k in ("mean", "ci_low", "ci_high", "p", "q")},
-                {k: v[n_h:] for k, v in st.items() if k in ("mean", "ci_low", "ci_high", "p", "q")})
+        return ({k: v[:n_h].view(n_layers, n_heads) for k, v in st.items() if k in _KEYS},
+                {k: v[n_h:] for k, v in st.items() if k in _KEYS})
 
     heads, mlps = split(_stats(flat(est_h), seed, n_boot))
     if est_b is None:
@@ -324,16 +322,20 @@ def paired_totals(
         raise InputError(f"validate must be at least 1 (the estimates are read within the measured error), got "
                          f"{validate}")
     base_groups = split_groups(prompts, base, split, None, seed, "paired total effects")
+    english = {label: {r.id: r.instruction for r in group} for label, group in base_groups.items()}
     base_tokens, _ = own_refusal_tokens(tokens, model.tokenizer, base)
+    # r̂'s projection on each base harmful prompt, run once whichever languages pair with it (it reads no token)
+    base_projection: dict[str, float] = {}
     out: dict[str, LanguageTotals] = {}
     skipped: dict[str, str] = {}
     for lang in [x for x in dict.fromkeys(langs) if x != base]:
         groups = split_groups(prompts, lang, split, max_pairs, seed, "paired total effects")
         pairs: dict[str, tuple[list[str], list[str]]] = {}
+        kept_ids: dict[str, list[str]] = {}
         for label, group in groups.items():
-            english = {r.id: r.instruction for r in base_groups[label]}
-            kept = [r for r in group if r.id in english]
-            pairs[label] = ([r.instruction for r in kept], [english[r.id] for r in kept])
+            kept = [r for r in group if r.id in english[label]]
+            kept_ids[label] = [r.id for r in kept]
+            pairs[label] = ([r.instruction for r in kept], [english[label][r.id] for r in kept])
         if len(pairs["harmful"][0]) < 2:
             skipped[lang] = (f"{len(pairs['harmful'][0])} harmful {split} prompts share an id with {base}'s (needs 2 "
                              "pairs)")
@@ -352,8 +354,12 @@ def paired_totals(
         if len(pairs["harmless"][0]) >= 2:
             est_b = attribution_patching(model, direction, *pairs["harmless"], used, paired=True,
                                          batch_size=batch_size, progress=progress)
-        with torch.inference_mode():
-            base_proj = prompt_run(model, direction, ref_h, used, batch_size=batch_size).projections
+        new = [i for i in dict.fromkeys(kept_ids["harmful"]) if i not in base_projection]
+        if new:
+            with torch.inference_mode():
+                run = prompt_run(model, direction, [english["harmful"][i] for i in new], used, batch_size=batch_size)
+            base_projection.update(zip(new, run.projections.tolist(), strict=True))
+        base_proj = torch.tensor([base_projection[i] for i in kept_ids["harmful"]], dtype=torch.float64)
         gap = paired_stats(base_proj - est_h.baseline["projection"], n_boot=n_boot, n_perm=n_boot, seed=seed)
         metrics = [m for m in METRICS if m not in withheld]
         # each metric checked on its own largest estimates (the score's are late MLPs, where AtP is weakest)
