@@ -10,7 +10,6 @@ from pathlib import Path
 from refusal_circuits.attribution import TOKENS_FILE, Attribution, load_attribution
 from refusal_circuits.cli.common import out_dir, placement, progress, recorded_path, say
 from refusal_circuits.crosslingual import check_language_groups, unpaired_why
-from refusal_circuits.data import PromptSet
 from refusal_circuits.directions import check_compatible, load_direction
 from refusal_circuits.errors import InputError
 from refusal_circuits.forward import check_context
@@ -19,6 +18,7 @@ from refusal_circuits.models import ModelSpec, load_model
 from refusal_circuits.scores import RefusalTokens
 from refusal_circuits.workflows.compare import (
     Baseline,
+    attributed_prompts,
     baseline_from_results,
     compare_languages,
     measured_baseline,
@@ -128,7 +128,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
             check_language_groups(prompts, everyone, split="train", max_prompts=args.max_prompts, what="--directions")
             check_language_groups(prompts, everyone, split="test", max_prompts=args.max_prompts,
                                   what="--directions (the transfer matrix)")
-        chosen = _attributed_prompts(attribution, prompts, everyone, source)
+        chosen = attributed_prompts(attribution, prompts, everyone, f"--prompts {source}")
         model = load_model(spec, **placement(args))
         check_compatible(direction, model, f"--direction {dpath}")
         check_context(model, prompts if args.directions else chosen)
@@ -151,14 +151,4 @@ def cmd_compare(args: argparse.Namespace) -> None:
         for line in comparison.totals.summary():
             say(line)
     say(f"wrote {out / 'divergence.json'}")
-
-
-def _attributed_prompts(attribution: Attribution, prompts: PromptSet, langs: list[str], source: str) -> PromptSet:
-    """The attributed prompts of ``langs``, in the attribution's row order, from ``prompts`` (all of them there)."""
-    by_key = {(r.id, r.lang, r.label): r for r in prompts}
-    rows = [k for k in zip(attribution.ids, attribution.langs, attribution.labels, strict=True) if k[1] in langs]
-    missing = [k for k in rows if k not in by_key]
-    if missing:
-        raise InputError(f"--prompts {source}: lacks {len(missing)} attributed prompts, e.g. {missing[0]}")
-    return PromptSet(tuple(by_key[k] for k in rows), source)
 

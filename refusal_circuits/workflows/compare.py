@@ -31,6 +31,7 @@ from refusal_circuits.crosslingual.crossfit import CrossFitPatch, crossfit_patch
 from refusal_circuits.crosslingual.totals import PairedTotals, paired_totals
 from refusal_circuits.data import PromptSet
 from refusal_circuits.directions import Direction
+from refusal_circuits.errors import InputError
 from refusal_circuits.evaluation import RefusalEvaluation, evaluate_refusal
 from refusal_circuits.models import HookedModel
 from refusal_circuits.stats import Rate
@@ -74,6 +75,17 @@ def measured_baseline(model: HookedModel, prompts: PromptSet, *, max_new_tokens:
     """Baseline rates of ``prompts`` by greedy generation and the phrase judge, without any intervention."""
     return baseline_of(evaluate_refusal(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                         progress=progress))
+
+
+def attributed_prompts(attribution: Attribution, prompts: PromptSet, langs: Sequence[str], where: str) -> PromptSet:
+    """The attributed prompts of ``langs``, in the attribution's row order, from ``prompts`` (all of them there,
+    else an :class:`~refusal_circuits.errors.InputError` naming ``where``)."""
+    by_key = {(r.id, r.lang, r.label): r for r in prompts}
+    rows = [k for k in zip(attribution.ids, attribution.langs, attribution.labels, strict=True) if k[1] in langs]
+    missing = [k for k in rows if k not in by_key]
+    if missing:
+        raise InputError(f"{where}: lacks {len(missing)} attributed prompts, e.g. {missing[0]}")
+    return PromptSet(tuple(by_key[k] for k in rows), prompts.source)
 
 
 def paired_languages(attribution: Attribution, base: str, langs: Sequence[str]) -> list[str]:
@@ -141,8 +153,7 @@ def compare_languages(attribution: Attribution, base: str, langs: Sequence[str],
                         crossfit=crossfit, crossfit_why=crossfit_why)
     found = None
     if totals and model is not None and direction is not None and prompts is not None and paired:
-        keys = set(zip(attribution.ids, attribution.langs, attribution.labels, strict=True))
-        attributed = PromptSet(tuple(r for r in prompts if (r.id, r.lang, r.label) in keys), prompts.source)
+        attributed = attributed_prompts(attribution, prompts, [base, *paired], f"prompts {prompts.source}")
         found = paired_totals(model, direction, attributed, paired, base=base,
                               tokens=saved_refusal_tokens(direction, "the direction"), split=None, validate=totals,
                               alpha=alpha, batch_size=batch_size, progress=progress)
